@@ -1,0 +1,34 @@
+# The two set-up commands (README): `make repro` runs the whole pipeline on the embedded default,
+# `make test` runs the fast test suite. Both create .venv and install the project first.
+PY ?= python3
+VENV := .venv
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export HF_HUB_OFFLINE := 1
+export DVC_NO_ANALYTICS := 1
+export GX_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q -e '.[dev]'
+	touch $@
+
+.PHONY: install repro test test-all serve bench
+install: $(VENV)/.installed
+
+repro: install
+	$(VENV)/bin/dvc repro
+
+test: install
+	$(VENV)/bin/python -m pytest
+
+test-all: install
+	$(VENV)/bin/python -m pytest -m ''
+
+serve: install
+	$(VENV)/bin/lpt serve start
+
+bench: install
+	$(VENV)/bin/python -m bench.all

@@ -1,0 +1,188 @@
+"""The ``lpt`` command line: each command parses, calls one library function and prints where outputs went.
+
+Heavy imports (torch, timm, great_expectations, prefect) happen inside the commands, so ``lpt predict``
+works in a torch-free install (``pip install 'lpt[ort]'``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(help="LPT: long-tailed prompt tuning — ingest, validate, train, evaluate, export, predict.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+params_app = typer.Typer(help="Inspect and check params.yaml.", no_args_is_help=True)
+app.add_typer(params_app, name="params")
+
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-S", help="override KEY.PATH=VALUE (repeatable)")]
+
+
+def _load(params: Path, overrides: list[str] | None = None):
+    """Load params strictly; a bad file exits 2 with the message, before any compute."""
+    from lpt.config import ParamsError, load_params, parse_override
+
+    try:
+        ov = dict(parse_override(o) for o in overrides or [])
+        return load_params(params, ov)
+    except ParamsError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(2) from None
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@params_app.command("check")
+def params_check(path: Annotated[Path, typer.Argument(help="params file")] = Path("params.yaml"),
+                 set_: SetOpt = None) -> None:
+    """Validate a params file (and overrides) against the strict schema."""
+    _load(path, set_)
+    typer.echo(f"{path}: ok")
+
+
+@params_app.command("show")
+def params_show(path: Annotated[Path, typer.Argument(help="params file")] = Path("params.yaml"),
+                set_: SetOpt = None) -> None:
+    """Print the fully resolved params (defaults filled in) as YAML."""
+    import yaml
+
+    typer.echo(yaml.safe_dump(_load(path, set_).to_dict(), sort_keys=False))
+
+
+@params_app.command("preset")
+def params_preset(name: Annotated[str, typer.Argument(help="preset name under configs/ (without .yaml)")],
+                  path: ParamsOpt = Path("params.yaml")) -> None:
+    """Apply a preset from configs/ onto params.yaml (validated, written atomically)."""
+    from lpt.config import ParamsError
+    from lpt.presets import apply_preset
+
+    try:
+        changed = apply_preset(name, path)
+    except (ParamsError, FileNotFoundError) as err:
+        _fail(str(err), 2)
+    typer.echo(f"{path}: applied preset {name!r} ({len(changed)} keys)")
+
+
+@app.command()
+def ingest(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Turn the configured source into WebDataset shards + manifest (data.out_dir)."""
+    from lpt.data.ingest import IngestError, run_ingest
+
+    p = _load(params, set_)
+    try:
+        result = run_ingest(p)
+    except IngestError as err:
+        _fail(str(err))
+    typer.echo(f"shards: {p.data.out_dir}  manifest: {result.manifest_path}")
+
+
+@app.command()
+def validate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Great Expectations checks over the shards; exits non-zero listing every failed expectation."""
+    from lpt.data.validate import run_validation
+
+    p = _load(params, set_)
+    result = run_validation(p)
+    typer.echo(f"report: {result.report_path}  summary: {result.summary_path}")
+    if not result.success:
+        _fail("data validation failed:\n" + "\n".join(f"  - {f}" for f in result.failures))
+
+
+@app.command()
+def pretrain(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Supervised pretraining of the small embedded backbone on the synthetic source split."""
+    from lpt.train import pretrain_backbone
+
+    p = _load(params, set_)
+    result = pretrain_backbone(p)
+    typer.echo(f"backbone: {result['path']}")
+
+
+@app.command()
+def train(phase: Annotated[int, typer.Option(help="1: shared prompt + head; 2: group prompt pool")] = 1,
+          params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Train one LPT phase (resumes from the last checkpoint in its output folder)."""
+    from lpt.train import run_phase
+
+    if phase not in (1, 2):
+        _fail(f"--phase must be 1 or 2, got {phase}", 2)
+    p = _load(params, set_)
+    result = run_phase(p, phase)
+    typer.echo(f"checkpoint: {result['checkpoint']}  best val acc: {result.get('best_val_acc')}")
+
+
+@app.command()
+def evaluate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Test-split metrics, plots and report; exits non-zero when the quality gate fails."""
+    from lpt.evaluate import run_evaluate
+
+    p = _load(params, set_)
+    result = run_evaluate(p)
+    typer.echo(f"metrics: {result.metrics_path}  report: {result.report_path}")
+    if not result.gate_passed:
+        _fail("quality gate failed:\n" + "\n".join(f"  - {f}" for f in result.gate_failures))
+
+
+@app.command()
+def compare(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
+            methods: Annotated[str, typer.Option(help="comma-separated methods")] = "linear_probe,vpt_deep,lpt_phase1,lpt",
+            out: Annotated[Optional[Path], typer.Option(help="Markdown table path")] = None) -> None:
+    """Train and evaluate each method with the same backbone, data and budget; write a Markdown table."""
+    from lpt.evaluate import run_compare
+
+    p = _load(params, set_)
+    path = run_compare(p, [m.strip() for m in methods.split(",") if m.strip()], out)
+    typer.echo(f"table: {path}")
+
+
+@app.command()
+def export(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Export the whole LPT inference to one ONNX graph and gate it on ORT-vs-torch parity."""
+    from lpt.export import ExportError, run_export
+
+    p = _load(params, set_)
+    try:
+        result = run_export(p)
+    except ExportError as err:
+        _fail(str(err))
+    typer.echo(f"onnx: {result.model_path}")
+
+
+@app.command()
+def predict(model: Annotated[Path, typer.Argument(help="an LPT .onnx export")],
+            images: Annotated[list[Path], typer.Argument(help="image files or folders")],
+            top_k: Annotated[int, typer.Option("--top-k", help="classes per image")] = 1,
+            json_: Annotated[bool, typer.Option("--json", help="JSON lines output")] = False,
+            csv: Annotated[bool, typer.Option("--csv", help="CSV output")] = False,
+            batch_size: Annotated[int, typer.Option(help="images per ORT call")] = 32) -> None:
+    """Classify images with an exported model (torch-free: numpy + onnxruntime + Pillow)."""
+    from lpt.runtime import PredictError, format_predictions, Predictor
+
+    try:
+        predictor = Predictor(model)
+        rows = predictor.predict_paths(images, top_k=top_k, batch_size=batch_size)
+    except PredictError as err:
+        _fail(str(err))
+    typer.echo(format_predictions(rows, fmt="json" if json_ else "csv" if csv else "text"))
+
+
+@app.command()
+def serve(action: Annotated[str, typer.Argument(help="start | stop | status")] = "start") -> None:
+    """Start (idempotently) a local Prefect server on loopback plus the process serving deployment lpt/full."""
+    from pipelines.serve import serve_command
+
+    sys.exit(serve_command(action))
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()
