@@ -1,0 +1,467 @@
+"""The LPT model: frozen ViT + shared prompt + group prompt pool + cosine head.
+
+Shapes: B batch, N = 1 + patches tokens (CLS first), L blocks, S shared-only blocks, T prompt tokens,
+D embed dim, P pool size, k top-k, C classes.
+
+Phase 1 (``lpt``, ``lpt_phase1``, ``vpt_deep``): VPT-deep with replacement. Before block i the layer-i
+shared tokens are appended after the patch tokens, ``[CLS, patches, shared_i]`` ([B, N+T, D]); after the
+block the prompt outputs are dropped ([B, N, D]). Final norm, CLS, dropout, cosine head.
+
+Phase 2 (``lpt`` after :meth:`LPTModel.set_phase`): a query pass with the shared prompt only gives
+q = final-norm CLS (no grad); q picks the top-k group prompts by cosine to the keys; their mean is the
+sample's group prompt; blocks S..L-1 of the prompted pass see ``[CLS, patches, shared_i, group_i]``.
+
+Block reuse: blocks 0..S-1 are identical in the query pass and the prompted pass (frozen, shared prompt
+only, no dropout), so :meth:`LPTModel.forward` computes them once and feeds that hidden state to both the
+rest of the query pass and the prompted pass. Their input is a constant for autograd (the backbone and
+the shared prompt are frozen in phase 2), so they run under ``no_grad`` and backward never visits them.
+:meth:`LPTModel.forward_two_pass` is the straightforward reference (two full passes).
+
+The eval-mode forward is ONNX-exportable: python control flow depends only on the phase / method,
+never on data; selection is ``torch.topk`` + ``index_select``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lpt.config import BackboneConfig, ModelConfig, Params
+from lpt.model.backbone import backbone_fingerprint, create_backbone
+from lpt.model.prompts import GroupPromptPool, SharedPrompt
+from lpt.utils import atomic_path, sha256_file, write_json_atomic
+
+__all__ = [
+    "METHODS",
+    "Method",
+    "LPTOutput",
+    "CosineHead",
+    "LPTModel",
+    "CheckpointError",
+    "create_lpt_model",
+    "save_trained_model",
+    "load_trained_model",
+    "format_parameter_report",
+]
+
+Method = Literal["lpt", "lpt_phase1", "vpt_deep", "linear_probe"]
+METHODS: tuple[str, ...] = ("lpt", "lpt_phase1", "vpt_deep", "linear_probe")
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "model.json"
+CHECKPOINT_FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    """A trained-model folder is missing, incomplete or does not fit the current backbone."""
+
+
+class LPTOutput(NamedTuple):
+    """What :meth:`LPTModel.forward` returns."""
+
+    logits: torch.Tensor  # [B, C] raw cosine in [-1, 1] (the loss applies margin and scale)
+    sim: torch.Tensor  # scalar key-matching term (sum over batch & k of cos(q, key)) / B; 0 in phase 1
+    selected: torch.Tensor | None  # [B, k] int64 pool indices in phase 2, else None
+    features: torch.Tensor  # [B, D] final-norm CLS feature (before head dropout)
+
+
+class CosineHead(nn.Module):
+    """Cosine classifier: L2-normalised feature · L2-normalised class weights, no bias.
+
+    Computed in float32 even under autocast: the loss multiplies by a scale of ~20, and bf16 cosines
+    (8 mantissa bits) would add visible logit noise.
+
+    Args:
+        dim: feature dim D.
+        num_classes: C.
+    """
+
+    def __init__(self, dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_classes, dim))  # [C, D]
+        nn.init.trunc_normal_(self.weight, std=0.02, a=-0.04, b=0.04)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """[B, D] -> [B, C] cosine similarities."""
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            f = F.normalize(features.float(), dim=-1)
+            w = F.normalize(self.weight.float(), dim=-1)
+            return f @ w.t()
+
+
+class LPTModel(nn.Module):
+    """LPT (and its ablations) on a frozen timm ViT.
+
+    Args:
+        backbone: a frozen timm ViT (:func:`lpt.model.backbone.create_backbone`).
+        num_classes: C.
+        cfg: the ``model`` params section (prompt length, pool, shared blocks, top-k, dropout, reuse).
+        method: ``lpt`` (both phases), ``lpt_phase1`` (phase 1 only), ``vpt_deep`` (shared prompt + head,
+            trained with CE), ``linear_probe`` (head only, no prompts).
+        backbone_cfg: the ``backbone`` section it was built from (stored in checkpoints).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        cfg: ModelConfig,
+        method: Method = "lpt",
+        backbone_cfg: BackboneConfig | None = None,
+    ) -> None:
+        super().__init__()
+        assert method in METHODS, f"method must be one of {METHODS}, got {method!r}"
+        assert num_classes >= 1, num_classes
+        depth = len(backbone.blocks)
+        if method == "lpt" and not 0 <= cfg.shared_blocks < depth:
+            raise ValueError(f"model.shared_blocks ({cfg.shared_blocks}) must be in 0..{depth - 1} (backbone depth {depth})")
+        self.method: str = method
+        self.cfg = cfg
+        self.backbone_cfg = backbone_cfg
+        self.num_classes = num_classes
+        self.depth = depth
+        self.embed_dim: int = backbone.embed_dim
+        self.shared_blocks: int = cfg.shared_blocks if method == "lpt" else depth
+        self.backbone = backbone
+        self.shared_prompt = (
+            SharedPrompt(depth, cfg.prompt_length, self.embed_dim) if method != "linear_probe" else None
+        )
+        self.group_pool = (
+            GroupPromptPool(cfg.pool_size, depth - cfg.shared_blocks, cfg.prompt_length, self.embed_dim, cfg.top_k)
+            if method == "lpt"
+            else None
+        )
+        self.head_drop = nn.Dropout(cfg.head_dropout)
+        self.head = CosineHead(self.embed_dim, num_classes)
+        self.phase = 1
+        self._fingerprint: str | None = None
+        self._apply_trainable()
+        self.backbone.eval()
+
+    # ------------------------------------------------------------------------------ phases & modes
+    def set_phase(self, phase: int) -> LPTModel:
+        """Switch phase. Phase 2 freezes the shared prompt and trains pool, keys and the inherited head."""
+        if phase not in (1, 2):
+            raise ValueError(f"phase must be 1 or 2, got {phase}")
+        if phase == 2 and self.method != "lpt":
+            raise ValueError(f"method {self.method!r} has no phase 2 (only 'lpt' does)")
+        self.phase = phase
+        self._apply_trainable()
+        return self
+
+    def _apply_trainable(self) -> None:
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        if self.shared_prompt is not None:
+            self.shared_prompt.requires_grad_(self.phase == 1)
+        if self.group_pool is not None:
+            self.group_pool.requires_grad_(self.phase == 2)
+        self.head.requires_grad_(True)
+
+    def train(self, mode: bool = True) -> LPTModel:
+        """Train/eval mode for the head dropout; the frozen backbone always stays in eval mode."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    # ------------------------------------------------------------------------------ building blocks
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] -> tokens [B, N, D] (CLS + patches with positions), timm's own steps."""
+        bb = self.backbone
+        h = bb.patch_embed(x)
+        h = bb._pos_embed(h)
+        h = bb.patch_drop(h)
+        return bb.norm_pre(h)
+
+    def _blocks(
+        self, h: torch.Tensor, start: int, end: int, group: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Run blocks ``start..end-1`` with prompt replacement.
+
+        Args:
+            h: [B, N, D] hidden state entering block ``start``.
+            start: first block.
+            end: one past the last block.
+            group: [B, L-S, T, D] per-sample group prompts for blocks S..L-1, or None.
+
+        Returns:
+            [B, N, D] hidden state after block ``end - 1`` (prompt outputs dropped).
+        """
+        batch, n = h.shape[0], h.shape[1]
+        for i in range(start, end):
+            parts = [h]
+            if self.shared_prompt is not None:
+                parts.append(self.shared_prompt.layer(i, batch).to(h.dtype))  # [B, T, D]
+            if group is not None:
+                parts.append(group[:, i - self.shared_blocks].to(h.dtype))  # [B, T, D]
+            tokens = torch.cat(parts, dim=1) if len(parts) > 1 else h  # [B, N + T (+ T), D]
+            h = self.backbone.blocks[i](tokens)[:, :n]  # [B, N, D]: prompt outputs dropped (replacement)
+        return h
+
+    def _cls(self, h: torch.Tensor) -> torch.Tensor:
+        """[B, N, D] -> final-norm CLS feature [B, D]."""
+        return self.backbone.norm(h)[:, 0]
+
+    def _output(self, features: torch.Tensor, sim: torch.Tensor, selected: torch.Tensor | None) -> LPTOutput:
+        logits = self.head(self.head_drop(features))  # [B, C]
+        return LPTOutput(logits=logits, sim=sim, selected=selected, features=features)
+
+    # ------------------------------------------------------------------------------ forwards
+    def forward(self, x: torch.Tensor) -> LPTOutput:
+        """Classify a batch.
+
+        Args:
+            x: [B, 3, H, W] normalised images.
+
+        Returns:
+            :class:`LPTOutput` (raw cosine logits, key-matching sim, selected pool indices, features).
+        """
+        if self.phase == 2 and self.cfg.block_reuse:
+            return self._forward_phase2_reuse(x)
+        if self.phase == 2:
+            return self.forward_two_pass(x)
+        return self._forward_phase1(x)
+
+    def _forward_phase1(self, x: torch.Tensor) -> LPTOutput:
+        h = self._blocks(self._embed(x), 0, self.depth)  # [B, N, D]
+        return self._output(self._cls(h), x.new_zeros(()), None)
+
+    def _forward_phase2_reuse(self, x: torch.Tensor) -> LPTOutput:
+        s = self.shared_blocks
+        assert self.group_pool is not None
+        # Blocks 0..S-1 once, shared by both passes. Everything here is frozen in phase 2, so the
+        # result is a constant for autograd: no graph, no saved activations, no backward through them.
+        with torch.no_grad():
+            h_shared = self._blocks(self._embed(x), 0, s)  # [B, N, D]
+            query = self._cls(self._blocks(h_shared, s, self.depth))  # [B, D] = phase-1 feature
+        sel = self.group_pool.select(query)
+        h = self._blocks(h_shared, s, self.depth, group=sel.prompts)  # [B, N, D]
+        return self._output(self._cls(h), sel.sim, sel.selected)
+
+    def forward_two_pass(self, x: torch.Tensor) -> LPTOutput:
+        """Reference forward without block reuse: a full query pass, then a full prompted pass.
+
+        Identical outputs to :meth:`forward` (to float tolerance); about (2L)/(2L-S) times the block
+        compute. In phase 1 it is the plain forward.
+        """
+        if self.phase == 1:
+            return self._forward_phase1(x)
+        assert self.group_pool is not None
+        s = self.shared_blocks
+        with torch.no_grad():
+            query = self._cls(self._blocks(self._embed(x), 0, self.depth))  # [B, D]
+        sel = self.group_pool.select(query)
+        h = self._blocks(self._embed(x), 0, s)  # [B, N, D]
+        h = self._blocks(h, s, self.depth, group=sel.prompts)
+        return self._output(self._cls(h), sel.sim, sel.selected)
+
+    @torch.no_grad()
+    def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval-style raw cosine logits [B, C] (argmax = prediction; no noise, no margin at test time)."""
+        return self(x).logits
+
+    # ------------------------------------------------------------------------------ parameters
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Prompts, keys and head (every tensor that is trainable in some phase), detached CPU copies."""
+        return {
+            name: p.detach().to("cpu").contiguous().clone()
+            for name, p in self.named_parameters()
+            if not name.startswith("backbone.")
+        }
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Load tensors written by :meth:`trainable_state_dict`.
+
+        Args:
+            state: name -> tensor.
+            strict: require exactly the model's trainable tensors (else missing ones keep their values).
+
+        Raises:
+            CheckpointError: unknown / missing names or a shape mismatch (named).
+        """
+        own = {n: p for n, p in self.named_parameters() if not n.startswith("backbone.")}
+        unexpected = sorted(set(state) - set(own))
+        missing = sorted(set(own) - set(state))
+        if unexpected or (strict and missing):
+            raise CheckpointError(
+                f"trainable tensors do not match the model (method {self.method!r}): "
+                f"missing {missing}, unexpected {unexpected}"
+            )
+        with torch.no_grad():
+            for name, value in state.items():
+                if tuple(value.shape) != tuple(own[name].shape):
+                    raise CheckpointError(
+                        f"tensor {name!r} has shape {tuple(value.shape)} in the checkpoint but "
+                        f"{tuple(own[name].shape)} in the model (different model.* params?)"
+                    )
+                own[name].copy_(value)
+
+    def no_weight_decay(self) -> set[str]:
+        """Names (timm convention) an optimizer may exclude from weight decay: none by default (spec)."""
+        return set()
+
+    def backbone_fingerprint(self) -> str:
+        """Cached :func:`lpt.model.backbone.backbone_fingerprint` (the backbone never changes)."""
+        if self._fingerprint is None:
+            self._fingerprint = backbone_fingerprint(self.backbone)
+        return self._fingerprint
+
+    def parameter_report(self) -> dict[str, Any]:
+        """Trainable vs frozen parameter counts of the current phase.
+
+        Returns:
+            dict with ``method``, ``phase``, ``trainable``, ``frozen``, ``total``, ``backbone``,
+            ``trainable_share_of_backbone`` (trainable / backbone params), ``tuned_total`` (prompts +
+            keys + head over all phases: L*T*D + P*(L-S)*T*D + P*D + C*D for ``lpt``) and
+            ``components`` (name -> {params, trainable}).
+        """
+        components: dict[str, dict[str, Any]] = {}
+        parts: list[tuple[str, nn.Parameter | None]] = [
+            ("shared_prompt", self.shared_prompt.prompt if self.shared_prompt is not None else None),
+            ("group_prompts", self.group_pool.prompts if self.group_pool is not None else None),
+            ("keys", self.group_pool.keys if self.group_pool is not None else None),
+            ("head", self.head.weight),
+        ]
+        for name, p in parts:
+            if p is not None:
+                components[name] = {"params": p.numel(), "shape": list(p.shape), "trainable": p.requires_grad}
+        backbone = sum(p.numel() for p in self.backbone.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return {
+            "method": self.method,
+            "phase": self.phase,
+            "trainable": trainable,
+            "frozen": total - trainable,
+            "total": total,
+            "backbone": backbone,
+            "trainable_share_of_backbone": trainable / backbone if backbone else float("nan"),
+            "tuned_total": sum(c["params"] for c in components.values()),
+            "components": components,
+        }
+
+    def summary(self) -> str:
+        """Print-friendly :meth:`parameter_report`."""
+        return format_parameter_report(self.parameter_report())
+
+
+def format_parameter_report(report: dict[str, Any]) -> str:
+    """Render :meth:`LPTModel.parameter_report` as a small text table."""
+    lines = [
+        f"LPT model: method={report['method']} phase={report['phase']}",
+        f"  {'component':<15} {'shape':<22} {'params':>12}  trainable",
+    ]
+    for name, c in report["components"].items():
+        shape = "x".join(str(s) for s in c["shape"])
+        lines.append(f"  {name:<15} {shape:<22} {c['params']:>12,}  {'yes' if c['trainable'] else 'no'}")
+    lines.append(f"  {'backbone':<15} {'(frozen)':<22} {report['backbone']:>12,}  no")
+    lines.append(
+        f"  trainable {report['trainable']:,} / frozen {report['frozen']:,} "
+        f"({100 * report['trainable_share_of_backbone']:.2f} % of the backbone)"
+    )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------- factories / io
+def create_lpt_model(params: Params, num_classes: int) -> LPTModel:
+    """Build the backbone from ``params.backbone`` and wrap it for ``params.train.method``."""
+    backbone = create_backbone(params.backbone)
+    return LPTModel(backbone, num_classes, params.model, params.train.method, backbone_cfg=params.backbone)
+
+
+def save_trained_model(model: LPTModel, folder: str | Path, meta: dict[str, Any]) -> Path:
+    """Write ``folder/model.safetensors`` (trainable tensors) and ``folder/model.json``, each atomically.
+
+    The weights are written first; ``model.json`` records their sha256, so a reader never pairs a new
+    json with old weights unnoticed. Other entries of ``folder`` (``last/``, ``live/``) are untouched.
+
+    Args:
+        model: the model.
+        folder: e.g. ``params.train.out_dir / "phase1"``.
+        meta: caller's fields (``class_counts``, ``params`` dict, ``best_val_acc``, ``epoch``...). The
+            model's own fields (method, phase, num_classes, backbone name + fingerprint, model config)
+            are added and win over same-named caller keys.
+
+    Returns:
+        The path of ``model.json``.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / WEIGHTS_FILE
+    with atomic_path(weights) as tmp:
+        save_file(model.trainable_state_dict(), str(tmp), metadata={"format": str(CHECKPOINT_FORMAT)})
+    bcfg = model.backbone_cfg
+    out = dict(meta)
+    out.update({
+        "format": CHECKPOINT_FORMAT,
+        "method": model.method,
+        "phase": model.phase,
+        "num_classes": model.num_classes,
+        "backbone": {
+            "name": bcfg.name if bcfg is not None else type(model.backbone).__name__,
+            "fingerprint": model.backbone_fingerprint(),
+            "timm_kwargs": dict(bcfg.timm_kwargs) if bcfg is not None else None,
+            "ln_eps": bcfg.ln_eps if bcfg is not None else None,
+            "weights": str(bcfg.weights) if bcfg is not None else None,
+        },
+        "model_config": model.cfg.model_dump(mode="json"),
+        "weights_file": WEIGHTS_FILE,
+        "weights_sha256": sha256_file(weights),
+        "parameters": {k: v for k, v in model.parameter_report().items() if k != "components"},
+    })
+    return write_json_atomic(folder / META_FILE, out)
+
+
+def load_trained_model(
+    params: Params, phase_dir: Path | None = None, device: str | torch.device = "cpu"
+) -> tuple[LPTModel, dict[str, Any]]:
+    """Rebuild a trained model from a checkpoint folder.
+
+    The backbone comes from ``params.backbone`` (where its weights live) with the architecture fields
+    (name, timm_kwargs, ln_eps) recorded in the checkpoint; its fingerprint must match the recorded one.
+
+    Args:
+        params: current params (backbone weights location; default folder).
+        phase_dir: folder with ``model.safetensors`` + ``model.json``; default the final one of
+            ``params.train.method``: ``out_dir/phase2`` for ``lpt``, else ``out_dir/phase1``.
+        device: where to put the model.
+
+    Returns:
+        ``(model in eval mode, checkpoint meta dict)``.
+
+    Raises:
+        CheckpointError: missing files, corrupt weights, or a different backbone.
+    """
+    from safetensors.torch import load_file
+
+    if phase_dir is None:
+        phase_dir = Path(params.train.out_dir) / ("phase2" if params.train.method == "lpt" else "phase1")
+    phase_dir = Path(phase_dir)
+    meta_path, weights_path = phase_dir / META_FILE, phase_dir / WEIGHTS_FILE
+    for f in (meta_path, weights_path):
+        if not f.is_file():
+            raise CheckpointError(f"trained model not found: {f} is missing (train the phase first)")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("weights_sha256") and sha256_file(weights_path) != meta["weights_sha256"]:
+        raise CheckpointError(f"{weights_path}: sha256 differs from {meta_path} (interrupted or mixed write)")
+    recorded = meta.get("backbone") or {}
+    update = {k: recorded[k] for k in ("name", "timm_kwargs", "ln_eps") if recorded.get(k) is not None}
+    bcfg = params.backbone.model_copy(update=update)
+    mcfg = ModelConfig(**meta["model_config"]) if "model_config" in meta else params.model
+    backbone = create_backbone(bcfg)
+    model = LPTModel(backbone, int(meta["num_classes"]), mcfg, meta["method"], backbone_cfg=bcfg)
+    if recorded.get("fingerprint") and model.backbone_fingerprint() != recorded["fingerprint"]:
+        raise CheckpointError(
+            f"{phase_dir}: trained on backbone {recorded['fingerprint']} but backbone.weights={bcfg.weights!r} "
+            f"gives {model.backbone_fingerprint()}: point backbone.weights at the weights it was trained with"
+        )
+    if int(meta.get("phase", 1)) == 2:
+        model.set_phase(2)
+    model.load_trainable_state_dict(load_file(str(weights_path)))
+    return model.to(device).eval(), meta
