@@ -11,7 +11,9 @@ the JSON), with ``--threads`` (default 2) intra-op threads for both
 torch and ORT:
 
 - latency at batch 1 and 32: torch eager (``inference_mode``) vs ORT fp32 vs ORT INT8 (dynamic
-  quantisation) of the block-reuse graph; ratio ORT / torch (goal <= 0.5 at batch 1);
+  quantisation) of the block-reuse graph; ratio ORT / torch (goal <= 0.5 at batch 1); the graphs are
+  exported as the export stage does (``export.optimize``, override with ``--optimize/--no-optimize``) and,
+  when optimized, ``ort_fp32_unoptimized`` is the plain export beside it;
 - ORT ms per image of the block-reuse graph vs a graph exported from ``forward_two_pass`` (no reuse);
   ratio two-pass / reuse (goal >= 1.25). ORT's common-subexpression elimination (on by default) notices
   that the two-pass graph computes patch embedding and blocks 0..S-1 twice on the same input and merges
@@ -91,23 +93,34 @@ def round_robin(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 3)
 
 
 def run(params: Params, threads: int = 2, rounds: int = 30, batches: tuple[int, ...] = (1, 32),
-        int8: bool = True) -> dict[str, Any]:
-    """Export the graphs to a temp folder and time everything; returns the figures."""
+        int8: bool = True, optimize: bool | None = None) -> dict[str, Any]:
+    """Export the graphs to a temp folder and time everything; returns the figures.
+
+    ``optimize`` (default ``params.export.optimize``) exports ``ort_fp32``, the two-pass and INT8 graphs
+    as the export stage does; when on, ``ort_fp32_unoptimized`` is the same graph without it.
+    """
     torch.set_num_threads(threads)
     model, source = load_model(params)
     size = int(model.backbone.patch_embed.img_size[0])
     with tempfile.TemporaryDirectory(prefix="lpt-onnx-bench-") as tmp:
-        reuse = export_onnx(model, Path(tmp) / "reuse.onnx", opset=params.export.opset)
-        two_pass = export_onnx(model, Path(tmp) / "two_pass.onnx", opset=params.export.opset, two_pass=True)
-        sessions = {"ort_fp32": ort_session(reuse, threads),
-                    "ort_two_pass": ort_session(two_pass, threads, cse=False),
-                    "ort_two_pass_cse": ort_session(two_pass, threads)}
+        optimize = params.export.optimize if optimize is None else optimize
+        opset = params.export.opset
+        reuse = export_onnx(model, Path(tmp) / "reuse.onnx", opset=opset, optimize=optimize)
+        # never optimized: with explicit attention torch's exporter CSE merges the duplicated blocks itself
+        two_pass = export_onnx(model, Path(tmp) / "two_pass.onnx", opset=opset, two_pass=True)
+        sessions = {"ort_fp32": ort_session(reuse, threads)}
+        if optimize:  # the graph as exported without export.optimize, side by side
+            plain = export_onnx(model, Path(tmp) / "reuse.plain.onnx", opset=opset)
+            sessions["ort_fp32_unoptimized"] = ort_session(plain, threads)
+        sessions |= {"ort_two_pass": ort_session(two_pass, threads, cse=False),
+                     "ort_two_pass_cse": ort_session(two_pass, threads)}
         if int8:
             sessions["ort_int8"] = ort_session(quantize_int8(reuse, Path(tmp) / "reuse.int8.onnx"), threads)
 
         results: dict[str, Any] = {"model": source, "backbone": params.backbone.name,
                                    "timm_kwargs": params.backbone.timm_kwargs, "input_size": size,
                                    "model_cfg": model.cfg.model_dump(mode="json"), "threads": threads,
+                                   "optimize": optimize,
                                    "rounds": rounds, "torch": torch.__version__, "onnxruntime": ort.__version__,
                                    "batches": {}}
         for batch in batches:
@@ -123,14 +136,19 @@ def run(params: Params, threads: int = 2, rounds: int = 30, batches: tuple[int, 
                 fns[name] = lambda sess=sess, feed=feed: sess.run(None, feed)
             secs = round_robin(fns, rounds if batch == 1 else max(5, rounds // 3))
             ms = {name: 1000 * min(s) for name, s in secs.items()}  # best of N: robust to other load
+            plain_name = "ort_fp32_unoptimized" if "ort_fp32_unoptimized" in ms else "ort_fp32"
             entry = {
                 "ms_per_batch": ms,
                 "ms_per_batch_median": {name: 1000 * statistics.median(s) for name, s in secs.items()},
                 "ms_per_image": {name: v / batch for name, v in ms.items()},
                 "ort_fp32_vs_torch": ms["ort_fp32"] / ms["torch_eager"],
-                "reuse_speedup": ms["ort_two_pass"] / ms["ort_fp32"],
-                "two_pass_with_ort_cse_vs_reuse": ms["ort_two_pass_cse"] / ms["ort_fp32"],
+                # like for like: both graphs as exported without export.optimize
+                "reuse_speedup": ms["ort_two_pass"] / ms[plain_name],
+                "two_pass_with_ort_cse_vs_reuse": ms["ort_two_pass_cse"] / ms[plain_name],
             }
+            if "ort_fp32_unoptimized" in ms:
+                entry["ort_fp32_unoptimized_vs_torch"] = ms["ort_fp32_unoptimized"] / ms["torch_eager"]
+                entry["optimize_speedup"] = ms["ort_fp32_unoptimized"] / ms["ort_fp32"]
             if "ort_int8" in ms:
                 entry["ort_int8_vs_torch"] = ms["ort_int8"] / ms["torch_eager"]
             results["batches"][str(batch)] = entry
@@ -148,15 +166,18 @@ def run(params: Params, threads: int = 2, rounds: int = 30, batches: tuple[int, 
 def format_table(res: dict[str, Any]) -> str:
     """Human-readable table of :func:`run`'s figures."""
     lines = [f"ONNX latency — {res['backbone']} {res['timm_kwargs']} @ {res['input_size']} px, {res['model']}, "
-             f"{res['threads']} threads, torch {res['torch']}, onnxruntime {res['onnxruntime']}",
-             f"{'batch':>5}  {'engine':<17} {'ms/batch':>10} {'ms/image':>10} {'vs torch':>9} {'median ms':>10}"]
+             f"{res['threads']} threads, torch {res['torch']}, onnxruntime {res['onnxruntime']}, "
+             f"export.optimize {res['optimize']}",
+             f"{'batch':>5}  {'engine':<20} {'ms/batch':>10} {'ms/image':>10} {'vs torch':>9} {'median ms':>10}"]
     for batch, entry in res["batches"].items():
         torch_ms = entry["ms_per_batch"]["torch_eager"]
         for name, ms in entry["ms_per_batch"].items():
-            lines.append(f"{batch:>5}  {name:<17} {ms:>10.2f} {entry['ms_per_image'][name]:>10.3f} "
+            lines.append(f"{batch:>5}  {name:<20} {ms:>10.2f} {entry['ms_per_image'][name]:>10.3f} "
                          f"{ms / torch_ms:>8.2f}x {entry['ms_per_batch_median'][name]:>10.2f}")
-        lines.append(f"{'':>5}  block reuse: two-pass / reuse = {entry['reuse_speedup']:.2f}x ms per image "
+        lines.append(f"{'':>5}  block reuse (unoptimized graphs): two-pass / reuse = {entry['reuse_speedup']:.2f}x ms per image "
                      f"(two-pass with ORT's CSE: {entry['two_pass_with_ort_cse_vs_reuse']:.2f}x)")
+        if "optimize_speedup" in entry:
+            lines.append(f"{'':>5}  export.optimize: unoptimized / optimized = {entry['optimize_speedup']:.2f}x")
     for name, goal in res["goals"].items():
         value = "n/a" if goal["value"] is None else f"{goal['value']:.2f}"
         lines.append(f"goal {name}: {value} (goal {goal['goal']}) -> {'met' if goal['met'] else 'NOT met'}")
@@ -169,9 +190,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads for torch and ORT")
     ap.add_argument("--rounds", type=int, default=30, help="timed calls per engine at batch 1 (batch 32: a third)")
     ap.add_argument("--no-int8", action="store_true", help="skip the INT8 graph")
+    ap.add_argument("--optimize", action=argparse.BooleanOptionalAction, default=None,
+                    help="override params export.optimize (the shipped graph's rewrites + folding)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures as JSON here")
     args = ap.parse_args()
-    res = run(load_params(args.params), threads=args.threads, rounds=args.rounds, int8=not args.no_int8)
+    res = run(load_params(args.params), threads=args.threads, rounds=args.rounds, int8=not args.no_int8,
+              optimize=args.optimize)
     print(format_table(res))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

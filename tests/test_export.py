@@ -13,7 +13,7 @@ import torch
 
 from lpt.config import Params
 from lpt.data.reader import ShardImages, build_transform, load_manifest
-from lpt.export import ExportError, export_onnx, params_sha256, run_export
+from lpt.export import ExportError, _ClsOnlyBlock, _export_rewrites, export_onnx, params_sha256, run_export
 from lpt.model.lpt import create_lpt_model, load_trained_model, save_trained_model
 from lpt.runtime import Predictor
 from lpt.utils import seed_everything
@@ -256,3 +256,47 @@ def test_missing_checkpoint_is_an_export_error(tmp_path: Path, tiny_shards: Para
     with pytest.raises(ExportError, match="cannot load the trained model: .*phase2"):
         run_export(params)
     assert not Path(params.export.out_dir).exists()
+
+
+def test_optimized_export_is_faster_graph_with_same_outputs(tmp_path: Path, tiny_shards: Params) -> None:
+    """export.optimize: explicit attention + CLS-only last block + folding; standard ops, same outputs."""
+    params = params_on_shared_shards(tmp_path, tiny_shards)
+    assert params.export.optimize  # the default
+    train_stand_in(params)
+    seed_everything(params.seed)
+    model, _ = load_trained_model(params)
+    last, fused = type(model.backbone.blocks[-1]), [b.attn.fused_attn for b in model.backbone.blocks]
+    opt = export_onnx(model, tmp_path / "opt.onnx", optimize=True)
+    plain = export_onnx(model, tmp_path / "plain.onnx", optimize=False)
+    # the rewrites are export-time only: the torch model is left as it was
+    assert type(model.backbone.blocks[-1]) is last and [b.attn.fused_attn for b in model.backbone.blocks] == fused
+    onnx.checker.check_model(onnx.load(str(opt)), full_check=True)  # standard ONNX ops only
+    g_opt, g_plain = onnx.load(str(opt)).graph, onnx.load(str(plain)).graph
+    assert {n.domain for n in g_opt.node} <= {"", "ai.onnx"}
+    assert len(g_opt.node) < len(g_plain.node)
+    assert not {"Sqrt", "Identity"} & {n.op_type for n in g_opt.node}  # SDPA's runtime scale is gone, folded
+    with _export_rewrites(model, True) as applied:  # what export_onnx(optimize=True) ran
+        assert applied == {"explicit_attention": True, "cls_only_last_block": True}
+        cls_only = model.backbone.blocks[-1]
+        assert isinstance(cls_only, _ClsOnlyBlock)
+        tokens = torch.randn(3, 17 + params.model.prompt_length, model.backbone.embed_dim)
+        with torch.inference_mode():  # the CLS row of the full block, from one row of Q / MLP
+            np.testing.assert_allclose(cls_only(tokens).numpy(), cls_only.block(tokens)[:, :1].numpy(), atol=1e-6)
+    assert type(model.backbone.blocks[-1]) is last
+    x = np.random.default_rng(1).standard_normal((5, 3, 32, 32)).astype(np.float32)
+    a = ort.InferenceSession(str(opt), providers=["CPUExecutionProvider"]).run(None, {"image": x})
+    b = ort.InferenceSession(str(plain), providers=["CPUExecutionProvider"]).run(None, {"image": x})
+    with torch.inference_mode():
+        ref = model(torch.from_numpy(x))
+    np.testing.assert_allclose(a[0], ref.logits.numpy(), atol=1e-5)
+    np.testing.assert_allclose(a[0], b[0], atol=1e-5)
+    np.testing.assert_array_equal(np.sort(a[1], 1), np.sort(b[1], 1))
+
+
+def test_unoptimized_export_still_passes_the_gates(tmp_path: Path, tiny_shards: Params) -> None:
+    params = params_on_shared_shards(tmp_path, tiny_shards, export__optimize=False)
+    train_stand_in(params)
+    result = run_export(params)
+    assert result.max_abs_diff <= params.export.parity.max_abs_diff and result.top1_agreement == 1.0
+    assert Predictor(result.model_path).metadata["optimized"] == "false"
+    assert json.loads(Path(result.report_path).read_text())["optimize"] is False
