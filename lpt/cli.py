@@ -97,10 +97,13 @@ def validate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> No
 @app.command()
 def pretrain(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Supervised pretraining of the small embedded backbone on the synthetic source split."""
-    from lpt.train import pretrain_backbone
+    from lpt.train import TrainError, pretrain_backbone
 
     p = _load(params, set_)
-    result = pretrain_backbone(p)
+    try:
+        result = pretrain_backbone(p)
+    except TrainError as err:
+        _fail(str(err))
     typer.echo(f"backbone: {result['path']}")
 
 
@@ -108,12 +111,15 @@ def pretrain(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> No
 def train(phase: Annotated[int, typer.Option(help="1: shared prompt + head; 2: group prompt pool")] = 1,
           params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Train one LPT phase (resumes from the last checkpoint in its output folder)."""
-    from lpt.train import run_phase
+    from lpt.train import TrainError, run_phase
 
     if phase not in (1, 2):
         _fail(f"--phase must be 1 or 2, got {phase}", 2)
     p = _load(params, set_)
-    result = run_phase(p, phase)
+    try:
+        result = run_phase(p, phase)
+    except TrainError as err:
+        _fail(str(err))
     typer.echo(f"checkpoint: {result['checkpoint']}  best val acc: {result.get('best_val_acc')}")
 
 
@@ -132,26 +138,34 @@ def evaluate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> No
 @app.command()
 def compare(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
             methods: Annotated[str, typer.Option(help="comma-separated methods")] = "linear_probe,vpt_deep,lpt_phase1,lpt",
-            out: Annotated[Optional[Path], typer.Option(help="Markdown table path")] = None) -> None:
+            out: Annotated[Optional[Path], typer.Option(help="Markdown table path")] = None,
+            sources: Annotated[Optional[str], typer.Option(
+                help="comma-separated data.source values: one table each, all in --out (e.g. docs/results.md)")] = None,
+            ) -> None:
     """Train and evaluate each method with the same backbone, data and budget; write a Markdown table."""
-    from lpt.evaluate import run_compare
+    from lpt.evaluate import run_compare, run_results
 
     p = _load(params, set_)
-    path = run_compare(p, [m.strip() for m in methods.split(",") if m.strip()], out)
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    if sources:
+        path = run_results(p, method_list, [s.strip() for s in sources.split(",") if s.strip()],
+                           out or Path("docs/results.md"))
+    else:
+        path = run_compare(p, method_list, out)
     typer.echo(f"table: {path}")
 
 
 @app.command()
 def export(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Export the whole LPT inference to one ONNX graph and gate it on ORT-vs-torch parity."""
-    from lpt.export import ExportError, run_export
+    from lpt.export import ExportError, result_summary, run_export
 
     p = _load(params, set_)
     try:
         result = run_export(p)
     except ExportError as err:
         _fail(str(err))
-    typer.echo(f"onnx: {result.model_path}")
+    typer.echo(result_summary(result))
 
 
 @app.command()

@@ -234,6 +234,9 @@ class GateConfig(_Strict):
     min_overall: float = Field(0.0, ge=0.0, le=1.0)
     min_few: float = Field(0.0, ge=0.0, le=1.0)
     max_drop_vs_probe: float | None = Field(None, ge=0.0, le=1.0, description="max allowed overall drop vs linear probe")
+    probe_metrics: Path | None = Field(
+        None, description="linear-probe metrics.json for max_drop_vs_probe; None = the `lpt compare` output for data.source"
+    )
 
 
 class EvaluateConfig(_Strict):
@@ -256,6 +259,7 @@ class ExportConfig(_Strict):
     out_dir: Path = Path("models/export")
     opset: int = Field(18, ge=17)
     dynamo: bool = Field(False, description="torch.onnx dynamo exporter (slower); legacy exporter by default")
+    optimize: bool = Field(True, description="export-time graph rewrites + constant folding (faster ORT, same outputs)")
     parity: ParityConfig = ParityConfig()
     int8: bool = False
     fp16: bool = False

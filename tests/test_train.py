@@ -1,0 +1,314 @@
+"""Training layer: formulas, method plans, both phases on tiny data, resume equality, clear errors.
+
+Fast by default: the tiny config from conftest (10 classes, 4-block 32 px ViT, 1 epoch per phase).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from lpt.config import Params, PhaseConfig
+from lpt.train import (
+    TrainError,
+    build_optimizer,
+    build_scheduler,
+    capture_rng_state,
+    ib_stream_weight,
+    phase_plan,
+    restore_rng_state,
+    run_phase,
+    scaled_lr,
+    steps_per_epoch,
+    warmup_cosine_lr,
+)
+from tests.conftest import make_tiny_params
+
+
+# ------------------------------------------------------------------------------------------ formulas
+def test_steps_per_epoch_is_floor_plus_one() -> None:
+    assert steps_per_epoch(10847, 64) == 170  # CIFAR-100-LT train size, batch 64
+    assert steps_per_epoch(128, 64) == 3
+    assert steps_per_epoch(5, 64) == 1
+
+
+def test_ib_weight_decays_linearly_to_zero() -> None:
+    assert [ib_stream_weight(e, 4, 0.5) for e in range(5)] == [0.5, 0.375, 0.25, 0.125, 0.0]
+    assert ib_stream_weight(7, 4, 0.5) == 0.0  # never negative
+
+
+def test_lr_scales_with_batch() -> None:
+    assert scaled_lr(0.02, 256) == pytest.approx(0.02)
+    assert scaled_lr(0.02, 64) == pytest.approx(0.005)
+
+
+def test_warmup_cosine_values_by_hand() -> None:
+    # 10 steps, 2 warm-up steps from 1e-6 to 0.01, then half cosine to 0.
+    lr = [warmup_cosine_lr(s, 10, 2, 0.01, 1e-6) for s in range(11)]
+    assert lr[0] == pytest.approx(1e-6)
+    assert lr[1] == pytest.approx(0.0050005)
+    assert lr[2] == pytest.approx(0.01)
+    assert lr[6] == pytest.approx(0.005)  # half-way through the cosine
+    assert lr[4] == pytest.approx(0.005 * (1 + math.cos(math.pi / 4)))
+    assert lr[10] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_optimizer_sees_only_trainable_params_and_follows_schedule() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    model[0].requires_grad_(False)
+    cfg = PhaseConfig(lr=0.02, batch_size=128, weight_decay=0.01, momentum=0.9)
+    opt = build_optimizer(model, cfg)
+    assert sum(len(g["params"]) for g in opt.param_groups) == 2  # weight + bias of the second layer
+    sched = build_scheduler(opt, total_steps=10, warmup_steps=2, warmup_lr=1e-6)
+    seen = []
+    for _ in range(10):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen[0] == pytest.approx(1e-6)
+    assert seen[2] == pytest.approx(0.01)  # 0.02 * 128 / 256
+    assert seen[6] == pytest.approx(0.005)
+
+
+def test_optimizer_refuses_a_model_without_trainable_params() -> None:
+    with pytest.raises(TrainError, match="no trainable"):
+        build_optimizer(nn.Linear(2, 2).requires_grad_(False), PhaseConfig())
+
+
+def test_rng_state_round_trip() -> None:
+    import random
+
+    import numpy as np
+
+    state = json.loads(json.dumps(capture_rng_state()))  # must survive JSON
+    a = (random.random(), np.random.rand(), torch.rand(3))
+    restore_rng_state(state)
+    b = (random.random(), np.random.rand(), torch.rand(3))
+    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+@pytest.mark.parametrize(("method", "phase", "trains", "dual", "loss"), [
+    ("lpt", 1, True, True, "agcl"), ("lpt", 2, True, True, "agcl"),
+    ("lpt_phase1", 1, True, True, "agcl"), ("lpt_phase1", 2, False, True, "agcl"),
+    ("vpt_deep", 1, True, False, "ce"), ("vpt_deep", 2, False, False, "ce"),
+    ("linear_probe", 1, True, False, "ce"), ("linear_probe", 2, False, False, "ce"),
+])
+def test_phase_plans(method: str, phase: int, trains: bool, dual: bool, loss: str) -> None:
+    plan = phase_plan(method, phase)
+    assert (plan.trains, plan.dual_sampling, plan.loss) == (trains, dual, loss)
+
+
+# ------------------------------------------------------------------------------------------ tiny runs
+def _params(shards: Params, root: Path, **overrides: object) -> Params:
+    """Tiny params reading the session's shards and writing everything else under ``root``."""
+    return make_tiny_params(root, data__out_dir=str(shards.data.out_dir), data__manifest=str(shards.data.manifest),
+                            **overrides)
+
+
+def _initial_trainables(params: Params) -> dict[str, torch.Tensor]:
+    """The tensors a fresh phase-1 run starts from (same seed, same construction order)."""
+    from lpt.data.reader import load_manifest
+    from lpt.model.lpt import create_lpt_model
+    from lpt.utils import seed_everything
+
+    seed_everything(params.seed)
+    return create_lpt_model(params, load_manifest(params.data.manifest)["num_classes"]).trainable_state_dict()
+
+
+def _changed(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> set[str]:
+    return {k for k in a if not torch.equal(a[k], b[k])}
+
+
+def test_lpt_trains_both_phases_on_tiny_data(tiny_shards: Params, tmp_path: Path) -> None:
+    from lpt.model.lpt import load_trained_model
+    from lpt.train import pretrain_backbone
+    from lpt.utils import seed_everything
+
+    params = _params(tiny_shards, tmp_path)
+    marker = pretrain_backbone(params)  # backbone.weights 'none': just the stage marker
+    assert json.loads(Path(marker["path"]).read_text())["pretrained"] is False
+
+    init = _initial_trainables(params)
+    r1 = run_phase(params, 1)
+    phase1 = tmp_path / "models/phase1"
+    for f in ("model.safetensors", "model.json", "last/state.safetensors", "last/state.json",
+              "live/plots/metrics/train/loss.tsv", "live/plots/metrics/val/acc.tsv"):
+        assert (phase1 / f).is_file(), f
+    meta1 = json.loads((phase1 / "model.json").read_text())
+    assert all(math.isfinite(row["loss"]) for row in meta1["history"])
+    assert r1["best_val_acc"] == meta1["best_val_acc"] and 0.0 <= r1["best_val_acc"] <= 1.0
+    w1 = load_file(r1["checkpoint"])
+    assert _changed(init, w1) == {"shared_prompt.prompt", "head.weight"}  # pool + keys untouched in phase 1
+
+    r2 = run_phase(params, 2)
+    w2 = load_file(r2["checkpoint"])
+    assert _changed(w1, w2) == {"group_pool.prompts", "group_pool.keys", "head.weight"}  # shared prompt frozen
+    seed_everything(params.seed)  # backbone.weights 'none': the same random backbone as in training
+    model, meta2 = load_trained_model(params, tmp_path / "models/phase2")
+    assert meta2["phase"] == 2 and meta2["backbone"]["fingerprint"] == meta1["backbone"]["fingerprint"]
+    assert model.parameter_report()["trainable"] > 0
+
+
+@pytest.mark.parametrize(("method", "tensors"), [
+    ("linear_probe", {"head.weight"}),
+    ("vpt_deep", {"shared_prompt.prompt", "head.weight"}),
+    ("lpt_phase1", {"shared_prompt.prompt", "head.weight"}),
+])
+def test_one_phase_methods_train_their_set_and_phase2_copies(tiny_shards: Params, tmp_path: Path,
+                                                             method: str, tensors: set[str]) -> None:
+    params = _params(tiny_shards, tmp_path, train__method=method)
+    init = _initial_trainables(params)
+    w1 = load_file(run_phase(params, 1)["checkpoint"])
+    assert _changed(init, w1) == tensors
+    r2 = run_phase(params, 2)
+    models = tmp_path / "models"
+    assert (models / "phase2/model.safetensors").read_bytes() == (models / "phase1/model.safetensors").read_bytes()
+    assert json.loads((models / "phase2/model.json").read_text())["method"] == method
+    assert r2["best_val_acc"] == json.loads((models / "phase1/model.json").read_text())["best_val_acc"]
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def _crash_at(step: int):
+    def hook(global_step: int) -> None:
+        if global_step == step:
+            raise _Crash(f"simulated crash after step {step}")
+    return hook
+
+
+@pytest.mark.parametrize("crash_step", [7, 13])  # mid-epoch 1 (after the checkpoint at 6); mid-epoch 2
+def test_resume_reaches_the_uninterrupted_result(tiny_shards: Params, tmp_path: Path, crash_step: int) -> None:
+    overrides = dict(train__phase1__epochs=2, train__phase1__grad_accum=2, train__checkpoint_every=3)
+    straight = run_phase(_params(tiny_shards, tmp_path / "a", **overrides), 1)
+
+    params = _params(tiny_shards, tmp_path / "b", **overrides)
+    with pytest.raises(_Crash):
+        run_phase(params, 1, on_step=_crash_at(crash_step))
+    state = json.loads((tmp_path / "b/models/phase1/last/state.json").read_text())
+    assert 0 < state["progress"]["global_step"] < crash_step + 1
+    resumed = run_phase(params, 1)
+
+    a, b = load_file(straight["checkpoint"]), load_file(resumed["checkpoint"])
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    meta_a = json.loads((tmp_path / "a/models/phase1/model.json").read_text())
+    meta_b = json.loads((tmp_path / "b/models/phase1/model.json").read_text())
+    assert meta_a["history"] == meta_b["history"]
+    loss_rows = (tmp_path / "b/models/phase1/live/plots/metrics/train/loss.tsv").read_text().strip().splitlines()
+    assert len(loss_rows) == 1 + 2  # header + one row per epoch, no duplicates after the resume
+
+
+def test_stale_resume_state_from_another_config_is_not_used(tiny_shards: Params, tmp_path: Path) -> None:
+    params = _params(tiny_shards, tmp_path, train__checkpoint_every=3)
+    with pytest.raises(_Crash):
+        run_phase(params, 1, on_step=_crash_at(4))
+    changed = _params(tiny_shards, tmp_path, train__checkpoint_every=3, train__phase1__lr=0.05)
+    fresh = run_phase(changed, 1)
+    reference = run_phase(_params(tiny_shards, tmp_path / "ref", train__phase1__lr=0.05), 1)
+    assert load_file(fresh["checkpoint"]).keys() == load_file(reference["checkpoint"]).keys()
+    for k, v in load_file(reference["checkpoint"]).items():
+        torch.testing.assert_close(load_file(fresh["checkpoint"])[k], v, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ errors
+def test_phase2_without_phase1_is_one_clear_error(tiny_shards: Params, tmp_path: Path) -> None:
+    params = _params(tiny_shards, tmp_path)
+    with pytest.raises(TrainError, match=r"phase-1 checkpoint .* run `lpt train --phase 1`"):
+        run_phase(params, 2)
+    with pytest.raises(TrainError, match="phase 2 copies the phase-1 model"):
+        run_phase(_params(tiny_shards, tmp_path, train__method="vpt_deep"), 2)
+
+
+def test_cli_reports_training_errors_without_traceback(tiny_shards: Params, tmp_path: Path) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from lpt.cli import app
+
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(_params(tiny_shards, tmp_path).to_dict()))
+    result = CliRunner().invoke(app, ["train", "--phase", "2", "--params", str(params_file)])
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    assert "phase-1 checkpoint" in result.output
+
+
+def test_batch_must_split_into_micro_batches(tiny_shards: Params, tmp_path: Path) -> None:
+    with pytest.raises(TrainError, match="divisible by world_size x grad_accum"):
+        run_phase(_params(tiny_shards, tmp_path, train__phase1__grad_accum=3), 1)
+
+
+def test_missing_shards_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(TrainError, match="run `lpt ingest`"):
+        run_phase(make_tiny_params(tmp_path), 1)
+
+
+# ------------------------------------------------------------------------------------------ pretrain
+def test_pretrain_writes_a_loadable_backbone(tiny_shards: Params, tmp_path: Path) -> None:
+    from lpt.model.backbone import create_backbone
+    from lpt.train import pretrain_backbone
+
+    params = _params(tiny_shards, tmp_path, backbone__weights="pretrain")
+    result = pretrain_backbone(params)
+    report = json.loads((tmp_path / "models/pretrain/pretrain.json").read_text())
+    assert report["pretrained"] is True and 0.0 <= report["holdout_acc"] <= 1.0
+    assert Path(result["path"]) == params.backbone.pretrain_path
+    backbone = create_backbone(params.backbone)  # loads the file strictly (no head entries)
+    saved = load_file(str(params.backbone.pretrain_path))
+    assert not any(k.startswith("head.") for k in saved)
+    torch.testing.assert_close(backbone.state_dict()["blocks.0.attn.qkv.weight"], saved["blocks.0.attn.qkv.weight"])
+
+
+def test_kill_9_mid_run_then_resume_matches(tiny_shards: Params, tmp_path: Path) -> None:
+    """A training process killed with SIGKILL resumes from last/ and ends where an uninterrupted run does."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    overrides = dict(train__phase1__epochs=4, train__checkpoint_every=5)
+    params = _params(tiny_shards, tmp_path / "killed", **overrides)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params.to_dict()))
+    state = tmp_path / "killed/models/phase1/last/state.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lpt", "train", "--phase", "1", "--params", str(params_file)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 120
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp_path / "killed/models/phase1/model.safetensors").exists()
+
+    resumed = run_phase(params, 1)
+    straight = run_phase(_params(tiny_shards, tmp_path / "straight", **overrides), 1)
+    a, b = load_file(straight["checkpoint"]), load_file(resumed["checkpoint"])
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_metrics_logging_works_in_a_git_repo_without_commits(tiny_shards: Params, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """dvclive's DVC/Git probing raises in a fresh `git init`; training must not depend on it."""
+    import subprocess
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    monkeypatch.chdir(tmp_path)
+    run_phase(_params(tiny_shards, tmp_path, train__method="linear_probe"), 1)
+    rows = (tmp_path / "models/phase1/live/plots/metrics/val/acc.tsv").read_text().splitlines()
+    assert rows[0] == "step\tacc" and len(rows) == 2
+    assert not (tmp_path / "dvc.yaml").exists()  # dvclive must not write a dvc.yaml of its own

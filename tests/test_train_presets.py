@@ -1,0 +1,89 @@
+"""Presets under configs/: every preset yields a valid params.yaml; merge semantics; embedded default in sync."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lpt.config import ParamsError, load_params, read_raw
+from lpt.presets import apply_preset, list_presets, main, preset_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+VIT_B_PRESETS = ["cifar100_lt_vitb16", "places_lt_vitb16", "inat2018_vitb16"]
+
+
+@pytest.fixture
+def params_copy(tmp_path: Path) -> Path:
+    dst = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", dst)
+    return dst
+
+
+def test_all_presets_listed() -> None:
+    assert set(VIT_B_PRESETS + ["embedded_default"]) <= set(list_presets())
+
+
+@pytest.mark.parametrize("name", VIT_B_PRESETS)
+def test_vitb16_preset_gives_the_paper_recipe(params_copy: Path, name: str) -> None:
+    changed = apply_preset(name, params_copy)
+    params = load_params(params_copy)
+    assert "backbone.name" in changed
+    assert params.backbone.name == "vit_base_patch16_224.augreg_in21k"
+    assert params.backbone.weights == "hub"
+    assert params.backbone.timm_kwargs == {}  # replaced whole: no small-ViT kwargs leak in
+    assert params.transforms.input_size == 224
+    assert params.transforms.mean == params.transforms.std == (0.5, 0.5, 0.5)
+    m = params.model
+    assert (m.shared_blocks, m.prompt_length, m.pool_size, m.top_k) == (6, 10, 20, 2)
+    for phase in (params.train.phase1, params.train.phase2):
+        assert (phase.batch_size, phase.lr, phase.weight_decay, phase.momentum) == (256, 0.02, 0.01, 0.9)
+        assert phase.epochs in (40, 80)
+    assert apply_preset(name, params_copy) == []  # idempotent
+
+
+def test_embedded_default_matches_params_yaml(params_copy: Path) -> None:
+    """configs/embedded_default.yaml restores exactly the shipped params.yaml values."""
+    assert apply_preset("embedded_default", params_copy) == []
+
+
+def test_embedded_default_undoes_a_vitb16_preset(params_copy: Path) -> None:
+    original = load_params(params_copy).to_dict()
+    apply_preset("places_lt_vitb16", params_copy)
+    apply_preset("embedded_default", params_copy)
+    restored = load_params(params_copy).to_dict()
+    for section in ("transforms", "backbone", "model", "loss", "train"):
+        assert restored[section] == original[section], section
+    assert restored["data"]["source"] == "synthetic"
+
+
+def test_unknown_preset_is_a_clear_error(params_copy: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="available"):
+        apply_preset("no_such_preset", params_copy)
+
+
+def test_invalid_preset_leaves_params_untouched(params_copy: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"train": {"phase1": {"epochs": 0}}, "model": {"prompt_lenght": 3}}))
+    before = params_copy.read_text()
+    with pytest.raises(ParamsError, match="prompt_lenght"):
+        apply_preset(bad, params_copy)
+    assert params_copy.read_text() == before
+
+
+def test_preset_as_dvc_set_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    flat = preset_overrides("places_lt_vitb16")
+    assert flat["train.phase1.epochs"] == 40 and flat["backbone.timm_kwargs"] == {}
+    assert main(["places_lt_vitb16"]) == 0
+    out = capsys.readouterr().out
+    assert "-S 'backbone.name=vit_base_patch16_224.augreg_in21k'" in out
+    assert "-S 'backbone.timm_kwargs={}'" in out
+
+
+def test_preset_values_round_trip_through_yaml(params_copy: Path) -> None:
+    apply_preset("inat2018_vitb16", params_copy)
+    raw = read_raw(params_copy)
+    assert "&" not in params_copy.read_text()  # no YAML anchors leak into params.yaml
+    assert raw["train"]["phase2"]["epochs"] == 80
