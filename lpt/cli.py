@@ -6,7 +6,9 @@ works in a torch-free install (``pip install 'lpt[ort]'``).
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -36,6 +38,19 @@ def _load(params: Path, overrides: list[str] | None = None):
 def _fail(message: str, code: int = 1) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _library_errors() -> Iterator[None]:
+    """Turn the library's expected failures (missing inputs, bad checkpoints) into one `error:` line, exit 1."""
+    from lpt.model.backbone import BackboneError
+    from lpt.model.lpt import CheckpointError
+    from lpt.train import TrainError
+
+    try:
+        yield
+    except (TrainError, CheckpointError, BackboneError, FileNotFoundError) as err:
+        _fail(str(err))
 
 
 @params_app.command("check")
@@ -97,13 +112,11 @@ def validate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> No
 @app.command()
 def pretrain(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Supervised pretraining of the small embedded backbone on the synthetic source split."""
-    from lpt.train import TrainError, pretrain_backbone
+    from lpt.train import pretrain_backbone
 
     p = _load(params, set_)
-    try:
+    with _library_errors():
         result = pretrain_backbone(p)
-    except TrainError as err:
-        _fail(str(err))
     typer.echo(f"backbone: {result['path']}")
 
 
@@ -111,15 +124,13 @@ def pretrain(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> No
 def train(phase: Annotated[int, typer.Option(help="1: shared prompt + head; 2: group prompt pool")] = 1,
           params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Train one LPT phase (resumes from the last checkpoint in its output folder)."""
-    from lpt.train import TrainError, run_phase
+    from lpt.train import run_phase
 
     if phase not in (1, 2):
         _fail(f"--phase must be 1 or 2, got {phase}", 2)
     p = _load(params, set_)
-    try:
+    with _library_errors():
         result = run_phase(p, phase)
-    except TrainError as err:
-        _fail(str(err))
     typer.echo(f"checkpoint: {result['checkpoint']}  best val acc: {result.get('best_val_acc')}")
 
 
@@ -129,7 +140,8 @@ def evaluate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> No
     from lpt.evaluate import run_evaluate
 
     p = _load(params, set_)
-    result = run_evaluate(p)
+    with _library_errors():
+        result = run_evaluate(p)
     typer.echo(f"metrics: {result.metrics_path}  report: {result.report_path}")
     if not result.gate_passed:
         _fail("quality gate failed:\n" + "\n".join(f"  - {f}" for f in result.gate_failures))
@@ -147,11 +159,12 @@ def compare(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
 
     p = _load(params, set_)
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
-    if sources:
-        path = run_results(p, method_list, [s.strip() for s in sources.split(",") if s.strip()],
-                           out or Path("docs/results.md"))
-    else:
-        path = run_compare(p, method_list, out)
+    with _library_errors():
+        if sources:
+            path = run_results(p, method_list, [s.strip() for s in sources.split(",") if s.strip()],
+                               out or Path("docs/results.md"))
+        else:
+            path = run_compare(p, method_list, out)
     typer.echo(f"table: {path}")
 
 

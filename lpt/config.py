@@ -32,6 +32,7 @@ __all__ = [
     "apply_overrides",
     "parse_override",
     "write_params_atomic",
+    "update_params_file",
 ]
 
 
@@ -387,12 +388,70 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
 def write_params_atomic(path: str | Path, raw: dict[str, Any]) -> None:
     """Validate ``raw`` and write it as YAML to ``path`` via a temp file + rename (never half-written)."""
     parse_params(raw, source=str(path))
+    _write_text_atomic(Path(path), yaml.safe_dump(raw, sort_keys=False))
+
+
+def update_params_file(path: str | Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted-key ``overrides`` in a params file, keeping its comments and key order.
+
+    The result is validated by the strict schema *before* anything is written; the file is replaced
+    atomically. Used by ``lpt params preset`` and the Prefect flow's ``overrides`` parameter.
+
+    Args:
+        path: the params file.
+        overrides: ``{"train.phase1.epochs": 3}``; a mapping value replaces the whole sub-section.
+
+    Returns:
+        The validated raw mapping now in the file.
+
+    Raises:
+        ParamsError: missing/invalid file or any key/type/range problem (the file is left untouched).
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+    raw = apply_overrides(read_raw(path), overrides)
+    parse_params(raw, source=f"{path} + overrides {overrides}")
+    text = _round_trip_text(path.read_text(), overrides)
+    if text is not None and yaml.safe_load(text) == raw:
+        _write_text_atomic(path, text)
+    else:  # no ruamel, or its round trip did not reproduce the validated mapping: plain YAML
+        _write_text_atomic(path, yaml.safe_dump(raw, sort_keys=False))
+    return raw
+
+
+def _round_trip_text(text: str, overrides: dict[str, Any]) -> str | None:
+    """``text`` with ``overrides`` set, comments and key order kept; ``None`` without ruamel.yaml."""
     try:
-        with os.fdopen(fd, "w") as fh:
-            yaml.safe_dump(raw, fh, sort_keys=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        from ruamel.yaml import YAML  # a DVC dependency; DVC itself edits params files this way
+    except ImportError:  # pragma: no cover - the train extra always brings it
+        return None
+    import io
+
+    def _float(representer: Any, value: float) -> Any:
+        # PyYAML (YAML 1.1, what DVC and load_params read) needs a dot in exponent floats: 1.0e-06
+        text = repr(value)
+        if "e" in text and "." not in text.split("e")[0]:
+            text = text.replace("e", ".0e", 1)
+        return representer.represent_scalar("tag:yaml.org,2002:float", text)
+
+    rt = YAML()
+    rt.preserve_quotes = True
+    rt.representer.add_representer(float, _float)
+    doc = rt.load(text)
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = doc
+        for part in parents:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+        node[leaf] = value
+    buf = io.StringIO()
+    rt.dump(doc, buf)
+    return buf.getvalue()
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    from lpt.utils import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)

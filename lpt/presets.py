@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lpt.config import ParamsError, read_raw, write_params_atomic
+from lpt.config import ParamsError, read_raw, update_params_file
 
 __all__ = ["PRESET_DIR", "REPLACED_WHOLE", "list_presets", "load_preset", "merge_preset", "apply_preset",
            "preset_overrides"]
@@ -106,8 +106,9 @@ def apply_preset(name: str | Path, params_path: str | Path = "params.yaml",
         ParamsError: the merged params are invalid (nothing is written then).
     """
     base = read_raw(params_path)
-    merged, changed = merge_preset(base, load_preset(name, preset_dir))
-    write_params_atomic(params_path, merged)
+    _, changed = merge_preset(base, load_preset(name, preset_dir))
+    if changed:  # comments and key order of params.yaml are kept
+        update_params_file(params_path, preset_overrides(name, preset_dir))
     return changed
 
 

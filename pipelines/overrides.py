@@ -16,16 +16,12 @@ Policy (documented in docs/orchestration.md):
 from __future__ import annotations
 
 import contextlib
-import io
-import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from lpt.config import ParamsError, apply_overrides, parse_params, read_raw, write_params_atomic
+from lpt.config import ParamsError, apply_overrides, parse_params, read_raw, update_params_file
+from lpt.utils import atomic_path
 
 __all__ = ["validate_overrides", "applied_overrides"]
 
@@ -53,40 +49,6 @@ def validate_overrides(params_path: str | Path, overrides: Mapping[str, Any] | N
     return raw
 
 
-def _round_trip_text(text: str, overrides: Mapping[str, Any]) -> str | None:
-    """``text`` with ``overrides`` set, comments and key order kept; ``None`` if ruamel is unavailable."""
-    try:
-        from ruamel.yaml import YAML  # a DVC dependency; DVC itself edits params this way
-    except ImportError:  # pragma: no cover - dvc always brings it
-        return None
-    rt = YAML()
-    rt.preserve_quotes = True
-    doc = rt.load(text)
-    for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        node = doc
-        for part in parents:
-            if node.get(part) is None:
-                node[part] = {}
-            node = node[part]
-        node[leaf] = value
-    buf = io.StringIO()
-    rt.dump(doc, buf)
-    return buf.getvalue()
-
-
-def _replace_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` beside ``path`` and rename it over ``path`` (never half-written)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 @contextlib.contextmanager
 def applied_overrides(params_path: str | Path, overrides: Mapping[str, Any] | None) -> Iterator[dict[str, Any]]:
     """Validate and write ``overrides`` into ``params_path`` for the duration of a run.
@@ -110,13 +72,10 @@ def applied_overrides(params_path: str | Path, overrides: Mapping[str, Any] | No
     if not overrides or raw == read_raw(path):
         yield raw
         return
-    text = _round_trip_text(original.decode(), overrides)
-    if text is not None and yaml.safe_load(text) == raw:
-        _replace_atomic(path, text.encode())
-    else:  # the round trip did not reproduce the validated mapping: write it plainly (comments lost)
-        write_params_atomic(path, raw)
+    update_params_file(path, dict(overrides))
     try:
         yield raw
     except BaseException:
-        _replace_atomic(path, original)
+        with atomic_path(path) as tmp:  # restore the original bytes, atomically
+            tmp.write_bytes(original)
         raise

@@ -87,3 +87,15 @@ def test_preset_values_round_trip_through_yaml(params_copy: Path) -> None:
     raw = read_raw(params_copy)
     assert "&" not in params_copy.read_text()  # no YAML anchors leak into params.yaml
     assert raw["train"]["phase2"]["epochs"] == 80
+
+
+def test_preset_keeps_comments_and_exponent_floats(params_copy: Path) -> None:
+    before = [line for line in params_copy.read_text().splitlines() if line.lstrip().startswith("#")]
+    apply_preset("cifar100_lt_vitb16", params_copy)
+    text = params_copy.read_text()
+    after = [line for line in text.splitlines() if line.lstrip().startswith("#")]
+    assert before and after == before
+    raw = yaml.safe_load(text)  # PyYAML reads 1e-06 as a string: exponent floats must carry a dot
+    assert isinstance(raw["backbone"]["ln_eps"], float)
+    assert isinstance(raw["train"]["phase1"]["warmup_lr"], float)
+    load_params(params_copy)
