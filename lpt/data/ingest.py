@@ -59,7 +59,7 @@ def _check_classes(data: SourceData, written: dict[str, SplitWriteResult]) -> li
 
 def build_manifest(params, data: SourceData, written: dict[str, SplitWriteResult], train_counts: list[int],
                    bad: BadItems) -> dict:
-    """The manifest dict (format in docs/CONTRACTS.md and docs/data.md)."""
+    """The manifest dict (format in docs/interfaces.md and docs/data.md)."""
     splits = {}
     for name, res in written.items():
         entry = {"count": res.count, "shards": res.shards,
