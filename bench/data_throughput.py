@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="lpt-bench-") as tmp:
         out = Path(tmp) / "shards"
-        overrides = {"data.out_dir": str(out), "data.manifest": str(out / "manifest.json"), **(QUICK if args.quick else {})}
+        overrides = {"data.out_dir": str(out), **(QUICK if args.quick else {})}
         params = load_params(args.params, overrides)
         start = time.perf_counter()
         result = run_ingest(params)

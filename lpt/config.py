@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, model_validator
 
 __all__ = [
     "ParamsError",
@@ -99,8 +99,7 @@ class DataConfig(_Strict):
     """``data`` section: which source, the long-tail profile and where shards go."""
 
     source: Literal["synthetic", "fashion_mnist", "cifar100", "list", "imagefolder", "inat"] = "synthetic"
-    out_dir: Path = Path("data/shards")
-    manifest: Path = Path("data/shards/manifest.json")
+    out_dir: Path = Field(Path("data/shards"), description="shards + manifest.json (the manifest always lives here)")
     imbalance_ratio: float = Field(100.0, ge=1.0, description="n_max / n_min of the train split")
     max_per_class: int = Field(500, ge=1, description="train images of the head class")
     val_per_class: int = Field(20, ge=1, description="balanced validation images per class, carved from the train pool")
@@ -108,6 +107,8 @@ class DataConfig(_Strict):
     shard_maxcount: int = Field(5000, ge=1, description="images per tar shard at most")
     skip_bad: bool = Field(False, description="skip corrupt/non-image files (counted in the manifest) instead of failing")
     workers: int = Field(2, ge=1, description="processes for image encoding during ingest")
+    allow_outside_root: bool = Field(
+        False, description="read image files outside the source's root (symlinks, absolute or ../ paths); off: refused")
     synthetic: SyntheticSource = SyntheticSource()
     fashion_mnist: FashionMnistSource = FashionMnistSource()
     cifar100: Cifar100Source | None = None
@@ -139,7 +140,7 @@ class TransformConfig(_Strict):
     train_scale_min: float = Field(0.6, gt=0.0, le=1.0, description="RandomResizedCrop minimum area fraction")
     hflip: bool = True
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = (0.5, 0.5, 0.5)
 
 
 class BackboneConfig(_Strict):
@@ -148,9 +149,9 @@ class BackboneConfig(_Strict):
     name: str = "vit_tiny_patch16_224"
     weights: str = Field(
         "pretrain",
-        description="'pretrain' (this project's pretrain stage output), 'hub' (timm pretrained), 'none', or a file path",
+        description="'pretrain' (pretrain.out_dir/backbone.safetensors, the pretrain stage output), 'hub' (timm "
+        "pretrained), 'none', or a file path",
     )
-    pretrain_path: Path = Path("models/pretrain/backbone.safetensors")
     timm_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra create_model kwargs (img_size, depth, ...)")
     ln_eps: float = Field(1e-6, gt=0.0, lt=1e-2, description="LayerNorm eps (authors' checkpoints: 1e-5)")
 
@@ -162,7 +163,7 @@ class PretrainConfig(_Strict):
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.05, ge=0.0)
-    out_dir: Path = Path("models/pretrain")
+    out_dir: Path = Field(Path("models/pretrain"), description="backbone.safetensors + pretrain.json")
 
 
 class ModelConfig(_Strict):
@@ -329,7 +330,13 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ParamsError(f"override {text!r}: expected KEY.PATH=VALUE")
     key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value) if value.strip() else None
+    if not value.strip():
+        return key.strip(), None
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        first = str(err).splitlines()[0]
+        raise ParamsError(f"override {text!r}: the value {value!r} is not valid YAML ({first})") from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -360,9 +367,17 @@ def read_raw(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+        raise ParamsError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ParamsError(f"{path}: cannot read the params file ({err})") from None
+    if raw is None:
+        raise ParamsError(f"{path}: the params file is empty; expected a mapping of params sections "
+                          "(an empty file is almost surely a mistake: restore it with `git checkout` or copy "
+                          "configs/embedded_default.yaml)")
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of params sections at top level, got {type(raw).__name__}")
     return raw
 
 

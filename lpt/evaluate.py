@@ -400,7 +400,7 @@ def run_evaluate(params: Params, phase_dir: Path | None = None) -> EvaluateResul
     model, meta = load_trained_model(params, phase_dir, device=device)
     model.eval()
 
-    manifest = load_manifest(params.data.manifest)
+    manifest = load_manifest(params.data.out_dir)
     counts = np.asarray(manifest["train_counts"], dtype=np.int64)
     class_names = [str(c) for c in manifest.get("class_names") or range(len(counts))]
 
@@ -477,15 +477,17 @@ TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
 
 def _ensure_inputs(params: Params) -> None:
     """Ingest the data and pretrain the embedded backbone when their outputs are missing."""
-    if not Path(params.data.manifest).is_file():
+    from lpt.model.backbone import pretrained_backbone_path
+
+    if not (Path(params.data.out_dir) / "manifest.json").is_file():
         from lpt.data.ingest import run_ingest
 
         print(f"[compare] ingesting {params.data.source} into {params.data.out_dir}", flush=True)
         run_ingest(params)
-    if params.backbone.weights == "pretrain" and not Path(params.backbone.pretrain_path).is_file():
+    if params.backbone.weights == "pretrain" and not pretrained_backbone_path(params.pretrain.out_dir).is_file():
         from lpt.train import pretrain_backbone
 
-        print(f"[compare] pretraining the backbone -> {params.backbone.pretrain_path}", flush=True)
+        print(f"[compare] pretraining the backbone -> {params.pretrain.out_dir}", flush=True)
         pretrain_backbone(params)
 
 
@@ -615,8 +617,7 @@ def run_results(params: Params, methods: list[str], sources: list[str], out: Pat
         sp = params
         if source != params.data.source:
             shards = Path("data/compare") / source / "shards"
-            sp = _with_overrides(params, {"data.source": source, "data.out_dir": str(shards),
-                                          "data.manifest": str(shards / "manifest.json")})
+            sp = _with_overrides(params, {"data.source": source, "data.out_dir": str(shards)})
         table = run_compare(sp, methods, None)
         sections.append(table.read_text())
     notes = ""

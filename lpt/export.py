@@ -466,11 +466,11 @@ def _class_names(params: Params, num_classes: int) -> list[str]:
     from lpt.data.reader import load_manifest
 
     try:
-        names = list(load_manifest(params.data.manifest).get("class_names") or [])
+        names = list(load_manifest(params.data.out_dir).get("class_names") or [])
     except FileNotFoundError:
         names = []
     if len(names) != num_classes:
-        raise ExportError(f"{params.data.manifest}: {len(names)} class names for a model with {num_classes} "
+        raise ExportError(f"{params.data.out_dir}/manifest.json: {len(names)} class names for a model with {num_classes} "
                           "classes; re-run ingest (the manifest must match the trained model)")
     return [str(n) for n in names]
 

@@ -367,7 +367,7 @@ def load_phase_data(params: Params) -> PhaseData:
     """
     from lpt.data.reader import ShardImages, build_transform, load_manifest
 
-    manifest_path = Path(params.data.manifest)
+    manifest_path = Path(params.data.out_dir) / "manifest.json"
     if not manifest_path.is_file():
         raise TrainError(f"no data manifest at {manifest_path}: run `lpt ingest` (dvc stage ingest) first")
     manifest = load_manifest(manifest_path)
@@ -927,7 +927,7 @@ def pretrain_backbone(params: Params) -> dict[str, Any]:
     Only when ``backbone.weights == 'pretrain'``: trains backbone + a linear head (AdamW, warm-up +
     cosine, ``transforms`` augmentation) on the balanced source classes (disjoint from the target),
     keeps 10 % of each source class out to report accuracy, and writes the backbone without its head
-    to ``backbone.pretrain_path`` (atomic) plus ``pretrain.out_dir/pretrain.json``. Otherwise writes
+    to ``pretrain.out_dir/backbone.safetensors`` (atomic) plus ``pretrain.out_dir/pretrain.json``. Otherwise writes
     only ``pretrain.json`` saying no pretraining was needed (so the DVC stage output exists).
 
     Returns:
@@ -947,11 +947,11 @@ def pretrain_backbone(params: Params) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from lpt.data.reader import ShardImages, TransformedDataset, build_transform, load_manifest
-    from lpt.model.backbone import create_backbone, save_backbone
+    from lpt.model.backbone import create_backbone, pretrained_backbone_path, save_backbone
 
-    manifest = load_manifest(Path(params.data.manifest))
+    manifest = load_manifest(Path(params.data.out_dir))
     if not manifest.get("splits", {}).get("source", {}).get("count"):
-        raise TrainError(f"backbone.weights is 'pretrain' but {params.data.manifest} has no 'source' split "
+        raise TrainError(f"backbone.weights is 'pretrain' but {params.data.out_dir}/manifest.json has no 'source' split "
                          "(only the synthetic source provides one): set backbone.weights to 'hub', 'none' or a file")
     device = resolve_device("auto")  # the stage reads only seed/backbone/pretrain/transforms (dvc.yaml)
     seed_everything(params.seed)
@@ -994,7 +994,7 @@ def pretrain_backbone(params: Params) -> dict[str, Any]:
         print(f"[pretrain] epoch {epoch + 1}/{pcfg.epochs}: loss {loss_sum / max(1, len(loader)):.4f}", flush=True)
     model.cpu()
     acc = _accuracy(model, held_loader)
-    path = save_backbone(model, bcfg.pretrain_path, metadata={"source_classes": str(num_classes),
+    path = save_backbone(model, pretrained_backbone_path(pcfg.out_dir), metadata={"source_classes": str(num_classes),
                                                               "holdout_acc": f"{acc:.4f}"})
     report = {"pretrained": True, "backbone": bcfg.name, "timm_kwargs": dict(bcfg.timm_kwargs), "path": str(path),
               "source_classes": num_classes, "train_images": int(len(train_idx)),

@@ -68,9 +68,7 @@ def make_tiny_params(root: Path, **overrides: Any) -> Params:
     ov = dict(TINY_OVERRIDES)
     ov.update({
         "data.out_dir": str(root / "data/shards"),
-        "data.manifest": str(root / "data/shards/manifest.json"),
         "validate.report_dir": str(root / "data/validation"),
-        "backbone.pretrain_path": str(root / "models/pretrain/backbone.safetensors"),
         "pretrain.out_dir": str(root / "models/pretrain"),
         "train.out_dir": str(root / "models"),
         "evaluate.out_dir": str(root / "reports"),

@@ -34,7 +34,7 @@ def test_group_conventions_differ_only_at_twenty() -> None:
 
 def test_tiny_manifest_follows_contract(tiny_shards) -> None:
     p = tiny_shards
-    m = load_manifest(p.data.manifest)
+    m = load_manifest(p.data.out_dir)
     assert m["version"] == 1 and m["source"] == "synthetic" and m["seed"] == p.seed
     assert m["num_classes"] == 10 and len(m["class_names"]) == 10
     assert m["train_counts"] == longtail_counts(10, 40, 10)
@@ -74,7 +74,7 @@ def test_ingest_is_deterministic_and_seed_dependent(tmp_path: Path, tiny_shards)
     run_ingest(again)
     other = make_tiny_params(tmp_path / "b", seed=1)
     run_ingest(other)
-    shas = lambda p: [s["sha256"] for s in load_manifest(p.data.manifest)["splits"]["train"]["shards"]]  # noqa: E731
+    shas = lambda p: [s["sha256"] for s in load_manifest(p.data.out_dir)["splits"]["train"]["shards"]]  # noqa: E731
     assert shas(again) == shas(tiny_shards)
     assert shas(other) != shas(tiny_shards)
 

@@ -32,14 +32,14 @@ def _rewrite_split(params: Params, split: str, edit) -> None:
     for s in edit(samples):
         sink.write(s)
     sink.close()
-    manifest = load_manifest(params.data.manifest)
+    manifest = load_manifest(params.data.out_dir)
     manifest["splits"][split]["shards"] = sink.shards
     manifest["splits"][split]["count"] = sum(s["count"] for s in sink.shards)
-    write_json_atomic(params.data.manifest, manifest)
+    write_json_atomic(params.data.out_dir / "manifest.json", manifest)
 
 
 def test_good_shards_pass_and_summary_is_flat(tiny_shards, tmp_path: Path) -> None:
-    params = make_tiny_params(tmp_path, data__out_dir=tiny_shards.data.out_dir, data__manifest=tiny_shards.data.manifest)
+    params = make_tiny_params(tmp_path, data__out_dir=tiny_shards.data.out_dir)
     result = run_validation(params)
     assert result.success, result.failures
     assert result.failures == [] and result.report_path.is_file()
@@ -83,9 +83,9 @@ def test_tampered_shard_and_counts_fail(tiny_shards, tmp_path: Path) -> None:
     raw = bytearray(shard.read_bytes())
     raw[2000] ^= 0xFF  # one flipped byte in the first sample's image: same size, different content
     shard.write_bytes(bytes(raw))
-    manifest = load_manifest(params.data.manifest)
+    manifest = load_manifest(params.data.out_dir)
     manifest["train_counts"][0] += 1
-    write_json_atomic(params.data.manifest, manifest)
+    write_json_atomic(params.data.out_dir / "manifest.json", manifest)
     result = run_validation(params)
     text = "\n".join(result.failures)
     assert "shard sha256 equals the manifest" in text and "train per-class counts equal the manifest" in text
@@ -93,7 +93,7 @@ def test_tampered_shard_and_counts_fail(tiny_shards, tmp_path: Path) -> None:
 
 
 def test_imbalance_ratio_other_than_configured_fails(tiny_shards, tmp_path: Path) -> None:
-    params = make_tiny_params(tmp_path, data__out_dir=tiny_shards.data.out_dir, data__manifest=tiny_shards.data.manifest,
+    params = make_tiny_params(tmp_path, data__out_dir=tiny_shards.data.out_dir,
                               data__imbalance_ratio=50)
     result = run_validation(params)
     assert not result.success and any("imbalance ratio 50" in f for f in result.failures)
@@ -110,7 +110,7 @@ def test_cli_validate_exits_nonzero_on_failure(tiny_shards, tmp_path: Path) -> N
     from lpt.cli import app
     from lpt.config import write_params_atomic
 
-    params = make_tiny_params(tmp_path, data__out_dir=tiny_shards.data.out_dir, data__manifest=tiny_shards.data.manifest,
+    params = make_tiny_params(tmp_path, data__out_dir=tiny_shards.data.out_dir,
                               data__imbalance_ratio=50)
     path = tmp_path / "params.yaml"
     write_params_atomic(path, params.to_dict())

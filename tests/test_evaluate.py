@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 
 def _params(root: Path, shards: Params, **overrides) -> Params:
     """Tiny params with outputs under ``root`` and the session's (read-only) shards as data."""
-    return make_tiny_params(root, data__out_dir=str(shards.data.out_dir), data__manifest=str(shards.data.manifest),
+    return make_tiny_params(root, data__out_dir=str(shards.data.out_dir),
                             **overrides)
 
 
@@ -45,7 +45,7 @@ def _save_untrained(params: Params, collapse_head: bool = False) -> Params:
     from lpt.model.lpt import create_lpt_model, save_trained_model
     from lpt.utils import seed_everything
 
-    manifest = load_manifest(params.data.manifest)
+    manifest = load_manifest(params.data.out_dir)
     seed_everything(params.seed)  # the same random backbone evaluation rebuilds (backbone.weights: none)
     model = create_lpt_model(params, manifest["num_classes"]).set_phase(2)
     if collapse_head:  # every class weight identical: (near-)tied cosines, one class predicted for everything
@@ -94,7 +94,7 @@ def test_run_evaluate_writes_metrics_plots_figures_report(trained: Params, tmp_p
 
     params = _with(trained, tmp_path / "reports")
     result = run_evaluate_ok(params)
-    manifest = load_manifest(params.data.manifest)
+    manifest = load_manifest(params.data.out_dir)
     n_test = manifest["splits"]["test"]["count"]
 
     metrics = json.loads(result.metrics_path.read_text())

@@ -29,7 +29,7 @@ def train_stand_in(params: Params) -> Path:
     the same backbone); saved with the model engineer's checkpoint writer.
     """
     torch.set_num_threads(1)
-    manifest = load_manifest(params.data.manifest)
+    manifest = load_manifest(params.data.out_dir)
     seed_everything(params.seed)
     model = create_lpt_model(params, manifest["num_classes"])
     if params.train.method == "lpt":
@@ -42,7 +42,7 @@ def train_stand_in(params: Params) -> Path:
 
 def params_on_shared_shards(root: Path, shards: Params, **overrides: object) -> Params:
     """Tiny params with outputs under ``root`` reading the session's (read-only) shards."""
-    return make_tiny_params(root, data__out_dir=str(shards.data.out_dir), data__manifest=str(shards.data.manifest),
+    return make_tiny_params(root, data__out_dir=str(shards.data.out_dir),
                             **overrides)
 
 
@@ -96,7 +96,7 @@ def test_metadata_round_trip(exported) -> None:
     params, result = exported
     predictor = Predictor(result.model_path)
     meta = predictor.metadata
-    assert predictor.class_names == load_manifest(params.data.manifest)["class_names"]
+    assert predictor.class_names == load_manifest(params.data.out_dir)["class_names"]
     pre = predictor.preprocessing
     assert (pre.input_size, pre.resize) == (params.transforms.input_size, params.transforms.resize)
     assert pre.mean == tuple(params.transforms.mean) and pre.std == tuple(params.transforms.std)

@@ -108,7 +108,7 @@ def test_phase_plans(method: str, phase: int, trains: bool, dual: bool, loss: st
 # ------------------------------------------------------------------------------------------ tiny runs
 def _params(shards: Params, root: Path, **overrides: object) -> Params:
     """Tiny params reading the session's shards and writing everything else under ``root``."""
-    return make_tiny_params(root, data__out_dir=str(shards.data.out_dir), data__manifest=str(shards.data.manifest),
+    return make_tiny_params(root, data__out_dir=str(shards.data.out_dir),
                             **overrides)
 
 
@@ -119,7 +119,7 @@ def _initial_trainables(params: Params) -> dict[str, torch.Tensor]:
     from lpt.utils import seed_everything
 
     seed_everything(params.seed)
-    return create_lpt_model(params, load_manifest(params.data.manifest)["num_classes"]).trainable_state_dict()
+    return create_lpt_model(params, load_manifest(params.data.out_dir)["num_classes"]).trainable_state_dict()
 
 
 def _changed(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> set[str]:
@@ -255,16 +255,16 @@ def test_missing_shards_is_a_clear_error(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------ pretrain
 def test_pretrain_writes_a_loadable_backbone(tiny_shards: Params, tmp_path: Path) -> None:
-    from lpt.model.backbone import create_backbone
+    from lpt.model.backbone import create_backbone, pretrained_backbone_path
     from lpt.train import pretrain_backbone
 
     params = _params(tiny_shards, tmp_path, backbone__weights="pretrain")
     result = pretrain_backbone(params)
     report = json.loads((tmp_path / "models/pretrain/pretrain.json").read_text())
     assert report["pretrained"] is True and 0.0 <= report["holdout_acc"] <= 1.0
-    assert Path(result["path"]) == params.backbone.pretrain_path
-    backbone = create_backbone(params.backbone)  # loads the file strictly (no head entries)
-    saved = load_file(str(params.backbone.pretrain_path))
+    assert Path(result["path"]) == pretrained_backbone_path(params.pretrain.out_dir)
+    backbone = create_backbone(params.backbone, pretrain_dir=params.pretrain.out_dir)  # loads the file strictly (no head entries)
+    saved = load_file(str(pretrained_backbone_path(params.pretrain.out_dir)))
     assert not any(k.startswith("head.") for k in saved)
     torch.testing.assert_close(backbone.state_dict()["blocks.0.attn.qkv.weight"], saved["blocks.0.attn.qkv.weight"])
 

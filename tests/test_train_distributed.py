@@ -14,8 +14,7 @@ from tests.conftest import make_tiny_params
 
 
 def test_two_gloo_processes_train_both_phases(tiny_shards: Params, tmp_path: Path) -> None:
-    params = make_tiny_params(tmp_path, data__out_dir=str(tiny_shards.data.out_dir),
-                              data__manifest=str(tiny_shards.data.manifest), train__nproc=2,
+    params = make_tiny_params(tmp_path, data__out_dir=str(tiny_shards.data.out_dir), train__nproc=2,
                               train__phase1__grad_accum=2, train__checkpoint_every=4)
     for phase in (1, 2):
         result = run_phase(params, phase)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lpt.data.longtail import group_labels
+from lpt.data.reader import MANIFEST_FILE
 from lpt.data.shards import SplitWriteResult, encoded_stream, write_split
 from lpt.data.sources import MODULES
 from lpt.data.sources.base import BadItems, IngestError, SourceData
@@ -92,16 +93,8 @@ def _write_all(params, data: SourceData, bad: BadItems, out: Path) -> dict[str, 
     return written
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    try:
-        Path(path).resolve().relative_to(Path(folder).resolve())
-        return True
-    except ValueError:
-        return False
-
-
 def run_ingest(params) -> IngestResult:
-    """Ingest ``data.source`` into shards under ``data.out_dir`` and write ``data.manifest``.
+    """Ingest ``data.source`` into shards under ``data.out_dir``, with its ``manifest.json``.
 
     Args:
         params: validated :class:`lpt.config.Params`.
@@ -115,14 +108,12 @@ def run_ingest(params) -> IngestResult:
     start = time.perf_counter()
     bad = BadItems(params.data.skip_bad)
     data = load_source(params, bad)
-    out_dir, manifest_path = Path(params.data.out_dir), Path(params.data.manifest)
+    out_dir = Path(params.data.out_dir)
+    manifest_path = out_dir / MANIFEST_FILE
     with atomic_dir(out_dir) as tmp:
         written = _write_all(params, data, bad, tmp)
         train_counts = _check_classes(data, written)
         manifest = build_manifest(params, data, written, train_counts, bad)
-        if _inside(manifest_path, out_dir):
-            write_json_atomic(tmp / manifest_path.resolve().relative_to(out_dir.resolve()), manifest)
-    if not _inside(manifest_path, out_dir):
-        write_json_atomic(manifest_path, manifest)
+        write_json_atomic(tmp / MANIFEST_FILE, manifest)
     counts = {name: res.count for name, res in written.items()}
     return IngestResult(manifest_path=manifest_path, counts=counts, seconds=time.perf_counter() - start)

@@ -23,6 +23,8 @@ __all__ = ["load_manifest", "shard_paths", "decode_image", "iter_shard_samples",
            "build_transform", "TransformedDataset", "stream_loader"]
 
 IMAGE_EXTS = ("png", "jpg", "jpeg")
+MANIFEST_FILE = "manifest.json"
+"""The manifest's name inside the shards folder (``data.out_dir``): its one and only place."""
 
 
 def load_manifest(path_or_dir: str | Path) -> dict[str, Any]:
@@ -33,7 +35,7 @@ def load_manifest(path_or_dir: str | Path) -> dict[str, Any]:
     """
     path = Path(path_or_dir)
     if path.is_dir():
-        path = path / "manifest.json"
+        path = path / MANIFEST_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no shard manifest (run `lpt ingest` first)")
     return json.loads(path.read_text())

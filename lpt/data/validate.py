@@ -251,7 +251,7 @@ def run_validation(params) -> ValidationResult:
     shards_dir, report_dir = Path(params.data.out_dir), Path(params.validate_.report_dir)
     report_path, summary_path = report_dir / "report.md", report_dir / "summary.json"
     try:
-        manifest = load_manifest(params.data.manifest)
+        manifest = load_manifest(params.data.out_dir)
     except (FileNotFoundError, json.JSONDecodeError) as err:
         return _write_outcome([], {"images": 0, "shards": 0, "classes": 0, "splits": {}}, [f"manifest: {err}"],
                               shards_dir, report_path, summary_path)

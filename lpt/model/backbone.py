@@ -8,8 +8,8 @@ Weights (``backbone.weights``):
     - ``hub``: timm's pretrained mechanism (HF hub cache). Offline with no cached copy -> a clear
       :class:`BackboneError` that says how to supply a local file instead.
     - ``none``: random init (tests, benchmarks).
-    - ``pretrain``: ``backbone.pretrain_path``, the safetensors written by this project's pretrain stage
-      (:func:`save_backbone`).
+    - ``pretrain``: ``<pretrain.out_dir>/backbone.safetensors`` (:func:`pretrained_backbone_path`), written by
+      this project's pretrain stage (:func:`save_backbone`).
     - a path: ``.safetensors``; ``.pth`` / ``.pt`` (``torch.load(weights_only=True)``, a ``state_dict`` /
       ``model`` wrapper is accepted); ``.npz`` (Google JAX/big_vision layout via timm's loader).
       ``pos_embed`` is resampled when the checkpoint's grid differs from ``img_size`` (as timm does);
@@ -28,7 +28,11 @@ from torch import nn
 from lpt.config import BackboneConfig
 from lpt.utils import atomic_path
 
-__all__ = ["BackboneError", "create_backbone", "backbone_fingerprint", "save_backbone", "load_backbone_weights"]
+__all__ = ["BackboneError", "BACKBONE_FILE", "create_backbone", "backbone_fingerprint", "save_backbone",
+           "load_backbone_weights", "pretrained_backbone_path"]
+
+BACKBONE_FILE = "backbone.safetensors"
+"""The pretrain stage's backbone inside ``pretrain.out_dir``."""
 
 # Keys forced to 0: the spec has no stochastic depth and no attention / pos / proj dropout anywhere in the
 # backbone. That is also what makes block reuse exact (blocks 0..S-1 are deterministic).
@@ -41,11 +45,18 @@ class BackboneError(RuntimeError):
     """Backbone weights could not be found or do not fit the model; the message says which and how to fix."""
 
 
-def create_backbone(cfg: BackboneConfig, *, num_classes: int = 0, frozen: bool = True) -> nn.Module:
+def pretrained_backbone_path(pretrain_dir: str | Path) -> Path:
+    """Where the pretrain stage writes (and ``backbone.weights: pretrain`` reads) the backbone."""
+    return Path(pretrain_dir) / BACKBONE_FILE
+
+
+def create_backbone(cfg: BackboneConfig, *, num_classes: int = 0, frozen: bool = True,
+                    pretrain_dir: str | Path | None = None) -> nn.Module:
     """Build the timm ViT named by ``cfg.name`` with the weights of ``cfg.weights``.
 
     Args:
         cfg: the ``backbone`` params section.
+        pretrain_dir: ``pretrain.out_dir``, where ``backbone.weights: pretrain`` finds its file.
         num_classes: classifier outputs; 0 (default) = no head. The pretrain stage passes its class count.
         frozen: freeze every parameter and put the model in eval mode (default). The pretrain stage
             passes False to train it.
@@ -82,7 +93,9 @@ def create_backbone(cfg: BackboneConfig, *, num_classes: int = 0, frozen: bool =
         raise BackboneError(f"backbone.name {cfg.name!r}: LPT needs a ViT with a CLS token and .blocks")
 
     if weights == "pretrain":
-        path = Path(cfg.pretrain_path)
+        if pretrain_dir is None:
+            raise BackboneError("backbone.weights is 'pretrain' but no pretrain.out_dir was given to find it in")
+        path = pretrained_backbone_path(pretrain_dir)
         if not path.is_file():
             raise BackboneError(
                 f"backbone.weights is 'pretrain' but {path} does not exist: run the pretrain stage first "

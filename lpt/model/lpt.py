@@ -369,7 +369,7 @@ def format_parameter_report(report: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------- factories / io
 def create_lpt_model(params: Params, num_classes: int) -> LPTModel:
     """Build the backbone from ``params.backbone`` and wrap it for ``params.train.method``."""
-    backbone = create_backbone(params.backbone)
+    backbone = create_backbone(params.backbone, pretrain_dir=params.pretrain.out_dir)
     return LPTModel(backbone, num_classes, params.model, params.train.method, backbone_cfg=params.backbone)
 
 
@@ -454,7 +454,7 @@ def load_trained_model(
     update = {k: recorded[k] for k in ("name", "timm_kwargs", "ln_eps") if recorded.get(k) is not None}
     bcfg = params.backbone.model_copy(update=update)
     mcfg = ModelConfig(**meta["model_config"]) if "model_config" in meta else params.model
-    backbone = create_backbone(bcfg)
+    backbone = create_backbone(bcfg, pretrain_dir=params.pretrain.out_dir)
     model = LPTModel(backbone, int(meta["num_classes"]), mcfg, meta["method"], backbone_cfg=bcfg)
     if recorded.get("fingerprint") and model.backbone_fingerprint() != recorded["fingerprint"]:
         raise CheckpointError(
