@@ -16,6 +16,20 @@ import typer
 
 app = typer.Typer(help="LPT: long-tailed prompt tuning — ingest, validate, train, evaluate, export, predict.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
+
+
+def _version(value: bool) -> None:
+    if value:
+        import lpt
+
+        typer.echo(f"lpt {lpt.__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", help="print the version and exit", is_eager=True,
+                                                callback=_version)] = False) -> None:
+    """LPT: long-tailed prompt tuning — ingest, validate, train, evaluate, export, predict."""
 params_app = typer.Typer(help="Inspect and check params.yaml.", no_args_is_help=True)
 app.add_typer(params_app, name="params")
 
@@ -197,14 +211,6 @@ def predict(model: Annotated[Path, typer.Argument(help="an LPT .onnx export")],
     except PredictError as err:
         _fail(str(err))
     typer.echo(format_predictions(rows, fmt="json" if json_ else "csv" if csv else "text"))
-
-
-@app.command()
-def serve(action: Annotated[str, typer.Argument(help="start | stop | status")] = "start") -> None:
-    """Start (idempotently) a local Prefect server on loopback plus the process serving deployment lpt/full."""
-    from pipelines.serve import serve_command
-
-    sys.exit(serve_command(action))
 
 
 def main() -> None:  # pragma: no cover - console entry
