@@ -14,6 +14,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from lpt.exitcodes import BAD_PARAMS, ERROR, GATE_FAILED, GATE_NOT_PASSED, PARITY_FAILED, VALIDATION_FAILED
+
 app = typer.Typer(help="LPT: long-tailed prompt tuning — ingest, validate, train, evaluate, export, predict.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 
@@ -45,33 +47,57 @@ def _load(params: Path, overrides: list[str] | None = None):
         ov = dict(parse_override(o) for o in overrides or [])
         return load_params(params, ov)
     except ParamsError as err:
-        typer.echo(str(err), err=True)
-        raise typer.Exit(2) from None
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(BAD_PARAMS) from None
 
 
-def _fail(message: str, code: int = 1) -> None:
+def _fail(message: str, code: int = ERROR) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 
 
-@contextlib.contextmanager
-def _library_errors() -> Iterator[None]:
-    """Turn the library's expected failures (missing inputs, bad checkpoints) into one `error:` line, exit 1."""
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """The library's expected failure types: each becomes one `error:` line (missing or damaged inputs,
+    bad checkpoints, refused files), never a traceback."""
+    from lpt.data.reader import ShardError
+    from lpt.data.sources.base import IngestError
     from lpt.model.backbone import BackboneError
     from lpt.model.lpt import CheckpointError
     from lpt.train import TrainError
+    from lpt.utils import JsonFileError
 
+    return (TrainError, CheckpointError, BackboneError, IngestError, ShardError, JsonFileError, FileNotFoundError)
+
+
+@contextlib.contextmanager
+def _library_errors() -> Iterator[None]:
+    """Turn the library's expected failures into one `error:` line and exit code 1."""
+    expected = _expected_errors()
     try:
         yield
-    except (TrainError, CheckpointError, BackboneError, FileNotFoundError) as err:
-        _fail(str(err))
+    except expected as err:
+        message = str(err)
+        if "Original Traceback" in message:  # re-raised from a DataLoader worker: keep the error, not the trace
+            message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+        _fail(message)
+
+
+STAMP_TEXT = "params.yaml passed `lpt params check`\n"
+"""The stamp's bytes never depend on the params, so stages downstream of the check re-run for their own keys only."""
 
 
 @params_app.command("check")
 def params_check(path: Annotated[Path, typer.Argument(help="params file")] = Path("params.yaml"),
-                 set_: SetOpt = None) -> None:
+                 set_: SetOpt = None,
+                 stamp: Annotated[Optional[Path], typer.Option(
+                     help="write this constant file when valid (the dvc.yaml `params` stage's output)")] = None) -> None:
     """Validate a params file (and overrides) against the strict schema."""
+    from lpt.utils import atomic_path
+
     _load(path, set_)
+    if stamp is not None:
+        with atomic_path(stamp) as tmp:
+            tmp.write_text(STAMP_TEXT)
     typer.echo(f"{path}: ok")
 
 
@@ -94,20 +120,18 @@ def params_preset(name: Annotated[str, typer.Argument(help="preset name under co
     try:
         changed = apply_preset(name, path)
     except (ParamsError, FileNotFoundError) as err:
-        _fail(str(err), 2)
+        _fail(str(err), BAD_PARAMS)
     typer.echo(f"{path}: applied preset {name!r} ({len(changed)} keys)")
 
 
 @app.command()
 def ingest(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Turn the configured source into WebDataset shards + manifest (data.out_dir)."""
-    from lpt.data.ingest import IngestError, run_ingest
+    from lpt.data.ingest import run_ingest
 
     p = _load(params, set_)
-    try:
+    with _library_errors():
         result = run_ingest(p)
-    except IngestError as err:
-        _fail(str(err))
     typer.echo(f"shards: {p.data.out_dir}  manifest: {result.manifest_path}")
 
 
@@ -117,16 +141,17 @@ def validate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> No
     from lpt.data.validate import run_validation
 
     p = _load(params, set_)
-    result = run_validation(p)
+    with _library_errors():
+        result = run_validation(p)
     typer.echo(f"report: {result.report_path}  summary: {result.summary_path}")
     if not result.success:
-        _fail("data validation failed:\n" + "\n".join(f"  - {f}" for f in result.failures))
+        _fail("data validation failed:\n" + "\n".join(f"  - {f}" for f in result.failures), VALIDATION_FAILED)
 
 
 @app.command()
 def pretrain(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Supervised pretraining of the small embedded backbone on the synthetic source split."""
-    from lpt.train import pretrain_backbone
+    from lpt.pretrain import pretrain_backbone
 
     p = _load(params, set_)
     with _library_errors():
@@ -141,7 +166,7 @@ def train(phase: Annotated[int, typer.Option(help="1: shared prompt + head; 2: g
     from lpt.train import run_phase
 
     if phase not in (1, 2):
-        _fail(f"--phase must be 1 or 2, got {phase}", 2)
+        _fail(f"--phase must be 1 or 2, got {phase}", BAD_PARAMS)
     p = _load(params, set_)
     with _library_errors():
         result = run_phase(p, phase)
@@ -158,7 +183,7 @@ def evaluate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> No
         result = run_evaluate(p)
     typer.echo(f"metrics: {result.metrics_path}  report: {result.report_path}")
     if not result.gate_passed:
-        _fail("quality gate failed:\n" + "\n".join(f"  - {f}" for f in result.gate_failures))
+        _fail("quality gate failed:\n" + "\n".join(f"  - {f}" for f in result.gate_failures), GATE_FAILED)
 
 
 @app.command()
@@ -169,7 +194,7 @@ def compare(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
                 help="comma-separated data.source values: one table each, all in --out (e.g. docs/results.md)")] = None,
             ) -> None:
     """Train and evaluate each method with the same backbone, data and budget; write a Markdown table."""
-    from lpt.evaluate import run_compare, run_results
+    from lpt.compare import run_compare, run_results
 
     p = _load(params, set_)
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
@@ -185,11 +210,16 @@ def compare(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
 @app.command()
 def export(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Export the whole LPT inference to one ONNX graph and gate it on ORT-vs-torch parity."""
-    from lpt.export import ExportError, result_summary, run_export
+    from lpt.export import ExportError, GateNotPassed, ParityFailed, result_summary, run_export
 
     p = _load(params, set_)
     try:
-        result = run_export(p)
+        with _library_errors():
+            result = run_export(p)
+    except GateNotPassed as err:
+        _fail(str(err), GATE_NOT_PASSED)
+    except ParityFailed as err:
+        _fail(str(err), PARITY_FAILED)
     except ExportError as err:
         _fail(str(err))
     typer.echo(result_summary(result))

@@ -24,6 +24,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, model_validator
 
+from lpt.methods import METHODS
+
 __all__ = [
     "ParamsError",
     "Params",
@@ -213,10 +215,13 @@ class PhaseConfig(_Strict):
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
 
 
+MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]  # the registry is the one list of names
+
+
 class TrainConfig(_Strict):
     """``train`` section: method, both phases, hardware knobs, checkpoints."""
 
-    method: Literal["lpt", "lpt_phase1", "vpt_deep", "linear_probe"] = "lpt"
+    method: MethodName = Field("lpt", description="a name of lpt.methods.METHODS")
     phase1: PhaseConfig = PhaseConfig()
     phase2: PhaseConfig = PhaseConfig()
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -1,9 +1,11 @@
-"""Test-split evaluation, plots, report and the quality gate; baselines compared in the same harness.
+"""Test-split evaluation: metrics, plots, report, and the quality gate verdict (:mod:`lpt.gate`).
 
 ``run_evaluate(params)`` loads the final checkpoint (``load_trained_model``: eval mode, block-reuse
 forward), runs the *test* split with the test transform and writes under ``params.evaluate.out_dir``::
 
-    metrics.json                 flat DVC metrics + gate verdict (always written, even when the gate fails)
+    metrics.json                 flat DVC metrics (numbers only; always written, even when the gate fails)
+    gate.json                    the gate verdict for this checkpoint: passed, failures, thresholds and the
+                                 checkpoint's sha256 (``lpt export`` refuses a checkpoint without a pass)
     plots/per_class_accuracy.json   rows {class, train_count, accuracy, group}
     plots/confusion.json            rows {actual, predicted} (one per test image)
     plots/prompt_usage.json         rows {prompt, count, group} (group of the image's true class)
@@ -14,9 +16,7 @@ The gate (``evaluate.gate``) compares metrics with thresholds; a failing gate ma
 non-zero, so the DVC ``evaluate`` stage fails and ``export`` never runs. Model selection never uses the
 test split: training selects on the validation split, this module only reports.
 
-``run_compare(params, methods, out)`` trains every method (``linear_probe``, ``vpt_deep``, ``lpt_phase1``,
-``lpt``) with the same backbone, data and epoch budget into ``<evaluate.out_dir>/compare/<source>/<method>/``
-and writes one Markdown table.
+The same-harness comparison of methods lives in :mod:`lpt.compare`.
 """
 
 from __future__ import annotations
@@ -31,16 +31,17 @@ from typing import Any
 import numpy as np
 
 from lpt import metrics as M
-from lpt.config import Params, apply_overrides, parse_params
+from lpt.config import Params
+from lpt.gate import GATE_FILE, check_gate, gate_verdict, probe_metrics_path, read_gate_verdict  # noqa: F401
 from lpt.utils import atomic_dir, atomic_path, write_json_atomic
 
 __all__ = [
     "EvaluateResult",
     "Predictions",
-    "METHODS",
+    "GATE_FILE",
+    "METRICS_FILE",
+    "read_gate_verdict",
     "run_evaluate",
-    "run_compare",
-    "run_results",
     "check_gate",
     "collect_predictions",
     "final_checkpoint_dir",
@@ -49,7 +50,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-METHODS: tuple[str, ...] = ("linear_probe", "vpt_deep", "lpt_phase1", "lpt")
+METRICS_FILE = "metrics.json"
 METRIC_LABELS: dict[str, str] = {
     "overall": "top-1 overall",
     "top5": "top-5 overall",
@@ -100,28 +101,11 @@ class Predictions:
 
 # ------------------------------------------------------------------------------------------ helpers
 def final_checkpoint_dir(params: Params) -> Path:
-    """The checkpoint folder to evaluate: ``phase2`` (the final model of every method: the one-phase
-    methods copy their phase-1 model there); ``phase1`` only for a one-phase method whose phase 2 never ran.
-    """
-    root = Path(params.train.out_dir)
-    if params.train.method != "lpt" and not (root / "phase2" / "model.json").is_file():
-        return root / "phase1"
-    return root / "phase2"
+    """The checkpoint folder to evaluate: ``<train.out_dir>/phase2``, the final model of every method (the
+    one-phase methods copy their phase-1 model there)."""
+    from lpt.model.lpt import final_model_dir
 
-
-def probe_metrics_path(params: Params) -> Path:
-    """Linear-probe ``metrics.json`` the gate's ``max_drop_vs_probe`` compares against."""
-    if params.evaluate.gate.probe_metrics is not None:
-        return Path(params.evaluate.gate.probe_metrics)
-    return _compare_root(params) / "linear_probe" / "eval" / "metrics.json"
-
-
-def _compare_root(params: Params) -> Path:
-    return Path(params.evaluate.out_dir) / "compare" / params.data.source
-
-
-def _with_overrides(params: Params, overrides: dict[str, Any]) -> Params:
-    return parse_params(apply_overrides(params.to_dict(), overrides), source="params (overridden)")
+    return final_model_dir(params.train.out_dir)
 
 
 def collect_predictions(model: Any, loader: Any, device: str = "cpu") -> Predictions:
@@ -161,42 +145,6 @@ def _param_counts(model: Any) -> dict[str, int]:
     tuned = int(report["tuned_total"])
     head = int(comps.get("head", {}).get("params", 0))
     return {"trainable": tuned, "prompt": tuned - head, "backbone": int(report["backbone"])}
-
-
-def check_gate(metrics: dict[str, Any], params: Params, probe: dict[str, Any] | None = None,
-               probe_source: str | None = None) -> list[str]:
-    """Compare metrics with ``evaluate.gate``; return one message per missed threshold (empty: pass).
-
-    Args:
-        metrics: the scalar metrics (``overall``, ``few``, ...).
-        params: the params (``evaluate.gate``).
-        probe: the linear probe's metrics (for ``max_drop_vs_probe``), or None when unavailable.
-        probe_source: where ``probe`` came from (named in the message).
-
-    Returns:
-        Messages like ``"overall = 0.4120 < min_overall = 0.5000"``.
-    """
-    gate = params.evaluate.gate
-    failures: list[str] = []
-
-    def below(key: str, threshold: float, name: str) -> None:
-        value = metrics.get(key)
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            if threshold > 0:
-                failures.append(f"{key} = n/a (no test images in that group) but {name} = {threshold:.4f} is required")
-        elif value < threshold:
-            failures.append(f"{key} = {value:.4f} < {name} = {threshold:.4f}")
-
-    below("overall", gate.min_overall, "min_overall")
-    below("few", gate.min_few, "min_few")
-    if gate.max_drop_vs_probe is not None and probe is not None and probe.get("overall") is not None:
-        drop = float(probe["overall"]) - float(metrics["overall"])
-        if drop > gate.max_drop_vs_probe:
-            failures.append(
-                f"overall drop vs linear probe = {drop:.4f} (probe {probe['overall']:.4f} -> {metrics['overall']:.4f}) "
-                f"> max_drop_vs_probe = {gate.max_drop_vs_probe:.4f} (probe metrics: {probe_source})"
-            )
-    return failures
 
 
 def _fmt(v: Any, pct: bool = True) -> str:
@@ -334,13 +282,12 @@ def _write_figures(fig_dir: Path, rows: dict[str, list[dict[str, Any]]], cm: np.
     return written
 
 
-def _report_markdown(metrics: dict[str, Any], counts: np.ndarray, figures: list[str],
-                     checkpoint: Path) -> str:
-    gate = metrics["gate"]
+def _report_markdown(metrics: dict[str, Any], gate: dict[str, Any], context: dict[str, Any], counts: np.ndarray,
+                     figures: list[str], checkpoint: Path) -> str:
     lines = [
-        f"# Evaluation report — {metrics['method']} on {metrics['source']} (test split)",
+        f"# Evaluation report — {context['method']} on {context['source']} (test split)",
         "",
-        f"Checkpoint: `{checkpoint}` (phase {metrics.get('phase')}); {metrics['num_samples']} test images, "
+        f"Checkpoint: `{checkpoint}` (phase {context['phase']}); {metrics['num_samples']} test images, "
         f"{len(counts)} classes. Model selection used the validation split only "
         f"(best val acc {_fmt(metrics.get('val_acc'))}).",
         "",
@@ -351,7 +298,7 @@ def _report_markdown(metrics: dict[str, Any], counts: np.ndarray, figures: list[
     lines += ["| metric | value (%) |", "|---|---|"]
     for key in ("overall", "top5", "mean_per_class"):
         lines.append(f"| {METRIC_LABELS[key]} | {_fmt(metrics.get(key))} |")
-    lines.append(f"| expected calibration error ({metrics['ece_bins']} bins, scale {metrics['ece_scale']:g}) "
+    lines.append(f"| expected calibration error ({context['ece_bins']} bins, scale {context['ece_scale']:g}) "
                  f"| {_fmt(metrics.get('ece'))} |")
     lines += ["", "| group | standard (few < 20) | classes | authors' (few <= 20) | classes |", "|---|---|---|---|---|"]
     std, auth = M.class_groups(counts, "standard"), M.class_groups(counts, "authors")
@@ -374,15 +321,16 @@ def _report_markdown(metrics: dict[str, Any], counts: np.ndarray, figures: list[
 
 # ------------------------------------------------------------------------------------------- evaluate
 def run_evaluate(params: Params, phase_dir: Path | None = None) -> EvaluateResult:
-    """Evaluate the final model on the test split, write metrics/plots/figures/report, apply the gate.
+    """Evaluate the final model on the test split, write metrics/gate/plots/figures/report, apply the gate.
 
     Args:
-        params: validated params (reads ``data``, ``transforms``, ``loss.scale``, ``train.out_dir``,
-            ``evaluate``).
+        params: validated params (reads ``seed``, ``data.out_dir``, ``backbone.weights``, ``pretrain.out_dir``,
+            the test-time ``transforms``, ``loss.scale``, ``train.out_dir`` / ``device`` / ``threads`` /
+            ``num_workers`` and ``evaluate``).
         phase_dir: checkpoint folder; default :func:`final_checkpoint_dir`.
 
     Returns:
-        :class:`EvaluateResult`. ``metrics.json`` is written even when the gate fails.
+        :class:`EvaluateResult`. ``metrics.json`` and ``gate.json`` are written even when the gate fails.
     """
     import torch
     from torch.utils.data import DataLoader
@@ -412,44 +360,24 @@ def run_evaluate(params: Params, phase_dir: Path | None = None) -> EvaluateResul
     if preds.cos_logits.shape[1] != len(counts):
         raise ValueError(f"model has {preds.cos_logits.shape[1]} classes but the manifest {len(counts)}")
 
-    scalars = M.summarize(preds.cos_logits, preds.labels, counts, params.loss.scale, params.evaluate.ece_bins)
+    scale, bins = params.loss.scale, params.evaluate.ece_bins
+    scalars = M.summarize(preds.cos_logits, preds.labels, counts, scale, bins)
     pc = _param_counts(model)
-    method = str(meta.get("method", params.train.method))
     metrics: dict[str, Any] = {
-        "method": method,
-        "source": params.data.source,
-        "phase": meta.get("phase"),
         **scalars,
         "val_acc": meta.get("best_val_acc"),
-        "ece_bins": params.evaluate.ece_bins,
-        "ece_scale": params.loss.scale,
         "trainable_params": pc["trainable"],
         "backbone_params": pc["backbone"],
         "trainable_share": M.trainable_share(pc["trainable"], pc["backbone"]) if pc["backbone"] else None,
         "prompt_params": pc["prompt"],
         "prompt_share": M.trainable_share(pc["prompt"], pc["backbone"]) if pc["backbone"] else None,
     }
-
-    probe, probe_src = None, None
-    if params.evaluate.gate.max_drop_vs_probe is not None:
-        path = probe_metrics_path(params)
-        if path.is_file():
-            probe, probe_src = json.loads(path.read_text()), str(path)
-        else:
-            log.warning("gate.max_drop_vs_probe set but no linear-probe metrics at %s: check skipped", path)
-    failures = check_gate(metrics, params, probe, probe_src)
-    metrics["gate"] = {
-        "passed": not failures,
-        "failures": failures,
-        "min_overall": params.evaluate.gate.min_overall,
-        "min_few": params.evaluate.gate.min_few,
-        "max_drop_vs_probe": params.evaluate.gate.max_drop_vs_probe,
-        "probe_overall": None if probe is None else probe.get("overall"),
-    }
+    gate = gate_verdict(params, metrics, meta)
+    metrics["gate_passed"] = gate["passed"]
 
     out = Path(params.evaluate.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pool_size = model.cfg.pool_size  # the checkpoint's own model config (load_trained_model uses it)
+    pool_size = int(meta["model_config"].get("pool_size", 0))  # the checkpoint's own geometry
     rows = _plot_rows(preds, counts, class_names, pool_size)
     with atomic_dir(out / "plots") as tmp:
         for name, data in rows.items():
@@ -460,180 +388,13 @@ def run_evaluate(params: Params, phase_dir: Path | None = None) -> EvaluateResul
     with atomic_dir(out / "figures") as tmp:
         figures = _write_figures(tmp, rows, cm, usage, preds.selected is not None, Path(params.train.out_dir))
     report = out / "report.md"
+    context = {"method": meta["method"], "source": manifest.get("source", "?"), "phase": meta["phase"],
+               "ece_bins": bins, "ece_scale": scale}
     with atomic_path(report) as tmp:
-        tmp.write_text(_report_markdown(metrics, counts, figures, phase_dir))
-    metrics_path = write_json_atomic(out / "metrics.json", metrics)
-    return EvaluateResult(metrics_path=metrics_path, report_path=report, gate_passed=not failures,
-                          gate_failures=failures, metrics=metrics)
+        tmp.write_text(_report_markdown(metrics, gate, context, counts, figures, phase_dir))
+    write_json_atomic(out / GATE_FILE, gate)
+    metrics_path = write_json_atomic(out / METRICS_FILE, metrics)
+    return EvaluateResult(metrics_path=metrics_path, report_path=report, gate_passed=gate["passed"],
+                          gate_failures=gate["failures"], metrics=metrics)
 
 
-# -------------------------------------------------------------------------------------------- compare
-TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("overall", "overall"), ("many", "many"), ("medium", "medium"), ("few", "few (<20)"),
-    ("medium_authors", "medium (auth.)"), ("few_authors", "few (<=20, auth.)"),
-    ("mean_per_class", "mean/class"), ("ece", "ECE"), ("val_acc", "val acc"),
-)
-
-
-def _ensure_inputs(params: Params) -> None:
-    """Ingest the data and pretrain the embedded backbone when their outputs are missing."""
-    from lpt.model.backbone import pretrained_backbone_path
-
-    if not (Path(params.data.out_dir) / "manifest.json").is_file():
-        from lpt.data.ingest import run_ingest
-
-        print(f"[compare] ingesting {params.data.source} into {params.data.out_dir}", flush=True)
-        run_ingest(params)
-    if params.backbone.weights == "pretrain" and not pretrained_backbone_path(params.pretrain.out_dir).is_file():
-        from lpt.train import pretrain_backbone
-
-        print(f"[compare] pretraining the backbone -> {params.pretrain.out_dir}", flush=True)
-        pretrain_backbone(params)
-
-
-def _method_params(params: Params, method: str) -> Params:
-    root = _compare_root(params) / method
-    return _with_overrides(params, {
-        "train.method": method,
-        "train.out_dir": str(root / "models"),
-        "evaluate.out_dir": str(root / "eval"),
-        # the gate does not decide a comparison; each method is reported as it is
-        "evaluate.gate.min_overall": 0.0,
-        "evaluate.gate.min_few": 0.0,
-        "evaluate.gate.max_drop_vs_probe": None,
-    })
-
-
-def compare_table(rows: dict[str, dict[str, Any]]) -> str:
-    """Markdown table (values in %) of the per-method metrics."""
-    head = "| method | " + " | ".join(c for _, c in TABLE_COLUMNS) + " |"
-    lines = [head, "|---" * (len(TABLE_COLUMNS) + 1) + "|"]
-    for method, m in rows.items():
-        lines.append(f"| {method} | " + " | ".join(_fmt(m.get(k)) for k, _ in TABLE_COLUMNS) + " |")
-    return "\n".join(lines)
-
-
-def target_verdict(rows: dict[str, dict[str, Any]]) -> str:
-    """The comparison target: LPT few >= linear probe few + 10 points and LPT overall >= linear probe overall."""
-    if "lpt" not in rows or "linear_probe" not in rows:
-        return "Target check needs both `lpt` and `linear_probe` rows."
-    lpt, lp = rows["lpt"], rows["linear_probe"]
-    out = []
-    for key, margin in (("few", 0.10), ("overall", 0.0)):
-        a, b = lpt.get(key), lp.get(key)
-        if a is None or b is None:
-            out.append(f"{key}: n/a")
-            continue
-        diff = a - b
-        ok = diff >= margin - 1e-12
-        want = f">= +{100 * margin:.0f} points" if margin else ">= 0 points"
-        out.append(f"{key}: LPT − linear probe = {100 * diff:+.2f} points (target {want}) — "
-                   f"{'met' if ok else f'missed by {100 * (margin - diff):.2f} points'}")
-    return "; ".join(out)
-
-
-def run_compare(params: Params, methods: list[str], out: Path | None = None) -> Path:
-    """Train and test each method in the same harness; write a Markdown table.
-
-    Every method gets the same backbone (and pretrain checkpoint), data, seed and epoch budget; only
-    ``train.method`` and the output folders differ (``<evaluate.out_dir>/compare/<source>/<method>/``
-    with ``models/`` and ``eval/``). ``run_phase`` selects checkpoints on the validation split; the test
-    split is only reported. Phases already trained in those folders are resumed/reused by ``run_phase``.
-
-    Args:
-        params: the base params (``data.source`` picks the dataset).
-        methods: subset of :data:`METHODS`, in table order.
-        out: Markdown path; default ``<evaluate.out_dir>/compare/<source>/table.md``.
-
-    Returns:
-        The path of the written table.
-    """
-    from lpt.train import run_phase
-
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
-    _ensure_inputs(params)
-    rows: dict[str, dict[str, Any]] = {}
-    for method in methods:
-        mp = _method_params(params, method)
-        val_acc = None
-        for phase in (1, 2):  # phase 2 of the one-phase methods copies the phase-1 model
-            res = run_phase(mp, phase) or {}
-            if res.get("best_val_acc") is not None:
-                val_acc = res["best_val_acc"]
-        result = run_evaluate(mp)
-        rows[method] = dict(result.metrics)
-        if val_acc is not None:
-            rows[method]["val_acc"] = val_acc
-        print(f"[compare] {params.data.source} / {method}: overall {_fmt(rows[method]['overall'])} "
-              f"few {_fmt(rows[method]['few'])} (test, %)", flush=True)
-    out = Path(out) if out is not None else _compare_root(params) / "table.md"
-    text = _compare_section(params, rows)
-    with atomic_path(out) as tmp:
-        tmp.write_text(text)
-    write_json_atomic(out.with_suffix(".json"), rows)
-    return out
-
-
-def _compare_section(params: Params, rows: dict[str, dict[str, Any]]) -> str:
-    p1, p2 = params.train.phase1, params.train.phase2
-    any_row = next(iter(rows.values()))
-    lines = [
-        f"### {params.data.source} (imbalance ratio {params.data.imbalance_ratio:g})",
-        "",
-        f"Test split, {any_row.get('num_samples')} images; top-1 accuracy in %. Backbone `{params.backbone.name}` "
-        f"(weights: {params.backbone.weights}); epochs phase 1 / 2: {p1.epochs} / {p2.epochs}; seed {params.seed}. "
-        "Checkpoints selected on the validation split only.",
-        "",
-        compare_table(rows),
-        "",
-        f"Target (LPT vs linear probe): {target_verdict(rows)}.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-NOTES_MARKER = "<!-- notes below are kept when `lpt compare --sources` regenerates this file -->"
-
-
-def run_results(params: Params, methods: list[str], sources: list[str], out: Path) -> Path:
-    """Run :func:`run_compare` for several data sources and assemble one Markdown file.
-
-    Non-default sources get their own shard folder (``data/compare/<source>/shards``); the backbone and
-    its pretrain checkpoint stay those of ``params`` so every source uses the same frozen backbone.
-
-    Args:
-        params: base params.
-        methods: methods for every table.
-        sources: ``data.source`` values, e.g. ``["synthetic", "fashion_mnist"]``.
-        out: the Markdown file (e.g. ``docs/results.md``).
-
-    Returns:
-        ``out``.
-    """
-    sections = []
-    for source in sources:
-        sp = params
-        if source != params.data.source:
-            shards = Path("data/compare") / source / "shards"
-            sp = _with_overrides(params, {"data.source": source, "data.out_dir": str(shards)})
-        table = run_compare(sp, methods, None)
-        sections.append(table.read_text())
-    notes = ""
-    if Path(out).is_file() and NOTES_MARKER in Path(out).read_text():  # hand-written analysis survives a rerun
-        notes = Path(out).read_text().split(NOTES_MARKER, 1)[1]
-    text = "\n".join([
-        "# Results: LPT vs baselines in one harness",
-        "",
-        "Generated by `lpt compare --sources " + ",".join(sources) + " --out " + str(out) + "` (see "
-        "docs/evaluation.md). Every method: same frozen backbone, data, seed and epoch budget; numbers are "
-        "test-split top-1 accuracy (%) with many/medium/few by training count (standard: few < 20; "
-        "authors': few <= 20).",
-        "",
-        *sections,
-        NOTES_MARKER + (notes or "\n"),
-    ])
-    with atomic_path(out) as tmp:
-        tmp.write_text(text)
-    return Path(out)

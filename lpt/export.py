@@ -13,9 +13,14 @@ The hidden state after the shared-only blocks is computed once and reused by the
 reuse, :meth:`lpt.model.lpt.LPTModel.forward`). Single-pass methods (``lpt_phase1``, ``vpt_deep``,
 ``linear_probe``) export the same way with only the ``logits`` output.
 
+The export honours the quality gate itself: it refuses a checkpoint whose evaluated verdict
+(``<evaluate.out_dir>/gate.json``, written by ``lpt evaluate``) is missing, failed, or belongs to another
+checkpoint (sha256), whether it runs under ``dvc repro`` or directly.
+
 The output folder (``params.export.out_dir``) is written atomically: everything is built in a temp
 folder beside it and renamed into place only after ``onnx.checker`` and the parity gate pass, so a
-failed export leaves no model file behind.
+failed export writes nothing and leaves a previous export as it was (``export.json`` names the checkpoint
+each export was made from).
 
 Example:
     >>> from lpt.config import load_params
@@ -26,7 +31,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 import warnings
@@ -48,16 +52,17 @@ from lpt.utils import atomic_dir, seed_everything, sha256_file, write_json_atomi
 
 __all__ = [
     "ExportError",
+    "GateNotPassed",
+    "ParityFailed",
     "ExportResult",
     "MODEL_FILE",
     "REPORT_FILE",
-    "PARAMS_HASH_SECTIONS",
     "LPTInference",
     "export_onnx",
     "optimize_graph",
     "build_metadata",
     "write_metadata",
-    "params_sha256",
+    "check_gate_verdict",
     "result_summary",
     "quantize_int8",
     "convert_fp16",
@@ -68,12 +73,18 @@ MODEL_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 FP16_FILE = "model.fp16.onnx"
 REPORT_FILE = "export.json"
-PARAMS_HASH_SECTIONS: tuple[str, ...] = ("seed", "data", "backbone", "transforms", "model", "loss", "train")
-"""The params sections that determine the trained model and its preprocessing (hashed into the metadata)."""
 
 
 class ExportError(RuntimeError):
     """Export failed (checker, parity or accuracy gate); the message names the figures and thresholds."""
+
+
+class GateNotPassed(ExportError):
+    """The checkpoint has no passed quality-gate verdict: nothing is exported."""
+
+
+class ParityFailed(ExportError):
+    """ORT disagrees with torch beyond ``export.parity`` (or a variant loses too much accuracy)."""
 
 
 @dataclass
@@ -268,18 +279,13 @@ def export_onnx(model: LPTModel, path: str | Path, *, opset: int = 18, dynamo: b
 
 
 # ---------------------------------------------------------------------------------------- metadata
-def params_sha256(params: Params, sections: tuple[str, ...] = PARAMS_HASH_SECTIONS) -> str:
-    """sha256 of the given params sections as canonical JSON (sorted keys, file key names)."""
-    raw = params.to_dict()
-    blob = json.dumps({s: raw[s] for s in sections}, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
 def build_metadata(params: Params, model: LPTModel, class_names: list[str], checkpoint_meta: dict[str, Any],
                    *, precision: str = "fp32", dynamo: bool = False) -> dict[str, str]:
     """Everything a consumer needs to preprocess, run and interpret the graph (all values strings).
 
-    Lists and numbers are JSON; names are plain strings. See ``docs/export.md`` for the key list.
+    Lists and numbers are JSON; names are plain strings. See ``docs/export.md`` for the key list. The
+    provenance comes from the checkpoint's own record (``model.json``): backbone, geometry and
+    ``params_sha256`` = the sha256 of the training recipe that produced it.
     """
     import lpt
 
@@ -309,12 +315,11 @@ def build_metadata(params: Params, model: LPTModel, class_names: list[str], chec
         "outputs": json.dumps({LOGITS_NAME: "raw cosine [B, C]; scores = softmax(logit_scale * logits)",
                                **({SELECTED_NAME: "group prompt indices [B, top_k]"} if model.phase == 2 else {})}),
         # provenance
-        "backbone": str(backbone.get("name") or params.backbone.name),
+        "backbone": str(backbone.get("name") or type(model.backbone).__name__),
         "backbone_fingerprint": str(backbone.get("fingerprint") or model.backbone_fingerprint()),
-        "backbone_kwargs": json.dumps(backbone.get("timm_kwargs") or params.backbone.timm_kwargs),
-        "model_config": json.dumps(model.cfg.model_dump(mode="json")),
-        "params_sha256": params_sha256(params),
-        "params_sections": json.dumps(list(PARAMS_HASH_SECTIONS)),
+        "backbone_kwargs": json.dumps(backbone.get("timm_kwargs") or {}),
+        "model_config": json.dumps(model.model_config()),
+        "params_sha256": str(checkpoint_meta.get("recipe_sha256", "")),
         "checkpoint_sha256": str(checkpoint_meta.get("weights_sha256", "")),
         "precision": precision,
         "exporter": "dynamo" if dynamo else "torchscript",
@@ -438,6 +443,30 @@ def _compare_on_test(model: LPTModel, sessions: dict[str, Any], params: Params) 
 _EXPORT_FILES = frozenset({MODEL_FILE, INT8_FILE, FP16_FILE, REPORT_FILE})
 
 
+def check_gate_verdict(params: Params, checkpoint_sha256: str) -> dict[str, Any]:
+    """The evaluated gate verdict must exist, have passed, and be about this very checkpoint.
+
+    Raises:
+        GateNotPassed: missing or damaged ``gate.json``, a failed verdict, or one for another checkpoint.
+    """
+    from lpt.gate import GATE_FILE, read_gate_verdict
+    from lpt.utils import JsonFileError
+
+    path = Path(params.evaluate.out_dir) / GATE_FILE
+    try:
+        verdict = read_gate_verdict(params.evaluate.out_dir)
+    except JsonFileError as err:
+        raise GateNotPassed(f"{err}: run `lpt evaluate` (dvc stage evaluate) first; export only ships a model "
+                            "that passed the quality gate") from None
+    if verdict.get("checkpoint_sha256") != checkpoint_sha256:
+        raise GateNotPassed(f"{path} judged checkpoint {str(verdict.get('checkpoint_sha256'))[:12]}…, not the one "
+                            f"being exported ({checkpoint_sha256[:12]}…): run `lpt evaluate` on it first")
+    if verdict.get("passed") is not True:
+        failures = "; ".join(str(f) for f in verdict.get("failures") or []) or "no reason recorded"
+        raise GateNotPassed(f"{path}: the quality gate failed for this checkpoint ({failures}); nothing exported")
+    return verdict
+
+
 def _check_out_dir(out_dir: Path) -> None:
     """The output folder is replaced whole on success: refuse one that holds anything else."""
     if out_dir.exists():
@@ -447,19 +476,6 @@ def _check_out_dir(out_dir: Path) -> None:
         if foreign:
             raise ExportError(f"export.out_dir {out_dir} holds files that are not an export's ({foreign[:5]}): "
                               "the folder is replaced whole, so point export.out_dir to a folder of its own")
-
-
-def _remove_previous_export(out_dir: Path) -> bool:
-    """Delete an older export's files (and the folder once empty); True if anything was removed."""
-    removed = False
-    if out_dir.is_dir():
-        for name in _EXPORT_FILES:
-            if (out_dir / name).is_file():
-                (out_dir / name).unlink()
-                removed = True
-        if not any(out_dir.iterdir()):
-            out_dir.rmdir()
-    return removed
 
 
 def _class_names(params: Params, num_classes: int) -> list[str]:
@@ -491,12 +507,11 @@ def run_export(params: Params) -> ExportResult:
         :class:`ExportResult`.
 
     Raises:
-        ExportError: the checker, the parity gate or a variant's accuracy check failed (the message
-            names the measured numbers and the thresholds). No model file is left in ``export.out_dir``:
-            the new files are never moved there, and a previous export is removed (it no longer
-            matches the trained checkpoint; DVC would have removed it before the stage anyway).
-            Also raised before any work when the trained model cannot be loaded or ``export.out_dir``
-            holds files that are not an export's.
+        GateNotPassed: no passed gate verdict for this checkpoint (:func:`check_gate_verdict`).
+        ParityFailed: the parity gate or a variant's accuracy check failed (the message names the
+            measured numbers and the thresholds).
+        ExportError: the checker failed, the trained model cannot be loaded or ``export.out_dir`` holds
+            files that are not an export's. In every case nothing is written to ``export.out_dir``.
     """
     cfg = params.export
     out_dir = Path(cfg.out_dir)
@@ -510,6 +525,7 @@ def run_export(params: Params) -> ExportResult:
     except (CheckpointError, BackboneError) as err:
         raise ExportError(f"cannot load the trained model: {err}") from None
     model.eval()
+    check_gate_verdict(params, ckpt["weights_sha256"])
     class_names = _class_names(params, model.num_classes)
     notes: list[str] = []
     threads = torch.get_num_threads()
@@ -517,71 +533,66 @@ def run_export(params: Params) -> ExportResult:
            f"{params.transforms.input_size}] normalised -> logits (cosine)"
            + (" + selected (group prompts)" if model.phase == 2 else "") + ". See metadata_props.")
 
-    try:
-        with atomic_dir(out_dir) as tmp:
-            fp32 = export_onnx(model, tmp / MODEL_FILE, opset=cfg.opset, dynamo=cfg.dynamo,
-                               input_size=params.transforms.input_size, optimize=cfg.optimize)
-            meta = build_metadata(params, model, class_names, ckpt, dynamo=cfg.dynamo)
-            write_metadata(fp32, meta, doc)
-            _check(fp32)
-            files = {"fp32": fp32}
-            if cfg.int8:
-                files["int8"] = quantize_int8(fp32, tmp / INT8_FILE)
-                write_metadata(files["int8"], {**meta, "precision": "int8"}, doc)
-            if cfg.fp16:
-                try:
-                    files["fp16"] = convert_fp16(fp32, tmp / FP16_FILE)
-                    write_metadata(files["fp16"], {**meta, "precision": "fp16"}, doc)
-                except ImportError as err:
-                    notes.append(f"fp16 skipped: onnxruntime.transformers.float16 is not available ({err})")
+    with atomic_dir(out_dir) as tmp:
+        fp32 = export_onnx(model, tmp / MODEL_FILE, opset=cfg.opset, dynamo=cfg.dynamo,
+                           input_size=params.transforms.input_size, optimize=cfg.optimize)
+        meta = build_metadata(params, model, class_names, ckpt, dynamo=cfg.dynamo)
+        write_metadata(fp32, meta, doc)
+        _check(fp32)
+        files = {"fp32": fp32}
+        if cfg.int8:
+            files["int8"] = quantize_int8(fp32, tmp / INT8_FILE)
+            write_metadata(files["int8"], {**meta, "precision": "int8"}, doc)
+        if cfg.fp16:
+            try:
+                files["fp16"] = convert_fp16(fp32, tmp / FP16_FILE)
+                write_metadata(files["fp16"], {**meta, "precision": "fp16"}, doc)
+            except ImportError as err:
+                notes.append(f"fp16 skipped: onnxruntime.transformers.float16 is not available ({err})")
 
-            stats = _compare_on_test(model, {k: _session(p, threads) for k, p in files.items()}, params)
-            fp = stats["fp32"]
-            failures = []
-            if not fp["max_abs_diff"] <= cfg.parity.max_abs_diff:
-                failures.append(f"ORT-vs-torch max abs logit diff {fp['max_abs_diff']:.3g} > "
-                                f"export.parity.max_abs_diff {cfg.parity.max_abs_diff:g}")
-            if not fp["top1_agreement"] >= cfg.parity.min_agreement:
-                failures.append(f"ORT-vs-torch top-1 agreement {fp['top1_agreement']:.4f} < "
-                                f"export.parity.min_agreement {cfg.parity.min_agreement:g}")
-            for variant in ("int8", "fp16"):
-                if variant in stats:
-                    drop = fp["accuracy"] - stats[variant]["accuracy"]
-                    stats[variant]["accuracy_drop"] = drop
-                    if drop > cfg.max_accuracy_drop:
-                        failures.append(f"{variant} top-1 {stats[variant]['accuracy']:.4f} vs fp32 {fp['accuracy']:.4f}: "
-                                        f"drop {drop:.4f} > export.max_accuracy_drop {cfg.max_accuracy_drop:g}")
-            if failures:
-                raise ExportError("export parity gate failed on the test split "
-                                  f"({stats['num_images']} images); no model written:\n"
-                                  + "\n".join(f"  - {f}" for f in failures))
+        stats = _compare_on_test(model, {k: _session(p, threads) for k, p in files.items()}, params)
+        fp = stats["fp32"]
+        failures = []
+        if not fp["max_abs_diff"] <= cfg.parity.max_abs_diff:
+            failures.append(f"ORT-vs-torch max abs logit diff {fp['max_abs_diff']:.3g} > "
+                            f"export.parity.max_abs_diff {cfg.parity.max_abs_diff:g}")
+        if not fp["top1_agreement"] >= cfg.parity.min_agreement:
+            failures.append(f"ORT-vs-torch top-1 agreement {fp['top1_agreement']:.4f} < "
+                            f"export.parity.min_agreement {cfg.parity.min_agreement:g}")
+        for variant in ("int8", "fp16"):
+            if variant in stats:
+                drop = fp["accuracy"] - stats[variant]["accuracy"]
+                stats[variant]["accuracy_drop"] = drop
+                if drop > cfg.max_accuracy_drop:
+                    failures.append(f"{variant} top-1 {stats[variant]['accuracy']:.4f} vs fp32 {fp['accuracy']:.4f}: "
+                                    f"drop {drop:.4f} > export.max_accuracy_drop {cfg.max_accuracy_drop:g}")
+        if failures:
+            raise ParityFailed("export parity gate failed on the test split "
+                          f"({stats['num_images']} images); nothing written:\n"
+                              + "\n".join(f"  - {f}" for f in failures))
 
-            report = {
-                "format": LPT_FORMAT,
-                "method": model.method,
-                "phase": model.phase,
-                "opset": cfg.opset,
-                "exporter": meta["exporter"],
-                "optimize": cfg.optimize,
-                "parity": {"max_abs_diff": fp["max_abs_diff"], "top1_agreement": fp["top1_agreement"],
-                           "prompt_agreement": fp["prompt_agreement"],
-                           "thresholds": cfg.parity.model_dump(mode="json")},
-                "test": {"num_images": stats["num_images"], "torch_correct": stats["torch_correct"],
-                         "ort_correct": fp["correct"], "torch_accuracy": stats["torch_accuracy"],
-                         "ort_accuracy": fp["accuracy"]},
-                "variants": {k: {"file": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p),
-                                 **{m: v for m, v in stats[k].items()}} for k, p in files.items()},
-                "max_accuracy_drop": cfg.max_accuracy_drop,
-                "params_sha256": meta["params_sha256"],
-                "checkpoint_sha256": meta["checkpoint_sha256"],
-                "notes": notes,
-                "seconds": round(time.time() - started, 2),
-            }
-            write_json_atomic(tmp / REPORT_FILE, report)
-    except ExportError as err:
-        if _remove_previous_export(out_dir):  # it no longer matches the trained checkpoint
-            raise ExportError(f"{err}\n(the previous export in {out_dir} was removed)") from None
-        raise
+        report = {
+            "format": LPT_FORMAT,
+            "method": model.method,
+            "phase": model.phase,
+            "opset": cfg.opset,
+            "exporter": meta["exporter"],
+            "optimize": cfg.optimize,
+            "parity": {"max_abs_diff": fp["max_abs_diff"], "top1_agreement": fp["top1_agreement"],
+                       "prompt_agreement": fp["prompt_agreement"],
+                       "thresholds": cfg.parity.model_dump(mode="json")},
+            "test": {"num_images": stats["num_images"], "torch_correct": stats["torch_correct"],
+                     "ort_correct": fp["correct"], "torch_accuracy": stats["torch_accuracy"],
+                     "ort_accuracy": fp["accuracy"]},
+            "variants": {k: {"file": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p),
+                             **{m: v for m, v in stats[k].items()}} for k, p in files.items()},
+            "max_accuracy_drop": cfg.max_accuracy_drop,
+            "params_sha256": meta["params_sha256"],
+            "checkpoint_sha256": meta["checkpoint_sha256"],
+            "notes": notes,
+        }
+        write_json_atomic(tmp / REPORT_FILE, report)
+    print(f"[export] done in {time.time() - started:.1f} s", flush=True)
 
     return ExportResult(
         model_path=out_dir / MODEL_FILE, report_path=out_dir / REPORT_FILE,

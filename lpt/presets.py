@@ -11,13 +11,18 @@ Example:
     ['data.source', 'backbone.name', ...]
 
 The same values work as ``dvc exp run -S`` overrides: ``python -m lpt.presets NAME`` prints them as
-``-S key=value`` arguments.
+``-S key=value`` arguments in DVC's (Hydra) override grammar, one shell word each, so
+``dvc exp run $(python -m lpt.presets NAME)`` works as written: a key the current ``params.yaml`` lacks gets
+the ``+`` prefix, a replaced mapping is removed (``~key``) and added whole (``+key={a:1,b:2}``).
+
+Presets are read from ``configs/`` of the project in the working directory (the checkout you run in), not
+from wherever the package is installed.
 """
 
 from __future__ import annotations
 
 import copy
-import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,10 +30,10 @@ from typing import Any
 from lpt.config import ParamsError, read_raw, update_params_file
 
 __all__ = ["PRESET_DIR", "REPLACED_WHOLE", "list_presets", "load_preset", "merge_preset", "apply_preset",
-           "preset_overrides"]
+           "preset_overrides", "dvc_set_flags"]
 
-PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
-"""Where named presets live (``configs/<name>.yaml`` in the repository)."""
+PRESET_DIR = Path("configs")
+"""Where named presets live: ``configs/<name>.yaml`` of the project in the working directory."""
 
 REPLACED_WHOLE = frozenset({"backbone.timm_kwargs"})
 """Dotted keys whose mapping value a preset replaces instead of merging into (free-form kwargs)."""
@@ -128,20 +133,73 @@ def preset_overrides(name: str | Path, preset_dir: Path = PRESET_DIR) -> dict[st
     return _flatten(load_preset(name, preset_dir))
 
 
-def _set_flag(key: str, value: Any) -> str:
-    compact = isinstance(value, (dict, list, bool)) or value is None
-    text = json.dumps(value, separators=(",", ":")) if compact else str(value)  # no spaces: one shell word
-    return f"-S '{key}={text}'"
+_PLAIN = re.compile(r"^[A-Za-z0-9_./+-]+$")
+
+
+def _hydra_value(value: Any, where: str) -> str:
+    """``value`` in Hydra's override grammar without spaces (one shell word after ``$(...)``).
+
+    Raises:
+        ParamsError: a string that cannot be written without spaces or quotes.
+    """
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ",".join(_hydra_value(v, where) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_hydra_value(v, where)}" for k, v in value.items()) + "}"
+    text = str(value)
+    if not _PLAIN.match(text) or text in ("true", "false", "null"):
+        raise ParamsError(f"{where}: value {text!r} cannot be a `dvc exp run -S` word (spaces or special "
+                          "characters): apply the preset with `lpt params preset` instead")
+    return text
+
+
+def _has_key(raw: dict[str, Any], dotted: str) -> bool:
+    node: Any = raw
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def dvc_set_flags(name: str | Path, params_path: str | Path = "params.yaml",
+                  preset_dir: Path = PRESET_DIR) -> list[str]:
+    """The preset as ``dvc exp run`` arguments against the current ``params_path``.
+
+    Returns:
+        ``["-S", "key=value", ...]``: ``+key=value`` for a key ``params_path`` lacks; a mapping replaced whole
+        (:data:`REPLACED_WHOLE`) as ``~key`` then ``+key={...}``.
+
+    Raises:
+        FileNotFoundError: unknown preset or no params file.
+        ParamsError: a value that has no one-word form.
+    """
+    base = read_raw(params_path)
+    args: list[str] = []
+    for key, value in preset_overrides(name, preset_dir).items():
+        text = _hydra_value(value, f"preset {name} key {key}")
+        if key in REPLACED_WHOLE and _has_key(base, key):
+            args += ["-S", f"~{key}", "-S", f"+{key}={text}"]
+        else:
+            args += ["-S", f"{'' if _has_key(base, key) else '+'}{key}={text}"]
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m lpt.presets NAME``: print the preset as ``-S key=value`` flags for ``dvc exp run``."""
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print(f"usage: python -m lpt.presets NAME   (available: {', '.join(list_presets())})", file=sys.stderr)
-        return 2
+    if len(args) != 1 or args[0] in ("-h", "--help"):
+        print(f"usage: dvc exp run $(python -m lpt.presets NAME)   (presets in {PRESET_DIR}/: "
+              f"{', '.join(list_presets()) or 'none'})", file=sys.stderr)
+        return 0 if args and args[0] in ("-h", "--help") else 2
     try:
-        flags = [_set_flag(k, v) for k, v in preset_overrides(args[0]).items()]
+        flags = dvc_set_flags(args[0])
     except (FileNotFoundError, ParamsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -109,13 +109,14 @@ def test_cli_validate_exits_nonzero_on_failure(tiny_shards, tmp_path: Path) -> N
 
     from lpt.cli import app
     from lpt.config import write_params_atomic
+    from lpt.exitcodes import VALIDATION_FAILED
 
     params = make_tiny_params(tmp_path, data__out_dir=tiny_shards.data.out_dir,
                               data__imbalance_ratio=50)
     path = tmp_path / "params.yaml"
     write_params_atomic(path, params.to_dict())
     result = CliRunner().invoke(app, ["validate", "-p", str(path)])
-    assert result.exit_code == 1
+    assert result.exit_code == VALIDATION_FAILED
     assert "imbalance ratio" in result.output
 
 

@@ -76,17 +76,20 @@ def _with(params: Params, root: Path, **overrides) -> Params:
     return parse_params(apply_overrides(params.to_dict(), ov))
 
 
-def _declared_plots() -> list[str]:
+def _declared_plots(raw: dict | None = None) -> list[str]:
+    """The top-level plots of dvc.yaml, their ``${...}`` resolved against ``raw`` params (default params.yaml)."""
+    import re
+
+    raw = raw if raw is not None else yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+
+    def value(m: re.Match) -> str:
+        node = raw
+        for part in m.group(1).split("."):
+            node = node[part]
+        return str(node)
+
     spec = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())
-    return [next(iter(p)) if isinstance(p, dict) else p for p in spec["plots"]]
-
-
-def _local(path: str, params: Params) -> Path:
-    """Map a dvc.yaml path (repo-relative defaults) onto the tiny params' output folders."""
-    for prefix, real in (("reports/", params.evaluate.out_dir), ("models/", params.train.out_dir)):
-        if path.startswith(prefix):
-            return Path(real) / path[len(prefix):]
-    raise AssertionError(f"unexpected plot path {path}")
+    return [re.sub(r"\$\{([^}]+)\}", value, next(iter(p)) if isinstance(p, dict) else p) for p in spec["plots"]]
 
 
 def test_run_evaluate_writes_metrics_plots_figures_report(trained: Params, tmp_path: Path):
@@ -99,9 +102,13 @@ def test_run_evaluate_writes_metrics_plots_figures_report(trained: Params, tmp_p
 
     metrics = json.loads(result.metrics_path.read_text())
     for key in ("overall", "top5", "many", "medium", "few", "many_authors", "medium_authors", "few_authors",
-                "mean_per_class", "ece", "trainable_share", "method"):
+                "mean_per_class", "ece", "trainable_share", "gate_passed"):
         assert key in metrics, key
-    assert metrics["method"] == "lpt" and metrics["gate"]["passed"] is True
+    assert all(isinstance(v, (int, float, bool)) or v is None for v in metrics.values())  # metrics, not config
+    assert metrics["gate_passed"] is True
+    gate = json.loads((Path(params.evaluate.out_dir) / "gate.json").read_text())
+    checkpoint = json.loads((Path(params.train.out_dir) / "phase2/model.json").read_text())
+    assert gate["passed"] is True and gate["checkpoint_sha256"] == checkpoint["weights_sha256"]
     assert metrics["num_samples"] == n_test
     assert 0.0 <= metrics["overall"] <= metrics["top5"] <= 1.0
     assert 0.0 <= metrics["ece"] <= 1.0
@@ -125,8 +132,8 @@ def test_run_evaluate_writes_metrics_plots_figures_report(trained: Params, tmp_p
     assert f"{100 * metrics['overall']:.2f}" in report
 
     # every plot declared in dvc.yaml exists after evaluate (training curves come from dvclive)
-    for declared in _declared_plots():
-        assert _local(declared, params).exists(), declared
+    for declared in _declared_plots(params.to_dict()):
+        assert Path(declared).exists(), declared
 
 
 def run_evaluate_ok(params: Params):
@@ -172,7 +179,8 @@ def test_gate_passes_trained_fails_broken(trained: Params, collapsed: Params, tm
     o, f = bad.metrics["overall"], bad.metrics["few"]
     assert bad.gate_failures == [f"overall = {o:.4f} < min_overall = 0.2500", f"few = {f:.4f} < min_few = 0.2000"]
     written = json.loads(bad.metrics_path.read_text())  # metrics are written even when the gate fails
-    assert written["gate"]["passed"] is False and written["gate"]["failures"] == bad.gate_failures
+    gate = json.loads((tmp_path / "bad" / "gate.json").read_text())
+    assert written["gate_passed"] is False and gate["passed"] is False and gate["failures"] == bad.gate_failures
 
 
 def test_cli_exits_nonzero_naming_metric_value_threshold(untrained: Params, tmp_path: Path):
@@ -182,12 +190,12 @@ def test_cli_exits_nonzero_naming_metric_value_threshold(untrained: Params, tmp_
     path = tmp_path / "params.yaml"
     write_params_atomic(path, params.to_dict())
     res = CliRunner().invoke(app, ["evaluate", "--params", str(path)])
-    assert res.exit_code != 0
+    assert res.exit_code == 4  # lpt.exitcodes.GATE_FAILED
     out = res.output
     assert "quality gate failed" in out
     assert "overall = 0." in out and "min_overall = 0.9000" in out
     assert "few = " in out and "min_few = 0.8000" in out
-    assert json.loads((tmp_path / "reports" / "metrics.json").read_text())["gate"]["passed"] is False
+    assert json.loads((tmp_path / "reports" / "metrics.json").read_text())["gate_passed"] is False
 
 
 def test_gate_max_drop_vs_probe(untrained: Params, tmp_path: Path):
@@ -201,7 +209,7 @@ def test_gate_max_drop_vs_probe(untrained: Params, tmp_path: Path):
     # no probe metrics file: the check is skipped, not failed
     res = run_evaluate(_with(untrained, tmp_path / "r2", evaluate__gate__max_drop_vs_probe=0.05,
                              evaluate__gate__probe_metrics=str(tmp_path / "missing.json")))
-    assert res.gate_passed and res.metrics["gate"]["probe_overall"] is None
+    assert res.gate_passed and json.loads((tmp_path / "r2" / "gate.json").read_text())["probe_overall"] is None
 
 
 def test_dvc_renders_declared_plots(trained: Params, tmp_path: Path):
@@ -220,6 +228,7 @@ def test_dvc_renders_declared_plots(trained: Params, tmp_path: Path):
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     subprocess.run([*dvc, "init", "-q"], cwd=repo, check=True, env=env)
     shutil.copy(REPO_ROOT / "dvc.yaml", repo / "dvc.yaml")
+    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_raw_params(), sort_keys=False))  # for ${...}
     shutil.copytree(REPO_ROOT / ".dvc" / "plots", repo / ".dvc" / "plots", dirs_exist_ok=True)
     out = subprocess.run([*dvc, "plots", "show", "--json"], cwd=repo, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
@@ -254,12 +263,12 @@ def test_failing_gate_fails_the_dvc_stage_and_export_never_runs(untrained: Param
     assert out.returncode != 0
     assert "min_overall = 0.9000" in out.stdout + out.stderr
     assert not (repo / "exported.txt").exists()
-    assert json.loads((repo / "reports" / "metrics.json").read_text())["gate"]["passed"] is False
+    assert json.loads((repo / "reports" / "gate.json").read_text())["passed"] is False
 
 
 @pytest.mark.slow
 def test_compare_table(tiny_shards: Params, tmp_path: Path):
-    from lpt.evaluate import run_compare
+    from lpt.compare import run_compare
 
     torch.set_num_threads(1)
     params = _params(tmp_path, tiny_shards)
@@ -267,12 +276,12 @@ def test_compare_table(tiny_shards: Params, tmp_path: Path):
     text = out.read_text()
     assert "| linear_probe |" in text and "| lpt |" in text and "few (<=20, auth.)" in text
     rows = json.loads(out.with_suffix(".json").read_text())
-    assert rows["linear_probe"]["method"] == "linear_probe" and rows["lpt"]["method"] == "lpt"
+    assert set(rows) == {"linear_probe", "lpt"} and all("overall" in r for r in rows.values())
     assert (tmp_path / "reports/compare/synthetic/lpt/models/phase2/model.safetensors").is_file()
 
 
 def test_compare_table_and_target_verdict():
-    from lpt.evaluate import compare_table, target_verdict
+    from lpt.compare import compare_table, target_verdict
 
     rows = {"linear_probe": {"overall": 0.60, "many": 0.9, "medium": 0.6, "few": 0.20, "few_authors": 0.25, "val_acc": 0.61},
             "lpt": {"overall": 0.58, "many": 0.8, "medium": 0.6, "few": 0.30, "few_authors": None, "val_acc": 0.59}}
@@ -287,7 +296,7 @@ def test_compare_table_and_target_verdict():
 
 def test_results_page_keeps_hand_written_notes(tiny_params: Params, tmp_path: Path, monkeypatch):
     """`lpt compare --sources` regenerates the tables but keeps everything below the notes marker."""
-    import lpt.evaluate as E
+    import lpt.compare as E
 
     def fake_compare(params, methods, out):  # one table per source, no training
         path = tmp_path / f"{params.data.source}.md"

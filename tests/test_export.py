@@ -13,7 +13,7 @@ import torch
 
 from lpt.config import Params
 from lpt.data.reader import ShardImages, build_transform, load_manifest
-from lpt.export import ExportError, _ClsOnlyBlock, _export_rewrites, export_onnx, params_sha256, run_export
+from lpt.export import ExportError, GateNotPassed, ParityFailed, _ClsOnlyBlock, _export_rewrites, export_onnx, run_export
 from lpt.model.lpt import create_lpt_model, load_trained_model, save_trained_model
 from lpt.runtime import Predictor
 from lpt.utils import seed_everything
@@ -22,21 +22,26 @@ from conftest import make_tiny_params
 from test_runtime import run_torch_free_cli
 
 
-def train_stand_in(params: Params) -> Path:
-    """A tiny 'trained' model in the checkpoint folder ``load_trained_model`` reads by default.
+def train_stand_in(params: Params, gate_passed: bool | None = True) -> Path:
+    """A tiny 'trained' model in the checkpoint folder ``load_trained_model`` reads by default, plus the
+    gate verdict ``lpt evaluate`` would write for it (``gate_passed=None``: no verdict at all).
 
     Random prompts/keys/head (seeded like the export stage seeds, so ``backbone.weights: none`` rebuilds
     the same backbone); saved with the model engineer's checkpoint writer.
     """
+    from lpt.utils import write_json_atomic
+
     torch.set_num_threads(1)
     manifest = load_manifest(params.data.out_dir)
     seed_everything(params.seed)
-    model = create_lpt_model(params, manifest["num_classes"])
-    if params.train.method == "lpt":
-        model.set_phase(2)
-    phase = "phase2" if params.train.method == "lpt" else "phase1"
-    folder = Path(params.train.out_dir) / phase
-    save_trained_model(model, folder, {"class_counts": manifest["train_counts"], "params": params.to_dict()})
+    model = create_lpt_model(params, manifest["num_classes"], phase=2 if params.train.method == "lpt" else 1)
+    folder = Path(params.train.out_dir) / "phase2"
+    save_trained_model(model, folder, {"class_counts": manifest["train_counts"], "recipe_sha256": "ab" * 32})
+    if gate_passed is not None:
+        sha = json.loads((folder / "model.json").read_text())["weights_sha256"]
+        write_json_atomic(Path(params.evaluate.out_dir) / "gate.json",
+                          {"passed": gate_passed, "failures": [] if gate_passed else ["overall = 0.1 < min_overall = 0.5"],
+                           "checkpoint_sha256": sha})
     return folder
 
 
@@ -104,7 +109,7 @@ def test_metadata_round_trip(exported) -> None:
     assert predictor.logit_scale == params.loss.scale
     assert meta["lpt_format"] == "1" and meta["method"] == "lpt" and meta["precision"] == "fp32"
     assert meta["backbone"] == params.backbone.name
-    assert meta["params_sha256"] == params_sha256(params)
+    assert meta["params_sha256"] == "ab" * 32  # the checkpoint's recipe hash
     assert json.loads(meta["model_config"])["top_k"] == params.model.top_k
     assert meta["lpt_version"]
 
@@ -175,17 +180,19 @@ def test_parity_failure_raises_and_leaves_no_model(tmp_path: Path, tiny_shards: 
     assert not list(out.parent.rglob("*.onnx")), "no model file (not even a temp one) may be left"
 
 
-def test_failed_export_removes_a_stale_export_and_guards_foreign_folders(tmp_path: Path, tiny_shards: Params) -> None:
+def test_failed_export_keeps_the_previous_export_and_guards_foreign_folders(tmp_path: Path,
+                                                                          tiny_shards: Params) -> None:
     params = params_on_shared_shards(tmp_path, tiny_shards)
     train_stand_in(params)
     out = Path(run_export(params).model_path).parent
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     strict = params.model_copy(deep=True)
     strict.export.parity.max_abs_diff = 1e-12
-    with pytest.raises(ExportError, match="previous export .* was removed"):
+    with pytest.raises(ParityFailed, match="nothing written"):
         run_export(strict)
-    assert not list(tmp_path.rglob("*.onnx"))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing destroyed, nothing half-written
+    assert sorted(p.name for p in tmp_path.rglob("*.onnx")) == ["model.onnx"]
 
-    out.mkdir(parents=True)
     (out / "keep.txt").write_text("someone else's file")
     with pytest.raises(ExportError, match="holds files that are not an export's"):
         run_export(params)
@@ -207,7 +214,7 @@ def test_cli_export_reports_parity_and_fails_cleanly(tmp_path: Path, tiny_shards
     assert "onnx: " in ok.output and "top-1 agreement 1.0000" in ok.output
     bad = CliRunner().invoke(app, ["export", "--params", str(path), "-S", "export.parity.min_agreement=1.0",
                                    "-S", "export.parity.max_abs_diff=1e-15", "-S", f"export.out_dir={tmp_path / 'x'}"])
-    assert bad.exit_code == 1
+    assert bad.exit_code == 5  # lpt.exitcodes.PARITY_FAILED
     assert "max abs logit diff" in bad.output and "1e-15" in bad.output
     assert not (tmp_path / "x").exists()
 
@@ -300,3 +307,29 @@ def test_unoptimized_export_still_passes_the_gates(tmp_path: Path, tiny_shards: 
     assert result.max_abs_diff <= params.export.parity.max_abs_diff and result.top1_agreement == 1.0
     assert Predictor(result.model_path).metadata["optimized"] == "false"
     assert json.loads(Path(result.report_path).read_text())["optimize"] is False
+
+
+# ------------------------------------------------------------------------------------------ the gate
+@pytest.mark.parametrize("case", ["failed", "missing", "other_checkpoint", "damaged"])
+def test_export_refuses_a_checkpoint_without_a_passed_gate(tmp_path: Path, tiny_shards: Params, case: str) -> None:
+    """`lpt export` run directly honours the gate verdict for the very checkpoint it exports."""
+    from typer.testing import CliRunner
+
+    from lpt.cli import app
+    from lpt.config import write_params_atomic
+
+    params = params_on_shared_shards(tmp_path, tiny_shards)
+    train_stand_in(params, gate_passed={"failed": False, "missing": None}.get(case, True))
+    gate = Path(params.evaluate.out_dir) / "gate.json"
+    if case == "other_checkpoint":
+        gate.write_text(gate.read_text().replace('"checkpoint_sha256": "', '"checkpoint_sha256": "0'))
+    elif case == "damaged":
+        gate.write_text('{"passed": tru')
+    with pytest.raises(GateNotPassed, match="gate.json"):
+        run_export(params)
+    assert not Path(params.export.out_dir).exists()
+    path = tmp_path / "params.yaml"
+    write_params_atomic(path, params.to_dict())
+    result = CliRunner().invoke(app, ["export", "--params", str(path)])
+    assert result.exit_code == 6 and "Traceback" not in result.output  # lpt.exitcodes.GATE_NOT_PASSED
+    assert result.output.startswith("error: ") and "gate" in result.output

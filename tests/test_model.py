@@ -164,7 +164,27 @@ def test_phase1_gradients_reach_prompt_and_head_only(tiny_params: Params) -> Non
     got = _grads(model)
     assert not any(v for k, v in got.items() if k.startswith("backbone."))
     assert got["shared_prompt.prompt"] and got["head.weight"]
-    assert not got["group_pool.prompts"] and not got["group_pool.keys"]
+    assert model.group_pool is None and not any(k.startswith("group_pool.") for k in got)  # built in phase 2
+
+
+def test_phase1_model_does_not_depend_on_phase2_knobs(tiny_params: Params) -> None:
+    """Every component has its own seeded generator and the pool is built in phase 2 only, so neither the
+    pool's size nor its existence changes a phase-1 tensor; the pool itself depends on the seed only."""
+    def first(params: Params) -> dict[str, torch.Tensor]:
+        return _model(params).trainable_state_dict()
+
+    other_pool = tiny_params.model.model_copy(update={"pool_size": 7, "top_k": 3, "shared_blocks": 1})
+    a = first(tiny_params)
+    b = first(tiny_params.model_copy(update={"model": other_pool}))
+    assert a.keys() == b.keys() == {"shared_prompt.prompt", "head.weight"}
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    pools = []
+    for global_seed in (1, 2):  # the global RNG (which draws the random backbone) plays no part in the pool
+        torch.manual_seed(global_seed)
+        pools.append(create_lpt_model(tiny_params, C, phase=2).group_pool.prompts.detach().clone())
+    assert torch.equal(pools[0], pools[1])
+    reseeded = tiny_params.model_copy(update={"seed": 1})
+    assert not torch.equal(first(reseeded)["head.weight"], a["head.weight"])
 
 
 def test_phase2_freezes_shared_prompt_and_keeps_head(tiny_params: Params) -> None:
@@ -221,12 +241,13 @@ def test_parameter_count_matches_formula(tiny_params: Params) -> None:
     model = _model(tiny_params)
     L, T, D, P, S = len(model.backbone.blocks), m.prompt_length, model.embed_dim, m.pool_size, m.shared_blocks
     rep = model.parameter_report()
-    assert rep["tuned_total"] == L * T * D + P * (L - S) * T * D + P * D + C * D
-    assert rep["trainable"] == L * T * D + C * D  # phase 1
+    assert rep["tuned_total"] == L * T * D + C * D  # phase 1: no pool yet
+    assert rep["trainable"] == L * T * D + C * D
     assert rep["backbone"] == sum(p.numel() for p in model.backbone.parameters())
     assert rep["trainable"] + rep["frozen"] == rep["total"]
     model.set_phase(2)
     rep2 = model.parameter_report()
+    assert rep2["tuned_total"] == L * T * D + P * (L - S) * T * D + P * D + C * D
     assert rep2["trainable"] == P * (L - S) * T * D + P * D + C * D
     assert rep2["trainable_share_of_backbone"] == pytest.approx(rep2["trainable"] / rep2["backbone"])
     assert "trainable" in model.summary() and "group_prompts" in model.summary()
@@ -242,7 +263,7 @@ def test_save_and_load_trained_model_roundtrip(tiny_params: Params, tmp_path: Pa
         model.group_pool.prompts.normal_(0, 0.3)
     folder = Path(params.train.out_dir) / "phase2"
     (folder / "last").mkdir(parents=True)
-    save_trained_model(model, folder, {"class_counts": COUNTS, "best_val_acc": 0.5, "params": params.to_dict()})
+    save_trained_model(model, folder, {"class_counts": COUNTS, "best_val_acc": 0.5})
     assert (folder / "last").is_dir()  # sibling state untouched
     loaded, meta = load_trained_model(params)
     assert meta["method"] == "lpt" and meta["phase"] == 2 and meta["class_counts"] == COUNTS

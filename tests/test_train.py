@@ -126,9 +126,16 @@ def _changed(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> set[str]
     return {k for k in a if not torch.equal(a[k], b[k])}
 
 
+def _resume_state(root: Path, phase: int = 1) -> Path:
+    """The one scratch resume state of ``phase`` under ``root/models`` (fails if there is not exactly one)."""
+    found = sorted((root / "models/.scratch").glob(f"phase{phase}-*/last/state.json"))
+    assert len(found) == 1, found
+    return found[0]
+
+
 def test_lpt_trains_both_phases_on_tiny_data(tiny_shards: Params, tmp_path: Path) -> None:
     from lpt.model.lpt import load_trained_model
-    from lpt.train import pretrain_backbone
+    from lpt.pretrain import pretrain_backbone
     from lpt.utils import seed_everything
 
     params = _params(tiny_shards, tmp_path)
@@ -138,18 +145,22 @@ def test_lpt_trains_both_phases_on_tiny_data(tiny_shards: Params, tmp_path: Path
     init = _initial_trainables(params)
     r1 = run_phase(params, 1)
     phase1 = tmp_path / "models/phase1"
-    for f in ("model.safetensors", "model.json", "last/state.safetensors", "last/state.json",
-              "live/plots/metrics/train/loss.tsv", "live/plots/metrics/val/acc.tsv"):
+    for f in ("model.safetensors", "model.json", "live/plots/metrics/train/loss.tsv", "live/plots/metrics/val/acc.tsv"):
         assert (phase1 / f).is_file(), f
+    assert sorted(p.name for p in phase1.iterdir()) == ["live", "model.json", "model.safetensors"]
+    assert not any((tmp_path / "models/.scratch").iterdir())  # the resume state goes once the outputs are in place
     meta1 = json.loads((phase1 / "model.json").read_text())
     assert all(math.isfinite(row["loss"]) for row in meta1["history"])
     assert r1["best_val_acc"] == meta1["best_val_acc"] and 0.0 <= r1["best_val_acc"] <= 1.0
     w1 = load_file(r1["checkpoint"])
-    assert _changed(init, w1) == {"shared_prompt.prompt", "head.weight"}  # pool + keys untouched in phase 1
+    assert init.keys() == w1.keys() == {"shared_prompt.prompt", "head.weight"}  # no pool in phase 1
+    assert _changed(init, w1) == {"shared_prompt.prompt", "head.weight"}
+    assert "loss.key_weight" not in json.dumps(meta1["recipe"]) and "pool_size" not in meta1["recipe"]["model"]
 
     r2 = run_phase(params, 2)
     w2 = load_file(r2["checkpoint"])
-    assert _changed(w1, w2) == {"group_pool.prompts", "group_pool.keys", "head.weight"}  # shared prompt frozen
+    assert set(w2) - set(w1) == {"group_pool.prompts", "group_pool.keys"}
+    assert _changed(w1, w2) == {"head.weight"}  # shared prompt frozen, head inherited and trained
     seed_everything(params.seed)  # backbone.weights 'none': the same random backbone as in training
     model, meta2 = load_trained_model(params, tmp_path / "models/phase2")
     assert meta2["phase"] == 2 and meta2["backbone"]["fingerprint"] == meta1["backbone"]["fingerprint"]
@@ -193,7 +204,7 @@ def test_resume_reaches_the_uninterrupted_result(tiny_shards: Params, tmp_path: 
     params = _params(tiny_shards, tmp_path / "b", **overrides)
     with pytest.raises(_Crash):
         run_phase(params, 1, on_step=_crash_at(crash_step))
-    state = json.loads((tmp_path / "b/models/phase1/last/state.json").read_text())
+    state = json.loads(_resume_state(tmp_path / "b").read_text())
     assert 0 < state["progress"]["global_step"] < crash_step + 1
     resumed = run_phase(params, 1)
 
@@ -214,6 +225,7 @@ def test_stale_resume_state_from_another_config_is_not_used(tiny_shards: Params,
         run_phase(params, 1, on_step=_crash_at(4))
     changed = _params(tiny_shards, tmp_path, train__checkpoint_every=3, train__phase1__lr=0.05)
     fresh = run_phase(changed, 1)
+    assert _resume_state(tmp_path)  # the interrupted run of the first setting keeps its own state
     reference = run_phase(_params(tiny_shards, tmp_path / "ref", train__phase1__lr=0.05), 1)
     assert load_file(fresh["checkpoint"]).keys() == load_file(reference["checkpoint"]).keys()
     for k, v in load_file(reference["checkpoint"]).items():
@@ -256,7 +268,7 @@ def test_missing_shards_is_a_clear_error(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------ pretrain
 def test_pretrain_writes_a_loadable_backbone(tiny_shards: Params, tmp_path: Path) -> None:
     from lpt.model.backbone import create_backbone, pretrained_backbone_path
-    from lpt.train import pretrain_backbone
+    from lpt.pretrain import pretrain_backbone
 
     params = _params(tiny_shards, tmp_path, backbone__weights="pretrain")
     result = pretrain_backbone(params)
@@ -283,12 +295,12 @@ def test_kill_9_mid_run_then_resume_matches(tiny_shards: Params, tmp_path: Path)
     params = _params(tiny_shards, tmp_path / "killed", **overrides)
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(params.to_dict()))
-    state = tmp_path / "killed/models/phase1/last/state.json"
+    scratch = tmp_path / "killed/models/.scratch"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "lpt", "train", "--phase", "1", "--params", str(params_file)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 120
-    while not state.exists() and proc.poll() is None and time.time() < deadline:
+    while not list(scratch.glob("phase1-*/last/state.json")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
@@ -312,3 +324,62 @@ def test_metrics_logging_works_in_a_git_repo_without_commits(tiny_shards: Params
     rows = (tmp_path / "models/phase1/live/plots/metrics/val/acc.tsv").read_text().splitlines()
     assert rows[0] == "step\tacc" and len(rows) == 2
     assert not (tmp_path / "dvc.yaml").exists()  # dvclive must not write a dvc.yaml of its own
+
+
+# ------------------------------------------------------------------------------------------ contract
+def test_phase1_result_is_independent_of_phase2_knobs(tiny_shards: Params, tmp_path: Path) -> None:
+    """Resizing the pool (or any phase-2 key) leaves phase 1's published model byte-identical."""
+    a = run_phase(_params(tiny_shards, tmp_path / "a"), 1)
+    b = run_phase(_params(tiny_shards, tmp_path / "b", model__pool_size=9, model__top_k=3, model__shared_blocks=1,
+                          train__phase2__lr=0.5, loss__key_weight=2.0), 1)
+    assert Path(a["checkpoint"]).read_bytes() == Path(b["checkpoint"]).read_bytes()
+    assert (tmp_path / "a/models/phase1/model.json").read_bytes() == (tmp_path / "b/models/phase1/model.json").read_bytes()
+
+
+def test_a_failed_run_leaves_the_previous_outputs(tiny_shards: Params, tmp_path: Path) -> None:
+    """A run with a new setting that crashes never touches the outputs of the last finished run."""
+    run_phase(_params(tiny_shards, tmp_path), 1)
+    phase1 = tmp_path / "models/phase1"
+    before = {p.relative_to(phase1): p.read_bytes() for p in phase1.rglob("*") if p.is_file()}
+    with pytest.raises(_Crash):
+        run_phase(_params(tiny_shards, tmp_path, train__phase1__lr=0.05), 1, on_step=_crash_at(2))
+    after = {p.relative_to(phase1): p.read_bytes() for p in phase1.rglob("*") if p.is_file()}
+    assert after == before
+
+
+@pytest.mark.parametrize("damage", ["truncate_tensors", "garbage_json", "pickle_in_json"])
+def test_damaged_or_crafted_resume_state_is_ignored(tiny_shards: Params, tmp_path: Path, damage: str,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A damaged state is reported and training starts from the beginning; nothing in it is ever executed."""
+    import base64
+    import os
+    import pickle
+
+    params = _params(tiny_shards, tmp_path, train__checkpoint_every=3)
+    with pytest.raises(_Crash):
+        run_phase(params, 1, on_step=_crash_at(4))
+    state_json = _resume_state(tmp_path)
+    marker = tmp_path / "pwned"
+    if damage == "truncate_tensors":
+        tensors = state_json.with_name("state.safetensors")
+        tensors.write_bytes(tensors.read_bytes()[:100])
+    elif damage == "garbage_json":
+        state_json.write_text("{not json")
+    else:  # the old format's base64 pickle of a sampler state, now with a payload
+        class Payload:
+            def __reduce__(self):  # noqa: D105
+                return (os.system, (f"touch {marker}",))
+
+        meta = json.loads(state_json.read_text())
+        meta["ranks"][0]["samplers"]["ib"] = {"pickle": base64.b64encode(pickle.dumps(Payload())).decode()}
+        state_json.write_text(json.dumps(meta))
+    result = run_phase(params, 1)
+    assert "ignoring damaged resume state" in capsys.readouterr().out
+    reference = run_phase(_params(tiny_shards, tmp_path / "ref", train__checkpoint_every=3), 1)
+    assert Path(result["checkpoint"]).read_bytes() == Path(reference["checkpoint"]).read_bytes()
+    assert not marker.exists()
+
+
+def test_nproc_without_a_launcher_is_one_clear_error(tiny_shards: Params, tmp_path: Path) -> None:
+    with pytest.raises(TrainError, match=r"train.nproc is 2 .* `python -m pipelines.launch --nproc 2"):
+        run_phase(_params(tiny_shards, tmp_path, train__nproc=2), 1)

@@ -73,13 +73,52 @@ def test_invalid_preset_leaves_params_untouched(params_copy: Path, tmp_path: Pat
     assert params_copy.read_text() == before
 
 
-def test_preset_as_dvc_set_flags(capsys: pytest.CaptureFixture[str]) -> None:
+def test_preset_flags_work_in_dvc_exp_run_as_written(tmp_path: Path) -> None:
+    """README: `dvc exp run $(python -m lpt.presets NAME)` in a real DVC repo gives the preset's params."""
+    import os
+    import subprocess
+    import sys
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(REPO / "params.yaml", repo / "params.yaml")
+    shutil.copytree(REPO / "configs", repo / "configs")
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"show": {
+        "cmd": "python -c \"print(open('params.yaml').read())\" > seen.txt", "params": ["seed"], "outs": ["seen.txt"]}}}))
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(REPO)}
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"]):
+        subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True)
+    run = subprocess.run(["bash", "-c", "dvc exp run $(python -m lpt.presets cifar100_lt_vitb16)"], cwd=repo,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    expected = tmp_path / "expected.yaml"
+    shutil.copy(REPO / "params.yaml", expected)
+    apply_preset("cifar100_lt_vitb16", expected, REPO / "configs")
+    assert load_params(repo / "params.yaml").to_dict() == load_params(expected).to_dict()
+
+
+def test_preset_flags_are_one_word_each(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)
     flat = preset_overrides("places_lt_vitb16")
     assert flat["train.phase1.epochs"] == 40 and flat["backbone.timm_kwargs"] == {}
     assert main(["places_lt_vitb16"]) == 0
-    out = capsys.readouterr().out
-    assert "-S 'backbone.name=vit_base_patch16_224.augreg_in21k'" in out
-    assert "-S 'backbone.timm_kwargs={}'" in out
+    words = capsys.readouterr().out.split()
+    assert "'" not in " ".join(words) and words[0] == "-S"
+    assert "backbone.name=vit_base_patch16_224.augreg_in21k" in words
+    assert words[words.index("~backbone.timm_kwargs") + 2] == "+backbone.timm_kwargs={}"  # replaced whole
+    assert "+data.list.root=data/raw/places365" in words or any(w.startswith("+data.list.") for w in words)
+
+
+def test_presets_come_from_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "mine.yaml").write_text("train:\n  phase1:\n    epochs: 3\n")
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    assert list_presets() == ["mine"]
+    assert apply_preset("mine", "params.yaml") == ["train.phase1.epochs"]
 
 
 def test_preset_values_round_trip_through_yaml(params_copy: Path) -> None:

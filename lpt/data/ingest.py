@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lpt.data.longtail import group_labels
-from lpt.data.reader import MANIFEST_FILE
+from lpt.data.layout import MANIFEST_FILE
 from lpt.data.shards import SplitWriteResult, encoded_stream, write_split
 from lpt.data.sources import MODULES
 from lpt.data.sources.base import BadItems, IngestError, SourceData
@@ -79,6 +79,8 @@ def build_manifest(params, data: SourceData, written: dict[str, SplitWriteResult
         "image_size": list(data.image_size) if data.image_size else None,
         "splits": splits,
         "skipped": {"count": bad.count, "items": bad.items},
+        # provenance: whether files outside the source's root could be read into these shards
+        "allow_outside_root": bool(params.data.allow_outside_root),
     }
 
 

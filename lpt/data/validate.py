@@ -1,11 +1,18 @@
-"""``lpt validate``: Great Expectations checks over a table of the shards.
+"""``lpt validate``: Great Expectations checks over tables of the shards.
 
-Three tables are built from the shards (never from the source): one row per image (key, split, label,
-width, height, channels, bytes, decodes_ok, meta_ok, content hash, shared_with_train), one row per
-(split, class) with observed and manifest counts, and one row per shard with its actual and manifest
-sha256/count. Each table is a dataframe asset of an ephemeral GX context, validated whole with
-``batch.validate(suite)``. Results go to ``validate.report_dir``: ``report.md`` for people and
-``summary.json`` (a flat list of ``{expectation, column, success, unexpected_count, details}``) for tools.
+Tables are built from the shards (never from the source): one row per image (key, split, shard, label,
+width, height, channels, bytes, decodes_ok, meta_ok, pixel_range, content hash, shared_with_train), one
+row per (split, class) with observed and manifest counts, one row per shard with its actual and manifest
+sha256 and sample count, and one row per split with its image count. Each table is a dataframe asset of an
+ephemeral GX context, validated whole with ``batch.validate(suite)``. Results go to
+``validate.report_dir``: ``report.md`` for people and ``summary.json`` (a flat list of ``{expectation,
+column, success, unexpected_count, details}``) for tools.
+
+Shards are read like every reader reads them: each listed shard is read once, its sha256 and sample count
+are compared with the manifest, and only the samples of shards that match go into the image table (the
+shard table names each one that does not). Shard files the manifest does not list are not read; they
+fail the shard table's checks. A failed check names the rows it concerns (shard file and sample key, or
+split and class index and name), not just the offending values.
 """
 
 from __future__ import annotations
@@ -23,12 +30,16 @@ from PIL import Image
 from tqdm import tqdm
 
 from lpt.data.longtail import profile_applies
-from lpt.data.reader import IMAGE_EXTS, iter_shard_samples, load_manifest
+from lpt.data.reader import (DECODE_ERRORS, IMAGE_EXTS, MANIFEST_FILE, ShardError, load_manifest, parse_shard,
+                             split_records)
 from lpt.utils import atomic_path, sha256_file, write_json_atomic
 
-__all__ = ["ValidationResult", "run_validation", "image_table", "class_table", "shard_table"]
+__all__ = ["ValidationResult", "run_validation", "read_shards", "image_table", "class_table", "shard_table",
+           "split_table"]
 
 TARGET_SPLITS = ("train", "val", "test")
+EXAMPLES = 5
+"""Rows named per failed check."""
 
 
 @dataclass
@@ -43,11 +54,18 @@ class ValidationResult:
 
 
 # ------------------------------------------------------------------------------------------ tables
-def _image_row(key: str, split: str, parts: dict[str, bytes]) -> dict[str, Any]:
+def _class_name(manifest: dict, split: str, label: int) -> str:
+    names = manifest["splits"][split].get("class_names", manifest["class_names"]) if split in manifest["splits"] \
+        else manifest["class_names"]
+    return repr(names[label]) if 0 <= label < len(names) else "(no such class)"
+
+
+def _image_row(key: str, split: str, shard: str, parts: dict[str, bytes]) -> dict[str, Any]:
     ext = next((e for e in IMAGE_EXTS if e in parts), None)
     data = parts.get(ext, b"") if ext else b""
-    row = {"key": key, "split": split, "label": -1, "width": 0, "height": 0, "channels": 0, "bytes": len(data),
-           "decodes_ok": False, "meta_ok": False, "content_hash": f"undecodable:{split}:{key}"}
+    row = {"key": key, "split": split, "shard": shard, "label": -1, "width": 0, "height": 0, "channels": 0,
+           "bytes": len(data), "decodes_ok": False, "meta_ok": False, "pixel_range": -1,
+           "content_hash": f"undecodable:{split}:{key}"}
     try:
         row["label"] = int(parts["cls"])
         row["meta_ok"] = json.loads(parts["json"])["label"] == row["label"]
@@ -58,29 +76,73 @@ def _image_row(key: str, split: str, parts: dict[str, bytes]) -> dict[str, Any]:
             im.load()
             row.update(width=im.width, height=im.height, channels=len(im.getbands()), decodes_ok=True)
             pixels = im.convert("RGB").tobytes()
+        rgb = np.frombuffer(pixels, dtype=np.uint8).reshape(-1, 3)
+        row["pixel_range"] = int((rgb.max(axis=0) - rgb.min(axis=0)).max()) if len(rgb) else 0
         row["content_hash"] = hashlib.sha256(pixels).hexdigest()
-    except (OSError, ValueError, SyntaxError):
+    except DECODE_ERRORS:
         pass
     return row
 
 
-def image_table(shards_dir: Path, manifest: dict):
-    """One row per image of every shard present on disk (the manifest only names the splits)."""
+def read_shards(shards_dir: Path, manifest: dict) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Read every listed shard once and verify it; return ``(shard rows, image rows)``.
+
+    A shard row holds the actual and manifest sha256 and sample count (``missing``/``unreadable`` when the
+    file cannot be read); only shards whose sha256 and count match the manifest contribute image rows.
+    Shard files present on disk but not listed get a row with ``manifest_sha256`` ``unlisted``.
+
+    Raises:
+        ShardError: a malformed shard record in the manifest.
+    """
+    shard_rows, image_rows = [], []
+    for split in manifest["splits"]:
+        records = split_records(manifest, split, shards_dir / MANIFEST_FILE)
+        listed = set()
+        for record in records:
+            path = shards_dir / split / record["name"]
+            listed.add(path.name)
+            row = {"shard": f"{split}/{record['name']}", "sha256": "missing", "manifest_sha256": record["sha256"],
+                   "count": -1, "manifest_count": record["count"], "verified": False}
+            if path.is_file():
+                row["sha256"], samples = _read_unverified(path)
+                row["count"] = len(samples) if samples is not None else -1
+                row["verified"] = row["sha256"] == record["sha256"] and row["count"] == record["count"]
+                if row["verified"]:
+                    image_rows += [_image_row(k, split, row["shard"], parts) for k, parts in
+                                   tqdm(samples, desc=f"validate {path.name}", leave=False, disable=None,
+                                        mininterval=1.0)]
+            shard_rows.append(row)
+        for path in sorted((shards_dir / split).glob("*.tar")):
+            if path.name not in listed:
+                shard_rows.append({"shard": f"{split}/{path.name}", "sha256": sha256_file(path),
+                                   "manifest_sha256": "unlisted", "count": -1, "manifest_count": -1, "verified": False})
+    return shard_rows, image_rows
+
+
+def _read_unverified(path: Path) -> tuple[str, list | None]:
+    """sha256 of the file's bytes and its samples (None when the tar does not parse), from one read."""
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return "unreadable", None
+    try:
+        samples = parse_shard(path, raw)
+    except ShardError:
+        samples = None
+    return hashlib.sha256(raw).hexdigest(), samples
+
+
+def image_table(shards_dir: Path, manifest: dict, image_rows: list[dict] | None = None):
+    """One row per image of the verified shards (see :func:`read_shards`)."""
     import pandas as pd
 
-    rows = []
-    for split in manifest["splits"]:
-        for path in sorted((shards_dir / split).glob(f"{split}-*.tar")):
-            try:
-                samples = list(iter_shard_samples(path))
-            except (OSError, ValueError, UnicodeDecodeError):
-                continue  # an unreadable shard shows up as a sha256/count mismatch in the shard table
-            rows += [_image_row(k, split, p) for k, p in tqdm(samples, desc=f"validate {path.name}", leave=False,
-                                                                 disable=None, mininterval=1.0)]
-    table = pd.DataFrame(rows, columns=["key", "split", "label", "width", "height", "channels", "bytes",
-                                        "decodes_ok", "meta_ok", "content_hash"])
+    rows = image_rows if image_rows is not None else read_shards(shards_dir, manifest)[1]
+    table = pd.DataFrame(rows, columns=["key", "split", "shard", "label", "width", "height", "channels", "bytes",
+                                        "decodes_ok", "meta_ok", "pixel_range", "content_hash"])
     train_hashes = set(table.loc[table["split"] == "train", "content_hash"])
     table["shared_with_train"] = (table["split"] != "train") & table["content_hash"].isin(train_hashes)
+    table["where"] = [f"{shard}:{key} (class {label} {_class_name(manifest, split, label)})"
+                      for shard, key, split, label in zip(table["shard"], table["key"], table["split"], table["label"])]
     return table
 
 
@@ -96,29 +158,40 @@ def class_table(images, manifest: dict):
         observed = images.loc[images["split"] == split, "label"].value_counts()
         for c in range(num_classes):
             expected = manifest["train_counts"][c] if split == "train" else int(observed.get(c, 0))
-            rows.append({"split": split, "label": c, "count": int(observed.get(c, 0)), "expected": int(expected)})
-    return pd.DataFrame(rows, columns=["split", "label", "count", "expected"])
+            rows.append({"split": split, "label": c, "count": int(observed.get(c, 0)), "expected": int(expected),
+                         "where": f"{split} class {c} {_class_name(manifest, split, c)}"})
+    return pd.DataFrame(rows, columns=["split", "label", "count", "expected", "where"])
 
 
-def shard_table(shards_dir: Path, manifest: dict, images):
+def shard_table(shards_dir: Path, manifest: dict, images, shard_rows: list[dict] | None = None):
     """One row per shard listed in the manifest or present on disk: actual vs manifest sha256 and count."""
     import pandas as pd
 
-    rows, listed = [], set()
-    split_counts = images["split"].value_counts()
+    rows = shard_rows if shard_rows is not None else read_shards(shards_dir, manifest)[0]
+    out = []
+    for row in rows:
+        split = row["shard"].split("/", 1)[0]
+        note = "" if row["verified"] else " (not read: does not match the manifest)"
+        if row["manifest_sha256"] == "unlisted":
+            note = " (not listed in the manifest)"
+        out.append({**row, "where": f"{shards_dir / row['shard']} of split {split}{note}"})
+    return pd.DataFrame(out, columns=["shard", "sha256", "manifest_sha256", "count", "manifest_count", "verified",
+                                      "where"])
+
+
+def split_table(images, shards, manifest: dict):
+    """One row per split: images read from its verified shards vs the manifest's count."""
+    import pandas as pd
+
+    observed = images["split"].value_counts()
+    rows = []
     for split, info in manifest["splits"].items():
-        count = int(split_counts.get(split, 0))
-        for shard in info["shards"]:
-            path = shards_dir / split / shard["name"]
-            listed.add(path)
-            actual = sha256_file(path) if path.is_file() else "missing"
-            rows.append({"shard": f"{split}/{shard['name']}", "sha256": actual, "manifest_sha256": shard["sha256"],
-                         "split_count": count, "manifest_split_count": info["count"]})
-        for path in sorted((shards_dir / split).glob(f"{split}-*.tar")):
-            if path not in listed:
-                rows.append({"shard": f"{split}/{path.name}", "sha256": sha256_file(path), "manifest_sha256": "unlisted",
-                             "split_count": 0, "manifest_split_count": info["count"]})
-    return pd.DataFrame(rows, columns=["shard", "sha256", "manifest_sha256", "split_count", "manifest_split_count"])
+        listed = shards[shards["shard"].str.startswith(f"{split}/") & (shards["manifest_sha256"] != "unlisted")]
+        unread = int((~listed["verified"]).sum())
+        note = f" ({unread} of {len(listed)} shard(s) not read: they do not match the manifest)" if unread else ""
+        rows.append({"split": split, "count": int(observed.get(split, 0)), "manifest_count": int(info["count"]),
+                     "where": f"split {split}{note}"})
+    return pd.DataFrame(rows, columns=["split", "count", "manifest_count", "where"])
 
 
 # ------------------------------------------------------------------------------------------ suites
@@ -136,6 +209,9 @@ def _suites(params, manifest: dict) -> dict[str, list]:
         E.ExpectColumnValuesToBeInSet(column="decodes_ok", value_set=[True], description="every image decodes"),
         E.ExpectColumnValuesToBeInSet(column="meta_ok", value_set=[True], description="json label equals cls"),
         E.ExpectColumnValuesToBeInSet(column="channels", value_set=[3], description="images are RGB"),
+        E.ExpectColumnValuesToBeBetween(column="pixel_range", min_value=1, row_condition="decodes_ok == True",
+                                        condition_parser="pandas",
+                                        description="no constant image (every pixel the same colour)"),
     ]
     if "source" in manifest["splits"]:
         s = manifest["splits"]["source"]["num_classes"]
@@ -160,10 +236,13 @@ def _suites(params, manifest: dict) -> dict[str, list]:
                 column="count", min_value=1, row_condition=f'split == "{split}"', condition_parser="pandas",
                 description=f"every class present in {split}"))
     shards = [
-        E.ExpectColumnPairValuesToBeEqual(column_A="sha256", column_B="manifest_sha256", description="shard sha256 equals the manifest"),
-        E.ExpectColumnPairValuesToBeEqual(column_A="split_count", column_B="manifest_split_count",
-                                          description="split image counts equal the manifest"),
+        E.ExpectColumnPairValuesToBeEqual(column_A="sha256", column_B="manifest_sha256",
+                                          description="shard sha256 equals the manifest (and no unlisted shard)"),
+        E.ExpectColumnPairValuesToBeEqual(column_A="count", column_B="manifest_count",
+                                          description="shard sample counts equal the manifest"),
     ]
+    splits = [E.ExpectColumnPairValuesToBeEqual(column_A="count", column_B="manifest_count",
+                                                description="split image counts equal the manifest")]
     stats = []
     if profile_applies(params.data):
         ir, tol = params.data.imbalance_ratio, params.validate_.imbalance_tolerance
@@ -172,7 +251,7 @@ def _suites(params, manifest: dict) -> dict[str, list]:
             description=f"train imbalance ratio {ir:g} within {tol:.0%}"))
     stats.append(E.ExpectColumnValuesToBeBetween(column="skipped", min_value=0, max_value=0,
                                                  description="no skipped items (data.skip_bad)", meta={"warn_only": True}))
-    return {"images": images, "classes": classes, "shards": shards, "stats": stats}
+    return {"images": images, "classes": classes, "shards": shards, "splits": splits, "stats": stats}
 
 
 def _stats_table(classes, manifest: dict):
@@ -199,24 +278,54 @@ def _run_suites(tables: dict, suites: dict) -> list[dict[str, Any]]:
     for name, expectations in suites.items():
         batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all").get_batch(
             batch_parameters={"dataframe": tables[name]})
-        result = batch.validate(gx.ExpectationSuite(name=f"lpt_{name}", expectations=expectations))
-        checks += [_check_row(name, r) for r in result.results]
+        result = batch.validate(gx.ExpectationSuite(name=f"lpt_{name}", expectations=expectations),
+                                result_format={"result_format": "SUMMARY", "partial_unexpected_count": EXAMPLES})
+        checks += [_check_row(name, r, tables[name]) for r in result.results]
     return checks
 
 
-def _check_row(table: str, r) -> dict[str, Any]:
+def _check_row(table: str, r, frame) -> dict[str, Any]:
     cfg = r.expectation_config
     res = r.result or {}
     column = cfg.kwargs.get("column") or f"{cfg.kwargs.get('column_A')}={cfg.kwargs.get('column_B')}"
-    examples = res.get("partial_unexpected_list") or []
     details = cfg.description or cfg.type
-    if examples:
-        details += f"; e.g. {[_plain(x) for x in examples[:5]]}"
+    if not r.success:
+        named = _unexpected_rows(res, frame, column)
+        if named:
+            details += f"; {'e.g. ' if int(res.get('unexpected_count') or 0) > len(named) else ''}{'; '.join(named)}"
     if r.exception_info and r.exception_info.get("raised_exception"):
         details += f"; error: {r.exception_info.get('exception_message')}"
     warn_only = bool((cfg.meta or {}).get("warn_only"))
     return {"expectation": cfg.type, "table": table, "column": column, "success": bool(r.success),
             "unexpected_count": int(res.get("unexpected_count") or 0), "details": details, "warn_only": warn_only}
+
+
+def _unexpected_rows(res: dict, frame, column: str) -> list[str]:
+    """The failing rows named by their ``where`` column (shard file and key, split and class), with the
+    value that failed; tables without ``where`` (one-row stats) show the observed value."""
+    values = [_plain(v) for v in res.get("partial_unexpected_list") or []]
+    indices = res.get("partial_unexpected_index_list") or []
+    if "where" not in frame.columns or not indices:
+        if "observed_value" in res:
+            return [f"observed {_plain(res['observed_value'])}"]
+        return [f"{column} = {v}" for v in values[:EXAMPLES]]
+    named = []
+    for i, index in enumerate(indices[:EXAMPLES]):
+        named.append(f"{frame.loc[index, 'where']}{_value_text(column, values[i]) if i < len(values) else ''}")
+    return named
+
+
+def _value_text(column: str, value: Any) -> str:
+    """``: count 3 != expected 4`` for a column pair, ``: label = 99`` for one column."""
+    if "=" in column and isinstance(value, list) and len(value) == 2:
+        a, b = column.split("=", 1)
+        return f": {a} {_short(value[0])} != {b} {_short(value[1])}"
+    return f": {column} = {_short(value)}"
+
+
+def _short(value: Any) -> Any:
+    """Hex digests cut to 16 characters (enough to tell two apart in a message)."""
+    return f"{value[:16]}..." if isinstance(value, str) and len(value) == 64 else value
 
 
 def _plain(x: Any) -> Any:
@@ -252,12 +361,14 @@ def run_validation(params) -> ValidationResult:
     report_path, summary_path = report_dir / "report.md", report_dir / "summary.json"
     try:
         manifest = load_manifest(params.data.out_dir)
-    except (FileNotFoundError, json.JSONDecodeError) as err:
+        shard_rows, image_rows = read_shards(shards_dir, manifest)
+    except (FileNotFoundError, ShardError) as err:
         return _write_outcome([], {"images": 0, "shards": 0, "classes": 0, "splits": {}}, [f"manifest: {err}"],
                               shards_dir, report_path, summary_path)
-    images = image_table(shards_dir, manifest)
+    images = image_table(shards_dir, manifest, image_rows)
     classes = class_table(images, manifest)
-    tables = {"images": images, "classes": classes, "shards": shard_table(shards_dir, manifest, images),
+    shards = shard_table(shards_dir, manifest, images, shard_rows)
+    tables = {"images": images, "classes": classes, "shards": shards, "splits": split_table(images, shards, manifest),
               "stats": _stats_table(classes, manifest)}
     checks = _run_suites(tables, _suites(params, manifest))
     counts = {"images": len(images), "shards": len(tables["shards"]), "classes": manifest["num_classes"],

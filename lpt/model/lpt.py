@@ -19,11 +19,16 @@ the shared prompt are frozen in phase 2), so they run under ``no_grad`` and back
 
 The eval-mode forward is ONNX-exportable: python control flow depends only on the phase / method,
 never on data; selection is ``torch.topk`` + ``index_select``.
+
+Independence of the phases: every component (shared prompt, head, pool) draws its initial values from a
+generator of its own, seeded by ``(seed, component name)``, and the pool is built only when the model
+enters phase 2. Phase 1 therefore reads no phase-2 knob (``pool_size``, ``top_k``, ``shared_blocks``,
+``block_reuse``), and resizing the pool never changes a phase-1 number.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -32,9 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lpt.config import BackboneConfig, ModelConfig, Params
+from lpt.methods import METHODS, get_method
 from lpt.model.backbone import backbone_fingerprint, create_backbone
 from lpt.model.prompts import GroupPromptPool, SharedPrompt
-from lpt.utils import atomic_path, sha256_file, write_json_atomic
+from lpt.utils import atomic_path, read_json, sha256_file, write_json_atomic
 
 __all__ = [
     "METHODS",
@@ -50,7 +56,6 @@ __all__ = [
 ]
 
 Method = Literal["lpt", "lpt_phase1", "vpt_deep", "linear_probe"]
-METHODS: tuple[str, ...] = ("lpt", "lpt_phase1", "vpt_deep", "linear_probe")
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
 CHECKPOINT_FORMAT = 1
@@ -69,6 +74,16 @@ class LPTOutput(NamedTuple):
     features: torch.Tensor  # [B, D] final-norm CLS feature (before head dropout)
 
 
+def component_generator(seed: int, name: str) -> torch.Generator:
+    """A CPU generator for one model component, seeded by ``(seed, name)`` only.
+
+    Each component drawing from its own stream makes its initial values independent of which other
+    components exist and of the order they are built in.
+    """
+    digest = hashlib.sha256(f"lpt/{int(seed)}/{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
 class CosineHead(nn.Module):
     """Cosine classifier: L2-normalised feature · L2-normalised class weights, no bias.
 
@@ -78,12 +93,13 @@ class CosineHead(nn.Module):
     Args:
         dim: feature dim D.
         num_classes: C.
+        generator: random generator for the initial weights.
     """
 
-    def __init__(self, dim: int, num_classes: int) -> None:
+    def __init__(self, dim: int, num_classes: int, generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_classes, dim))  # [C, D]
-        nn.init.trunc_normal_(self.weight, std=0.02, a=-0.04, b=0.04)
+        nn.init.trunc_normal_(self.weight, std=0.02, a=-0.04, b=0.04, generator=generator)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """[B, D] -> [B, C] cosine similarities."""
@@ -99,10 +115,13 @@ class LPTModel(nn.Module):
     Args:
         backbone: a frozen timm ViT (:func:`lpt.model.backbone.create_backbone`).
         num_classes: C.
-        cfg: the ``model`` params section (prompt length, pool, shared blocks, top-k, dropout, reuse).
-        method: ``lpt`` (both phases), ``lpt_phase1`` (phase 1 only), ``vpt_deep`` (shared prompt + head,
-            trained with CE), ``linear_probe`` (head only, no prompts).
+        cfg: the ``model`` params section. Phase 1 reads ``prompt_length`` and ``head_dropout`` only; the
+            pool fields (``pool_size``, ``shared_blocks``, ``top_k``, ``block_reuse``) are read when the
+            model enters phase 2 (:meth:`set_phase`).
+        method: a name of :data:`lpt.methods.METHODS`: ``lpt`` (both phases), ``lpt_phase1`` (phase 1
+            only), ``vpt_deep`` (shared prompt + head, trained with CE), ``linear_probe`` (head only).
         backbone_cfg: the ``backbone`` section it was built from (stored in checkpoints).
+        seed: seeds each component's own generator (:func:`component_generator`).
     """
 
     def __init__(
@@ -112,31 +131,32 @@ class LPTModel(nn.Module):
         cfg: ModelConfig,
         method: Method = "lpt",
         backbone_cfg: BackboneConfig | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
-        assert method in METHODS, f"method must be one of {METHODS}, got {method!r}"
+        assert method in METHODS, f"method must be one of {tuple(METHODS)}, got {method!r}"
         assert num_classes >= 1, num_classes
-        depth = len(backbone.blocks)
-        if method == "lpt" and not 0 <= cfg.shared_blocks < depth:
-            raise ValueError(f"model.shared_blocks ({cfg.shared_blocks}) must be in 0..{depth - 1} (backbone depth {depth})")
         self.method: str = method
+        self.spec = get_method(method)
         self.cfg = cfg
+        self.seed = int(seed)
         self.backbone_cfg = backbone_cfg
         self.num_classes = num_classes
-        self.depth = depth
+        self.depth = len(backbone.blocks)
         self.embed_dim: int = backbone.embed_dim
-        self.shared_blocks: int = cfg.shared_blocks if method == "lpt" else depth
+        self.prompt_length: int = cfg.prompt_length
+        self.head_dropout: float = cfg.head_dropout
+        self.shared_blocks: int = self.depth  # blocks that see the shared prompt only; set with the pool
+        self.block_reuse: bool = True
         self.backbone = backbone
         self.shared_prompt = (
-            SharedPrompt(depth, cfg.prompt_length, self.embed_dim) if method != "linear_probe" else None
+            SharedPrompt(self.depth, self.prompt_length, self.embed_dim,
+                         generator=component_generator(seed, "shared_prompt"))
+            if self.spec.shared_prompt else None
         )
-        self.group_pool = (
-            GroupPromptPool(cfg.pool_size, depth - cfg.shared_blocks, cfg.prompt_length, self.embed_dim, cfg.top_k)
-            if method == "lpt"
-            else None
-        )
-        self.head_drop = nn.Dropout(cfg.head_dropout)
-        self.head = CosineHead(self.embed_dim, num_classes)
+        self.group_pool: GroupPromptPool | None = None  # built by set_phase(2)
+        self.head_drop = nn.Dropout(self.head_dropout)
+        self.head = CosineHead(self.embed_dim, num_classes, generator=component_generator(seed, "head"))
         self.phase = 1
         self._fingerprint: str | None = None
         self._apply_trainable()
@@ -144,14 +164,42 @@ class LPTModel(nn.Module):
 
     # ------------------------------------------------------------------------------ phases & modes
     def set_phase(self, phase: int) -> LPTModel:
-        """Switch phase. Phase 2 freezes the shared prompt and trains pool, keys and the inherited head."""
+        """Switch phase. Phase 2 builds the pool (first time), freezes the shared prompt and trains pool,
+        keys and the inherited head.
+
+        Raises:
+            ValueError: a method without phase 2, or ``model.shared_blocks`` outside the backbone depth.
+        """
         if phase not in (1, 2):
             raise ValueError(f"phase must be 1 or 2, got {phase}")
-        if phase == 2 and self.method != "lpt":
+        if phase == 2 and not self.spec.group_pool:
             raise ValueError(f"method {self.method!r} has no phase 2 (only 'lpt' does)")
+        if phase == 2 and self.group_pool is None:
+            self._build_pool()
         self.phase = phase
         self._apply_trainable()
         return self
+
+    def _build_pool(self) -> None:
+        cfg = self.cfg
+        if not 0 <= cfg.shared_blocks < self.depth:
+            raise ValueError(f"model.shared_blocks ({cfg.shared_blocks}) must be in 0..{self.depth - 1} "
+                             f"(backbone depth {self.depth})")
+        self.shared_blocks = cfg.shared_blocks
+        self.block_reuse = cfg.block_reuse
+        device = self.head.weight.device
+        self.group_pool = GroupPromptPool(cfg.pool_size, self.depth - cfg.shared_blocks, self.prompt_length,
+                                          self.embed_dim, cfg.top_k,
+                                          generator=component_generator(self.seed, "group_pool")).to(device)
+
+    def model_config(self) -> dict[str, Any]:
+        """The geometry this model was built with (what ``model.json`` records and :func:`load_trained_model`
+        rebuilds from): phase-1 fields, plus the pool's once it exists."""
+        out: dict[str, Any] = {"prompt_length": self.prompt_length, "head_dropout": self.head_dropout}
+        if self.group_pool is not None:
+            out.update(pool_size=int(self.group_pool.prompts.shape[0]), shared_blocks=self.shared_blocks,
+                       top_k=self.group_pool.top_k, block_reuse=self.block_reuse)
+        return out
 
     def _apply_trainable(self) -> None:
         for p in self.backbone.parameters():
@@ -220,7 +268,7 @@ class LPTModel(nn.Module):
         Returns:
             :class:`LPTOutput` (raw cosine logits, key-matching sim, selected pool indices, features).
         """
-        if self.phase == 2 and self.cfg.block_reuse:
+        if self.phase == 2 and self.block_reuse:
             return self._forward_phase2_reuse(x)
         if self.phase == 2:
             return self.forward_two_pass(x)
@@ -367,24 +415,39 @@ def format_parameter_report(report: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------- factories / io
-def create_lpt_model(params: Params, num_classes: int) -> LPTModel:
-    """Build the backbone from ``params.backbone`` and wrap it for ``params.train.method``."""
+def create_lpt_model(params: Params, num_classes: int, phase: int = 1) -> LPTModel:
+    """Build the backbone from ``params.backbone`` and wrap it for ``params.train.method``.
+
+    Args:
+        params: reads ``seed``, ``backbone``, ``pretrain.out_dir`` (for ``weights: pretrain``),
+            ``train.method``, ``model.prompt_length`` / ``head_dropout`` and, with ``phase=2``, the pool fields.
+        num_classes: C.
+        phase: 2 builds the group prompt pool too (LPT only).
+    """
     backbone = create_backbone(params.backbone, pretrain_dir=params.pretrain.out_dir)
-    return LPTModel(backbone, num_classes, params.model, params.train.method, backbone_cfg=params.backbone)
+    model = LPTModel(backbone, num_classes, params.model, params.train.method, backbone_cfg=params.backbone,
+                     seed=params.seed)
+    return model.set_phase(2) if phase == 2 else model
+
+
+def final_model_dir(train_out_dir: str | Path) -> Path:
+    """The folder of the final model of every method: ``<train.out_dir>/phase2`` (the one-phase methods
+    copy their phase-1 model there)."""
+    return Path(train_out_dir) / "phase2"
 
 
 def save_trained_model(model: LPTModel, folder: str | Path, meta: dict[str, Any]) -> Path:
     """Write ``folder/model.safetensors`` (trainable tensors) and ``folder/model.json``, each atomically.
 
     The weights are written first; ``model.json`` records their sha256, so a reader never pairs a new
-    json with old weights unnoticed. Other entries of ``folder`` (``last/``, ``live/``) are untouched.
+    json with old weights unnoticed.
 
     Args:
         model: the model.
-        folder: e.g. ``params.train.out_dir / "phase1"``.
-        meta: caller's fields (``class_counts``, ``params`` dict, ``best_val_acc``, ``epoch``...). The
-            model's own fields (method, phase, num_classes, backbone name + fingerprint, model config)
-            are added and win over same-named caller keys.
+        folder: e.g. a temporary folder that replaces ``<train.out_dir>/phase1`` when complete.
+        meta: caller's fields (``class_counts``, ``recipe``, ``best_val_acc``...). The model's own fields
+            (method, phase, num_classes, backbone name + fingerprint, model config) are added and win
+            over same-named caller keys.
 
     Returns:
         The path of ``model.json``.
@@ -410,7 +473,7 @@ def save_trained_model(model: LPTModel, folder: str | Path, meta: dict[str, Any]
             "ln_eps": bcfg.ln_eps if bcfg is not None else None,
             "weights": str(bcfg.weights) if bcfg is not None else None,
         },
-        "model_config": model.cfg.model_dump(mode="json"),
+        "model_config": model.model_config(),
         "weights_file": WEIGHTS_FILE,
         "weights_sha256": sha256_file(weights),
         "parameters": {k: v for k, v in model.parameter_report().items() if k != "components"},
@@ -418,50 +481,85 @@ def save_trained_model(model: LPTModel, folder: str | Path, meta: dict[str, Any]
     return write_json_atomic(folder / META_FILE, out)
 
 
+def read_checkpoint_meta(phase_dir: str | Path) -> dict[str, Any]:
+    """``model.json`` of a checkpoint folder, checked for the fields a loader needs.
+
+    Raises:
+        CheckpointError: missing, not JSON, or without the required fields (the message names them).
+    """
+    from lpt.utils import JsonFileError
+
+    path = Path(phase_dir) / META_FILE
+    if not path.is_file():
+        raise CheckpointError(f"trained model not found: {path} is missing (train the phase first)")
+    try:
+        meta = read_json(path, "checkpoint metadata")
+    except JsonFileError as err:
+        raise CheckpointError(str(err)) from None
+    problems = [f"{key} ({kind.__name__})" for key, kind in _META_FIELDS.items() if not isinstance(meta.get(key), kind)]
+    if problems:
+        raise CheckpointError(f"{path}: checkpoint metadata lacks or mistypes {', '.join(problems)}; "
+                              "it was not written by `lpt train`: retrain the phase")
+    if meta["method"] not in METHODS:
+        raise CheckpointError(f"{path}: unknown method {meta['method']!r} (expected one of {', '.join(METHODS)})")
+    return meta
+
+
+_META_FIELDS: dict[str, type] = {"method": str, "phase": int, "num_classes": int, "backbone": dict,
+                                 "model_config": dict, "weights_sha256": str}
+
+
 def load_trained_model(
     params: Params, phase_dir: Path | None = None, device: str | torch.device = "cpu"
 ) -> tuple[LPTModel, dict[str, Any]]:
     """Rebuild a trained model from a checkpoint folder.
 
-    The backbone comes from ``params.backbone`` (where its weights live) with the architecture fields
-    (name, timm_kwargs, ln_eps) recorded in the checkpoint; its fingerprint must match the recorded one.
+    Everything about the model comes from the checkpoint's ``model.json`` (method, phase, class count,
+    backbone architecture, prompt geometry); the params say only where the backbone weights live
+    (``backbone.weights``, ``pretrain.out_dir``). The rebuilt backbone's fingerprint must match the
+    recorded one.
 
     Args:
-        params: current params (backbone weights location; default folder).
-        phase_dir: folder with ``model.safetensors`` + ``model.json``; default the final one of
-            ``params.train.method``: ``out_dir/phase2`` for ``lpt``, else ``out_dir/phase1``.
+        params: reads ``backbone.weights``, ``pretrain.out_dir`` and (default folder) ``train.out_dir``.
+        phase_dir: folder with ``model.safetensors`` + ``model.json``; default :func:`final_model_dir`.
         device: where to put the model.
 
     Returns:
         ``(model in eval mode, checkpoint meta dict)``.
 
     Raises:
-        CheckpointError: missing files, corrupt weights, or a different backbone.
+        CheckpointError: missing or damaged files, or a different backbone.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    if phase_dir is None:
-        phase_dir = Path(params.train.out_dir) / ("phase2" if params.train.method == "lpt" else "phase1")
-    phase_dir = Path(phase_dir)
-    meta_path, weights_path = phase_dir / META_FILE, phase_dir / WEIGHTS_FILE
-    for f in (meta_path, weights_path):
-        if not f.is_file():
-            raise CheckpointError(f"trained model not found: {f} is missing (train the phase first)")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("weights_sha256") and sha256_file(weights_path) != meta["weights_sha256"]:
-        raise CheckpointError(f"{weights_path}: sha256 differs from {meta_path} (interrupted or mixed write)")
-    recorded = meta.get("backbone") or {}
-    update = {k: recorded[k] for k in ("name", "timm_kwargs", "ln_eps") if recorded.get(k) is not None}
-    bcfg = params.backbone.model_copy(update=update)
-    mcfg = ModelConfig(**meta["model_config"]) if "model_config" in meta else params.model
+    phase_dir = Path(phase_dir) if phase_dir is not None else final_model_dir(params.train.out_dir)
+    weights_path = phase_dir / WEIGHTS_FILE
+    meta = read_checkpoint_meta(phase_dir)
+    if not weights_path.is_file():
+        raise CheckpointError(f"trained model not found: {weights_path} is missing (train the phase first)")
+    if sha256_file(weights_path) != meta["weights_sha256"]:
+        raise CheckpointError(f"{weights_path}: sha256 differs from {phase_dir / META_FILE} "
+                              "(damaged, interrupted or mixed write): retrain the phase")
+    recorded = meta["backbone"]
+    try:
+        bcfg = BackboneConfig(name=recorded["name"], timm_kwargs=recorded.get("timm_kwargs") or {},
+                              ln_eps=recorded["ln_eps"], weights=params.backbone.weights)
+        mcfg = ModelConfig(**meta["model_config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{phase_dir / META_FILE}: backbone or model_config record is invalid ({err})") from None
     backbone = create_backbone(bcfg, pretrain_dir=params.pretrain.out_dir)
-    model = LPTModel(backbone, int(meta["num_classes"]), mcfg, meta["method"], backbone_cfg=bcfg)
+    model = LPTModel(backbone, meta["num_classes"], mcfg, meta["method"], backbone_cfg=bcfg)
     if recorded.get("fingerprint") and model.backbone_fingerprint() != recorded["fingerprint"]:
         raise CheckpointError(
             f"{phase_dir}: trained on backbone {recorded['fingerprint']} but backbone.weights={bcfg.weights!r} "
             f"gives {model.backbone_fingerprint()}: point backbone.weights at the weights it was trained with"
         )
-    if int(meta.get("phase", 1)) == 2:
+    if meta["phase"] == 2:
         model.set_phase(2)
-    model.load_trainable_state_dict(load_file(str(weights_path)))
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{weights_path}: not a readable safetensors file ({err})") from None
+    model.load_trainable_state_dict(state)
     return model.to(device).eval(), meta

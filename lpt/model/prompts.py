@@ -30,11 +30,12 @@ class SharedPrompt(nn.Module):
         init_std: truncated-normal std.
     """
 
-    def __init__(self, num_layers: int, length: int, dim: int, init_std: float = 0.02) -> None:
+    def __init__(self, num_layers: int, length: int, dim: int, init_std: float = 0.02,
+                 generator: torch.Generator | None = None) -> None:
         super().__init__()
         assert num_layers >= 1 and length >= 1 and dim >= 1, (num_layers, length, dim)
         self.prompt = nn.Parameter(torch.empty(num_layers, length, dim))  # [L, T, D]
-        nn.init.trunc_normal_(self.prompt, std=init_std, a=-2 * init_std, b=2 * init_std)
+        nn.init.trunc_normal_(self.prompt, std=init_std, a=-2 * init_std, b=2 * init_std, generator=generator)
 
     def layer(self, i: int, batch: int) -> torch.Tensor:
         """Block ``i``'s tokens broadcast over the batch: [B, T, D] (a view, no copy)."""
@@ -59,10 +60,13 @@ class GroupPromptPool(nn.Module):
         dim: D.
         top_k: k prompts selected (and averaged) per sample.
         init_std: truncated-normal std for prompts and keys.
+        generator: the pool's own random generator (prompts first, then keys), so its initial values do
+            not depend on what was built before it.
     """
 
     def __init__(
-        self, pool_size: int, num_layers: int, length: int, dim: int, top_k: int, init_std: float = 0.02
+        self, pool_size: int, num_layers: int, length: int, dim: int, top_k: int, init_std: float = 0.02,
+        generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         assert 1 <= top_k <= pool_size, f"top_k ({top_k}) must be in 1..pool_size ({pool_size})"
@@ -70,8 +74,8 @@ class GroupPromptPool(nn.Module):
         self.top_k = top_k
         self.prompts = nn.Parameter(torch.empty(pool_size, num_layers, length, dim))  # [P, L-S, T, D]
         self.keys = nn.Parameter(torch.empty(pool_size, dim))  # [P, D]
-        nn.init.trunc_normal_(self.prompts, std=init_std, a=-2 * init_std, b=2 * init_std)
-        nn.init.trunc_normal_(self.keys, std=init_std, a=-2 * init_std, b=2 * init_std)
+        nn.init.trunc_normal_(self.prompts, std=init_std, a=-2 * init_std, b=2 * init_std, generator=generator)
+        nn.init.trunc_normal_(self.keys, std=init_std, a=-2 * init_std, b=2 * init_std, generator=generator)
 
     def select(self, query: torch.Tensor) -> PoolSelection:
         """Match queries to keys and build each sample's group prompt.
