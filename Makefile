@@ -15,11 +15,18 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/python -m pip install -q -e '.[dev]'
 	touch $@
 
-.PHONY: install repro test test-all serve bench
+.PHONY: install repro test test-all serve bench check-lock
 install: $(VENV)/.installed
 
+# A failed (or interrupted) `dvc repro` leaves the failed stage's outputs removed or half-written: put back
+# what dvc.lock names (persist outputs excluded), then exit with dvc's status.
 repro: install
-	$(VENV)/bin/dvc repro
+	$(VENV)/bin/dvc repro || { rc=$$?; $(VENV)/bin/python -m pipelines.restore; exit $$rc; }
+
+# dvc.lock must describe the committed code and params (CI runs this before the tests; missing outputs
+# in a fresh clone are fine). No bytecode written: __pycache__ inside a dependency folder changes its hash.
+check-lock: install
+	PYTHONDONTWRITEBYTECODE=1 $(VENV)/bin/python -m pipelines.lock_check
 
 test: install
 	$(VENV)/bin/python -m pytest
@@ -28,7 +35,7 @@ test-all: install
 	$(VENV)/bin/python -m pytest -m ''
 
 serve: install
-	$(VENV)/bin/lpt serve start
+	$(VENV)/bin/lpt-serve start
 
 bench: install
 	$(VENV)/bin/python -m bench.all

@@ -7,11 +7,13 @@ Usage::
     python -m bench.pipeline_overhead --tiny --rounds 3 --json reports/bench/pipeline_overhead.json
 
 Both contenders run in the same throw-away copy of the project (dvc.yaml, ``lpt/`` as stage deps,
-params, one git commit) so the real workspace is never touched:
+``pipelines/`` for ``python -m pipelines.launch`` in the training stages, params, one git commit) so the
+real workspace is never touched:
 
 - ``dvc``: ``python -m dvc repro --force`` (one DVC process runs every stage);
-- ``flow``: the ``lpt`` flow with ``force=True`` (one task and one ``dvc repro --single-item --force``
-  per stage, output streamed into the run logger, artifacts published).
+- ``flow``: the ``lpt`` flow with ``force=True`` (the stage graph read through DVC's index, then one
+  task and one ``dvc repro --single-item --force`` per stage, output streamed into the run logger,
+  artifacts published: the ONNX link reads the export stage's md5 back from ``dvc.lock``).
 
 A warm-up flow run of the first stage starts the Prefect API (a temporary local server unless
 ``PREFECT_API_URL`` points at one) and warms imports, so neither is in the timings; a forced run
@@ -48,7 +50,7 @@ GOAL_OVERHEAD_PCT = 10.0
 
 
 def make_project_copy(dest: Path, params: dict[str, Any]) -> Path:
-    """A git + DVC repo at ``dest`` with the project's dvc.yaml, a snapshot of ``lpt/`` and ``params``."""
+    """A git + DVC repo at ``dest``: the project's dvc.yaml, snapshots of ``lpt/`` and ``pipelines/``, ``params``."""
     dest.mkdir(parents=True)
     env = dvc_env()
     run = lambda *cmd: subprocess.run(cmd, cwd=dest, env=env, check=True, capture_output=True)  # noqa: E731
@@ -57,7 +59,8 @@ def make_project_copy(dest: Path, params: dict[str, Any]) -> Path:
     shutil.copy(ROOT / "dvc.yaml", dest / "dvc.yaml")
     if (ROOT / ".dvc" / "plots").is_dir():
         shutil.copytree(ROOT / ".dvc" / "plots", dest / ".dvc" / "plots", dirs_exist_ok=True)
-    shutil.copytree(ROOT / "lpt", dest / "lpt", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for package in ("lpt", "pipelines"):  # stage deps; training stages run `python -m pipelines.launch`
+        shutil.copytree(ROOT / package, dest / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run("git", "add", "-A")
     run("git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "bench copy")
@@ -89,7 +92,7 @@ def time_flow(repo: Path, force: bool = True) -> tuple[float, float, list[dict[s
     cpu, start = _cpu_seconds(), time.perf_counter()
     state = lpt(repo_dir=str(repo), force=force, return_state=True)
     wall = time.perf_counter() - start
-    if not state.is_completed():
+    if not state.is_completed():  # the message names the stage, its command's exit code and verdict
         raise RuntimeError(f"flow run failed: {state.message}")
     return wall, _cpu_seconds() - cpu, state.result()
 
@@ -103,7 +106,9 @@ def measure(repo: Path, rounds: int) -> dict[str, Any]:
     from pipelines.flow import lpt
 
     start = time.perf_counter()
-    lpt(repo_dir=str(repo), target=first)
+    warm = lpt(repo_dir=str(repo), target=first, return_state=True)
+    if not warm.is_completed():
+        raise RuntimeError(f"warm-up flow run failed: {warm.message}")
     warm_s = time.perf_counter() - start
     wall: dict[str, list[float]] = {"dvc": [], "flow": []}
     cpu: dict[str, list[float]] = {"dvc": [], "flow": []}

@@ -6,7 +6,10 @@ failed, as long as the file exists):
 * ``data-validation`` (table): ``validate.report_dir/summary.json``, one row per expectation.
 * ``evaluation-metrics`` (Markdown): ``evaluate.out_dir/metrics.json``, the headline metrics and the
   quality-gate verdict.
-* ``onnx-model`` (link): the ``.onnx`` files under ``export.out_dir``.
+* ``onnx-model`` (link): the ``.onnx`` files under ``export.out_dir``, published only after the export
+  stage succeeded (ran or cached), naming the versioned model: the md5 ``dvc.lock`` records for the
+  stage's output folder (what ``dvc checkout`` restores from DVC's cache once a later run has replaced
+  the workspace copy) and the file's sha256 from ``export.json`` (``variants[*].sha256``).
 
 The readers are tolerant: a missing or differently shaped file gives a smaller artifact or none,
 never a failed run.
@@ -24,11 +27,16 @@ from typing import Any
 
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
+from pipelines.dvc_stages import DvcStage, DvcYamlError, locked_outputs
+
 __all__ = [
     "ArtifactSource",
     "artifact_sources",
     "validation_rows",
     "metrics_markdown",
+    "onnx_sha256s",
+    "OnnxLink",
+    "onnx_link",
     "publish_artifacts",
     "VALIDATION_KEY",
     "METRICS_KEY",
@@ -40,6 +48,7 @@ METRICS_KEY = "evaluation-metrics"
 ONNX_KEY = "onnx-model"
 
 _ROW_FIELDS = ("expectation", "column", "success", "unexpected_count", "details")
+EXPORT_REPORT = "export.json"  # written by `lpt export` next to the models (docs/export.md)
 
 
 @dataclass(frozen=True)
@@ -161,20 +170,97 @@ def metrics_markdown(metrics: Any, source: str = "metrics.json") -> str:
     return "\n".join(lines) + "\n"
 
 
-def publish_artifacts(repo_dir: Path, stage_owns: Any, sources: list[ArtifactSource]) -> list[str]:
-    """Publish the artifacts whose input a stage owns and which exist now.
+def onnx_sha256s(export_report: Any) -> dict[str, str]:
+    """ONNX file name to sha256 from ``export.json``'s ``variants`` (a mapping or a list of entries).
+
+    Args:
+        export_report: the parsed ``export.json`` (anything else gives an empty mapping).
+
+    Returns:
+        ``{"model.onnx": "<sha256>", ...}`` for the entries that carry both ``file`` and ``sha256``.
+    """
+    variants = export_report.get("variants") if isinstance(export_report, Mapping) else None
+    entries = variants.values() if isinstance(variants, Mapping) else variants if isinstance(variants, list) else []
+    return {str(v["file"]): str(v["sha256"]) for v in entries
+            if isinstance(v, Mapping) and v.get("file") and v.get("sha256")}
+
+
+@dataclass(frozen=True)
+class OnnxLink:
+    """What the ``onnx-model`` link artifact says about one ONNX file."""
+
+    key: str
+    link: str
+    link_text: str
+    description: str
+
+
+def onnx_link(repo_dir: Path, onnx: Path, key: str, folder: str, folder_md5: str | None,
+              stage: str, sha256: str | None) -> OnnxLink:
+    """The link artifact for one exported ONNX file, naming its version.
 
     Args:
         repo_dir: the DVC repository root.
-        stage_owns: ``DvcStage.owns``-like predicate on repo-relative paths.
+        onnx: the ``.onnx`` file (absolute or under ``repo_dir``).
+        key: the artifact key.
+        folder: the export stage's output folder that holds it (repo-relative), as ``dvc.lock`` lists it.
+        folder_md5: the md5 ``dvc.lock`` records for ``folder`` (``None``: not locked).
+        stage: the export stage's name (for the ``dvc checkout`` hint).
+        sha256: the file's sha256 from ``export.json`` (``None``: not recorded).
+
+    Returns:
+        An :class:`OnnxLink`; the link is the workspace file, the text and description carry the version.
+    """
+    path = onnx if onnx.is_absolute() else repo_dir / onnx
+    rel = path.resolve().relative_to(repo_dir.resolve()).as_posix()
+    version = [f"dvc.lock md5 {folder_md5}" if folder_md5 else "not in dvc.lock",
+               f"sha256 {sha256[:12]}" if sha256 else "sha256 not recorded"]
+    lines = [f"ONNX model `{rel}`, {path.stat().st_size / 1e6:.2f} MB.", "",
+             f"- `{folder}` in dvc.lock: md5 `{folder_md5}`" if folder_md5 else f"- `{folder}` is not in dvc.lock",
+             f"- `{path.name}` sha256 (export.json): `{sha256}`" if sha256
+             else f"- `{path.name}`: no sha256 in export.json",
+             "", "The link is the workspace copy, which later runs replace. This version comes back with the "
+             f"`dvc.lock` that records this md5: `git checkout <commit> -- dvc.lock && dvc checkout {stage}`."]
+    return OnnxLink(key=key, link=path.resolve().as_uri(), link_text=f"{rel} ({', '.join(version)})",
+                    description="\n".join(lines))
+
+
+def _onnx_links(repo_dir: Path, stage: DvcStage, folder: Path) -> list[OnnxLink]:
+    models = sorted((repo_dir / folder).glob("*.onnx"))
+    if not models:
+        return []
+    out = stage.output_of(folder) or folder.as_posix()
+    try:
+        locked = locked_outputs(repo_dir, stage.name).get(out)
+    except DvcYamlError:
+        locked = None
+    sha = onnx_sha256s(_read_json(repo_dir / folder / EXPORT_REPORT))
+    keys = {onnx: ONNX_KEY if len(models) == 1 or onnx.stem == "model" else f"{ONNX_KEY}-{_slug(onnx.stem)}"
+            for onnx in models}
+    return [onnx_link(repo_dir, onnx, keys[onnx], out, locked.md5 if locked else None, stage.name, sha.get(onnx.name))
+            for onnx in models]
+
+
+def publish_artifacts(repo_dir: Path, stage: DvcStage, sources: list[ArtifactSource], *,
+                      stage_ok: bool = True) -> list[str]:
+    """Publish the artifacts whose input the stage owns and which exist now.
+
+    The validation table and the metrics are published whether the stage succeeded or not (a failed
+    validation or gate is when they matter most); the ONNX link only after a successful stage, so the
+    md5 it quotes from ``dvc.lock`` describes the files it links.
+
+    Args:
+        repo_dir: the DVC repository root.
+        stage: the stage that just ran (or was cached, or failed).
         sources: from :func:`artifact_sources`.
+        stage_ok: the stage succeeded.
 
     Returns:
         The keys published.
     """
     published = []
     for src in sources:
-        if not stage_owns(src.path):
+        if not stage.owns(src.path):
             continue
         path = repo_dir / src.path
         if src.key == VALIDATION_KEY and path.is_file():
@@ -190,12 +276,8 @@ def publish_artifacts(repo_dir: Path, stage_owns: Any, sources: list[ArtifactSou
                 create_markdown_artifact(metrics_markdown(metrics, str(src.path)), key=src.key,
                                          description=f"Test metrics and quality gate ({src.path})")
                 published.append(src.key)
-        elif src.key == ONNX_KEY and path.is_dir():
-            models = sorted(path.glob("*.onnx"))
-            for onnx in models:
-                size_mb = onnx.stat().st_size / 1e6
-                key = src.key if len(models) == 1 or onnx.stem == "model" else f"{src.key}-{_slug(onnx.stem)}"
-                create_link_artifact(onnx.resolve().as_uri(), link_text=str(src.path / onnx.name), key=key,
-                                     description=f"ONNX model, {size_mb:.2f} MB: `{onnx.resolve()}`")
-                published.append(key)
+        elif src.key == ONNX_KEY and stage_ok and path.is_dir():
+            for link in _onnx_links(repo_dir, stage, src.path):
+                create_link_artifact(link.link, link_text=link.link_text, key=link.key, description=link.description)
+                published.append(link.key)
     return published

@@ -1,8 +1,14 @@
 """The Prefect flow ``lpt``: every ``dvc.yaml`` stage as one task, run in DAG order, one DVC call at a time.
 
 DVC stays the engine (what is cached, what re-runs, ``dvc.lock``); Prefect adds the run record, live
-logs, retries of transient failures, artifacts and the ``lpt/full`` deployment. The stage list is read
-from ``dvc.yaml`` on every run, so a new stage needs no change here.
+logs, retries of transient failures, artifacts and the ``lpt/full`` deployment. The stages and their
+order come from DVC's own stage graph on every run (``dvc.yaml`` with its ``${...}`` templating resolved
+against the run's ``params.yaml``), so a new stage needs no change here.
+
+A failed stage is classified by its command's exit code (``lpt.exitcodes``): a verdict (bad params,
+failed validation, quality gate, export parity, export refused) is never retried; other failures are
+retried only when they look like I/O or lock trouble. After a stage fails or the run is interrupted,
+its previous outputs are put back from DVC's cache (``dvc checkout --force``), as ``dvc.lock`` names them.
 
 Run it in-process (a temporary Prefect API is started when none is configured)::
 
@@ -27,43 +33,67 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
 from lpt.config import parse_params
+from lpt.exitcodes import DETERMINISTIC
 from pipelines.artifacts import artifact_sources, publish_artifacts
-from pipelines.dvc_stages import is_transient_failure, pipeline_order, run_dvc_stage
+from pipelines.dvc_stages import (DvcStage, is_transient_failure, pipeline_order, restore_outputs, run_dvc_stage,
+                                  verdict_name)
 from pipelines.overrides import applied_overrides
 
 __all__ = ["lpt", "run_stage", "StageFailed", "STAGE_RETRIES", "STAGE_RETRY_DELAYS"]
 
 # Transient failures (I/O errors, a DVC repo lock still held) get two more tries; everything else fails
-# at once: re-running a failed validation, quality gate or parity check gives the same answer.
+# at once: a command exiting with a code in lpt.exitcodes.DETERMINISTIC (bad params, failed validation,
+# quality gate, export parity, export refused) gives the same answer on every try.
 STAGE_RETRIES = 2
 STAGE_RETRY_DELAYS = [3, 15]
 _ERROR_LINES = 12  # output lines quoted in the failure message
 
 
 class StageFailed(RuntimeError):
-    """A DVC stage exited non-zero; the message names the stage and quotes its last output lines.
+    """A DVC stage failed; the message names the stage, its command's exit code and verdict, and quotes its
+    last output lines.
 
     Attributes:
         stage: the stage name.
-        transient: the output looks like an I/O or lock hiccup (retried), not a deterministic failure.
+        returncode: DVC's own exit code (255 for a failed stage).
+        exit_code: the stage command's exit code as DVC reported it (``failed to run: CMD, exited with N``);
+            ``None`` when DVC failed without one (its repo lock, a missing dependency, a DVC error).
+        verdict: the :mod:`lpt.exitcodes` name of ``exit_code`` (``"GATE_FAILED"``), ``None`` if it has none.
+        deterministic: ``exit_code`` is a verdict on the inputs (``lpt.exitcodes.DETERMINISTIC``): never retried.
+        transient: not deterministic and the output shows I/O or lock trouble: retried.
+        command_started: DVC had started the command (and so had removed the stage's outputs).
     """
 
-    def __init__(self, stage: str, returncode: int, tail: list[str]) -> None:
-        self.stage = stage
-        self.transient = is_transient_failure(tail)
+    def __init__(self, stage: str, returncode: int, tail: list[str], exit_code: int | None = None,
+                 command_started: bool = False) -> None:
+        self.stage, self.returncode, self.exit_code = stage, returncode, exit_code
+        self.verdict = verdict_name(exit_code)
+        self.deterministic = exit_code in DETERMINISTIC
+        self.transient = is_transient_failure(exit_code, tail)
+        self.command_started = command_started
         # drop blank lines and Python's ^^^^ underlines: they only use up the quoted lines
         useful = [line for line in tail if line.strip() and set(line.strip()) - set("^~")]
         last = "\n".join(useful[-_ERROR_LINES:])
-        super().__init__(f"stage '{stage}' failed (dvc exit {returncode}); last lines:\n{last}")
+        super().__init__(f"stage '{stage}' failed: {self._reason()}; last lines:\n{last}")
+
+    def _reason(self) -> str:
+        if self.exit_code is None:
+            not_run = "" if self.command_started else " before running the command"
+            return f"dvc exited with {self.returncode}{not_run}"
+        if self.deterministic:
+            return f"its command exited with {self.exit_code} ({self.verdict}: a verdict, not retried)"
+        return f"its command exited with {self.exit_code}" + (f" ({self.verdict})" if self.verdict else "")
 
     def __reduce__(self) -> tuple[Any, ...]:  # keep it picklable for Prefect's result handling
-        return (_rebuild_stage_failed, (self.stage, self.transient, str(self)))
+        state = {k: getattr(self, k) for k in ("stage", "returncode", "exit_code", "verdict", "deterministic",
+                                                "transient", "command_started")}
+        return (_rebuild_stage_failed, (str(self), state))
 
 
-def _rebuild_stage_failed(stage: str, transient: bool, message: str) -> StageFailed:
+def _rebuild_stage_failed(message: str, state: dict[str, Any]) -> StageFailed:
     err = StageFailed.__new__(StageFailed)
     RuntimeError.__init__(err, message)
-    err.stage, err.transient = stage, transient
+    err.__dict__.update(state)
     return err
 
 
@@ -90,7 +120,7 @@ def run_stage(stage: str, repo_dir: str, force: bool = False) -> dict[str, Any]:
         ``{"stage", "status" ("ran" | "cached"), "detail", "seconds"}``.
 
     Raises:
-        StageFailed: DVC exited non-zero.
+        StageFailed: DVC exited non-zero (with the command's exit code and verdict).
     """
     logger = get_run_logger()
     logger.info("dvc repro --single-item %s%s", "--force " if force else "", stage)
@@ -101,9 +131,53 @@ def run_stage(stage: str, repo_dir: str, force: bool = False) -> dict[str, Any]:
 
     run = run_dvc_stage(repo_dir, stage, force=force, on_line=log_line)
     if run.status == "failed":
-        raise StageFailed(stage, run.returncode, run.tail)
+        raise StageFailed(stage, run.returncode, run.tail, exit_code=run.exit_code,
+                          command_started=run.command_started)
     logger.info("stage %r %s: %s (%.1f s)", stage, run.status, run.detail, run.seconds)
     return {"stage": stage, "status": run.status, "detail": run.detail, "seconds": round(run.seconds, 3)}
+
+
+def _restore_after_failure(root: Path, stage: DvcStage, err: BaseException, logger: Any) -> None:
+    """Put the stage's previous outputs back (``dvc checkout --force``) after it failed or was interrupted.
+
+    DVC removed them before running the command; ``dvc.lock`` still names them and DVC's cache holds them.
+    Skipped when DVC never started the command (nothing was removed). Never raises: the stage's own error
+    is what the run must report.
+    """
+    if isinstance(err, StageFailed) and not err.command_started:
+        logger.info("stage %r: DVC did not start its command, outputs untouched", stage.name)
+        return
+    if not stage.restorable:
+        logger.info("stage %r: no previous outputs to restore (none in dvc.lock, or persist/uncached only)",
+                    stage.name)
+        return
+    logger.info("stage %r failed: restoring its previous outputs: dvc checkout --force %s",
+                stage.name, " ".join(stage.restorable))
+
+    def log_line(line: str) -> None:
+        if line.strip():
+            logger.info("%s", line)
+
+    try:
+        result = restore_outputs(root, stage, on_line=log_line)
+    except BaseException as restore_err:  # noqa: BLE001 - a second interruption, a missing dvc
+        logger.warning("stage %r: outputs not restored (%s); run `dvc checkout --force %s`", stage.name,
+                       restore_err, " ".join(stage.restorable))
+        return
+    if result.returncode == 0:
+        logger.info("stage %r: previous outputs restored as dvc.lock names them (%s)", stage.name,
+                    ", ".join(result.targets))
+    else:
+        logger.warning("stage %r: dvc checkout exited with %d (is DVC's cache missing them?); outputs not "
+                       "restored", stage.name, result.returncode)
+
+
+def _publish(root: Path, stage: DvcStage, sources: Any, stage_ok: bool, logger: Any) -> None:
+    try:
+        for key in publish_artifacts(root, stage, sources, stage_ok=stage_ok):
+            logger.info("artifact %r published", key)
+    except Exception as err:  # noqa: BLE001 - an artifact must never fail the pipeline
+        logger.warning("artifacts after stage %r not published: %s", stage.name, err)
 
 
 @flow(name="lpt", description="LPT pipeline: the dvc.yaml stages in DAG order, one `dvc repro` at a time.")
@@ -127,28 +201,28 @@ def lpt(
 
     Raises:
         ParamsError: an override names an unknown key or a bad value (nothing ran).
-        DvcYamlError: no ``dvc.yaml``, or ``target`` is not a stage.
-        StageFailed: a stage failed; the message names it and quotes its last lines.
+        DvcYamlError: no ``dvc.yaml``, one DVC refuses, or ``target`` is not a stage (nothing ran).
+        StageFailed: a stage failed; the message names it, its command's exit code and verdict, and quotes
+            its last lines. Its previous outputs are back in the workspace.
     """
     logger = get_run_logger()
     root = Path(repo_dir or os.environ.get("LPT_REPO_DIR") or Path.cwd()).resolve()
-    stages = pipeline_order(root, target)
-    logger.info("repo %s; stages: %s", root, " -> ".join(s.name for s in stages))
     results: list[dict[str, Any]] = []
     with applied_overrides(root / "params.yaml", overrides) as raw:
         if overrides:
             logger.info("params.yaml overrides applied: %s", overrides)
+        stages = pipeline_order(root, target)  # after the overrides: dvc.yaml paths may come from params
+        logger.info("repo %s; stages: %s", root, " -> ".join(s.name for s in stages))
         sources = artifact_sources(parse_params(raw))
         for stage in stages:
             try:
                 results.append(run_stage.with_options(name=stage.name, task_run_name=stage.name)(
                     stage.name, str(root), force))
-            finally:
-                try:
-                    for key in publish_artifacts(root, stage.owns, sources):
-                        logger.info("artifact %r published", key)
-                except Exception as err:  # noqa: BLE001 - an artifact must never fail the pipeline
-                    logger.warning("artifacts after stage %r not published: %s", stage.name, err)
+            except BaseException as err:  # a failed stage, Ctrl-C, a cancellation (TerminationSignal)
+                _publish(root, stage, sources, False, logger)  # first: the failed run's reports are the point
+                _restore_after_failure(root, stage, err, logger)
+                raise
+            _publish(root, stage, sources, True, logger)
     ran = [r["stage"] for r in results if r["status"] == "ran"]
     logger.info("done: %d stage(s) ran (%s), %d cached", len(ran), ", ".join(ran) or "none", len(results) - len(ran))
     return results

@@ -1,4 +1,8 @@
-"""``lpt serve start|stop|status``: a local Prefect server plus the process serving deployment ``lpt/full``.
+"""``lpt-serve start|stop|status``: a local Prefect server plus the process serving deployment ``lpt/full``.
+
+Also ``python -m pipelines.serve start|stop|status`` (``lpt-serve`` is its console script; ``make serve``
+runs ``start``). Without an action it prints its help and exits 0; an unknown action is one error line
+and exit 2.
 
 Everything lives in the project's ``.prefect/`` folder (``PREFECT_HOME``): the SQLite database, the
 pid files ``server.pid`` / ``serve.pid`` and the logs ``server.log`` / ``serve.log``. The server binds
@@ -8,8 +12,9 @@ the command we started).
 
 The port is 4200 unless ``LPT_PREFECT_PORT`` says otherwise.
 
-``python -m pipelines.serve --root DIR`` is the serving process itself (``flow.serve(name="full")``);
-``lpt serve start`` launches it in the background.
+``python -m pipelines.serve run --root DIR`` (a hidden action) is the serving process itself
+(``flow.serve(name="full")``); ``start`` launches it in the background. The older spelling
+``python -m pipelines.serve --root DIR`` still means ``run``.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["serve_command", "ServeLayout", "project_root", "prefect_env"]
+__all__ = ["main", "serve_command", "ServeLayout", "project_root", "prefect_env", "ACTIONS"]
 
 DEFAULT_PORT = 4200
 DEPLOYMENT = "lpt/full"
@@ -64,7 +69,7 @@ def project_root(start: Path | None = None) -> Path:
     for folder in (here, *here.parents):
         if (folder / "dvc.yaml").is_file():
             return folder
-    raise FileNotFoundError(f"no dvc.yaml in {here} or above: run `lpt serve` inside the project")
+    raise FileNotFoundError(f"no dvc.yaml in {here} or above: run `lpt-serve` inside the project or pass --root")
 
 
 def prefect_env(layout: ServeLayout) -> dict[str, str]:
@@ -179,7 +184,7 @@ def start(layout: ServeLayout) -> int:
     if server_pid and _healthy(layout):
         print(f"prefect server already running (pid {server_pid}) at {layout.api_url}")
     elif server_pid is None and _healthy(layout):
-        print(f"a Prefect server not started by `lpt serve` already answers at {layout.api_url}: using it")
+        print(f"a Prefect server not started by `lpt-serve` already answers at {layout.api_url}: using it")
     else:
         if server_pid is None:
             print(f"starting prefect server on 127.0.0.1:{layout.port} (database in {layout.home}) ...", flush=True)
@@ -199,7 +204,7 @@ def start(layout: ServeLayout) -> int:
         print(f"serving process already running (pid {serve_pid})")
         proc = None
     else:
-        proc = _spawn(layout, "serve", [sys.executable, "-m", "pipelines.serve", "--root", str(layout.root)])
+        proc = _spawn(layout, "serve", [sys.executable, "-m", "pipelines.serve", "run", "--root", str(layout.root)])
         serve_pid = proc.pid
         print(f"serving process started (pid {serve_pid}); registering {DEPLOYMENT} ...", flush=True)
     if not _wait(lambda: _deployment_registered(layout), SERVE_START_TIMEOUT_S, proc):
@@ -210,7 +215,7 @@ def start(layout: ServeLayout) -> int:
           f"    export PREFECT_API_URL={layout.api_url}\n"
           f"    prefect deployment run {DEPLOYMENT} --watch\n\n"
           f"UI: http://127.0.0.1:{layout.port}   logs: {layout.home}/{{server,serve}}.log\n"
-          f"stop with: lpt serve stop")
+          f"stop with: lpt-serve stop")
     return 0
 
 
@@ -247,7 +252,7 @@ def status(layout: ServeLayout) -> int:
     serve_pid = _live_pid(layout, "serve", _SERVE_MARKER)
     healthy = _healthy(layout)
     registered = healthy and _deployment_registered(layout)
-    print(f"prefect server: {'pid ' + str(server_pid) if server_pid else 'not started by lpt serve'}, "
+    print(f"prefect server: {'pid ' + str(server_pid) if server_pid else 'not started by lpt-serve'}, "
           f"{'healthy' if healthy else 'not answering'} at {layout.api_url}")
     print(f"serving process: {'pid ' + str(serve_pid) if serve_pid else 'not running'}")
     print(f"deployment {DEPLOYMENT}: {'registered' if registered else 'not registered'}")
@@ -258,26 +263,31 @@ def status(layout: ServeLayout) -> int:
     return 3
 
 
-def serve_command(action: str) -> int:
-    """Entry point of ``lpt serve ACTION``.
+ACTIONS: dict[str, Callable[[ServeLayout], int]] = {"start": start, "stop": stop, "status": status}
+_RUN = "run"  # hidden action: the serving process itself, started by `start`
+
+
+def serve_command(action: str, root: Path | None = None) -> int:
+    """Run ``start``, ``stop`` or ``status`` for the project at ``root`` (default: found from the cwd up).
 
     Args:
         action: ``start``, ``stop`` or ``status``.
+        root: the project root (holds ``dvc.yaml``); ``None`` searches from the working directory upwards.
 
     Returns:
-        The process exit code (``status``: 0 when everything runs, 3 when not).
+        The process exit code (``status``: 0 when everything runs, 3 when not; 2 for an unknown action or
+        no project).
     """
-    actions = {"start": start, "stop": stop, "status": status}
-    if action not in actions:
-        print(f"error: unknown action {action!r}; use one of: {', '.join(actions)}", file=sys.stderr)
+    if action not in ACTIONS:
+        print(f"error: unknown action {action!r}; use one of: {', '.join(ACTIONS)}", file=sys.stderr)
         return 2
     try:
-        root = project_root()
+        folder = project_root(root)
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     port = int(os.environ.get("LPT_PREFECT_PORT", DEFAULT_PORT))
-    return actions[action](ServeLayout(root=root, port=port))
+    return ACTIONS[action](ServeLayout(root=folder, port=port))
 
 
 def _serve_forever(root: Path) -> None:
@@ -289,7 +299,44 @@ def _serve_forever(root: Path) -> None:
               tags=["lpt", "dvc"])
 
 
-if __name__ == "__main__":  # pragma: no cover - run by `lpt serve start`
-    ap = argparse.ArgumentParser(prog="python -m pipelines.serve")
-    ap.add_argument("--root", type=Path, required=True, help="project root (holds dvc.yaml)")
-    _serve_forever(ap.parse_args().root.resolve())
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="lpt-serve",
+        description="A local Prefect server (127.0.0.1, state in .prefect/) plus the process serving the "
+                    "deployment lpt/full. The port is 4200 unless LPT_PREFECT_PORT says otherwise.",
+        epilog="start: start both (reuses what runs) and wait until lpt/full is registered; "
+               "stop: stop the serving process, then the server, by PID; "
+               "status: report both, exit 0 when all is up, 3 otherwise.")
+    ap.add_argument("action", nargs="?", metavar="{start,stop,status}", help="what to do")
+    ap.add_argument("--root", type=Path, default=None,
+                    help="project root holding dvc.yaml (default: the nearest one from the working directory up)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``lpt-serve`` / ``python -m pipelines.serve``: parse the action and run it.
+
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit code: the action's, 0 for help (no action), 2 for an unknown action.
+    """
+    ap = _parser()
+    args = ap.parse_args(argv)
+    if args.action == _RUN or (args.action is None and args.root is not None):
+        try:  # the serving process, started by `start` with --root
+            root = project_root(args.root)
+        except FileNotFoundError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        _serve_forever(root)
+        return 0
+    if args.action is None:
+        ap.print_help()
+        return 0
+    return serve_command(args.action, args.root)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

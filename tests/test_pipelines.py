@@ -1,13 +1,16 @@
-"""The Prefect flow over DVC: stage order from dvc.yaml, cached reporting, retries, failures, overrides,
-artifacts and live log streaming.
+"""The Prefect flow over DVC: stage order from DVC's own stage graph (templating resolved), cached
+reporting, retries and verdicts by exit code, outputs restored after a failure, overrides, artifacts, live
+log streaming, and the ``lpt-serve`` command.
 
 Two kinds of real DVC repos in tmp dirs (git init + dvc init): toy ones whose stages are shell commands
 (fast; they exercise the orchestration itself) and one holding the project's dvc.yaml, ``lpt/`` and the
 tiny params (the real stages). Every flow runs under one session-scoped ``prefect_test_harness``.
+No DVC command ever runs in the project checkout itself.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -21,7 +24,8 @@ from uuid import UUID
 import pytest
 import yaml
 
-from pipelines.dvc_stages import DvcYamlError, is_transient_failure, pipeline_order
+from pipelines.dvc_stages import (DvcYamlError, command_exit_code, is_transient_failure, locked_outputs,
+                                  pipeline_order, read_stages, restore_outputs, run_dvc_stage, verdict_name)
 from pipelines.overrides import applied_overrides
 from tests.conftest import REPO_ROOT, tiny_raw_params
 
@@ -40,9 +44,26 @@ def prefect_harness():
         yield
 
 
-def _sh(*cmd: str, cwd: Path) -> None:
+def _sh(*cmd: str, cwd: Path) -> str:
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(PY).parent}{os.pathsep}{os.environ['PATH']}"}
-    subprocess.run(cmd, cwd=cwd, env=env, check=True, capture_output=True)
+    return subprocess.run(cmd, cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
+
+
+def _git_dvc_init(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    _sh("git", "init", "-q", cwd=root)
+    _sh(PY, "-m", "dvc", "init", "-q", cwd=root)
+    return root
+
+
+def _lock(repo: Path) -> dict[str, Any]:
+    return yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+
+
+def _md5(path: Path) -> str:
+    import hashlib
+
+    return hashlib.md5(path.read_bytes()).hexdigest()
 
 
 def _dvc_repo(root: Path, scripts: dict[str, tuple[str, list[str], list[str]]], params: dict[str, Any] | None = None) -> Path:
@@ -50,9 +71,7 @@ def _dvc_repo(root: Path, scripts: dict[str, tuple[str, list[str], list[str]]], 
 
     params.yaml holds the tiny params (or ``params``); ``src`` is a dependency file the tests edit.
     """
-    root.mkdir(parents=True, exist_ok=True)
-    _sh("git", "init", "-q", cwd=root)
-    _sh(PY, "-m", "dvc", "init", "-q", cwd=root)
+    _git_dvc_init(root)
     stages = {}
     for name, (code, deps, outs) in scripts.items():
         (root / f"{name}.py").write_text(code)
@@ -68,13 +87,12 @@ def _project_repo(root: Path) -> Path:
 
     One commit is made: dvclive (in the training stages) needs a HEAD.
     """
-    root.mkdir(parents=True, exist_ok=True)
-    _sh("git", "init", "-q", cwd=root)
-    _sh(PY, "-m", "dvc", "init", "-q", cwd=root)
+    _git_dvc_init(root)
     shutil.copy(REPO_ROOT / "dvc.yaml", root / "dvc.yaml")
     if (REPO_ROOT / ".dvc" / "plots").is_dir():
         shutil.copytree(REPO_ROOT / ".dvc" / "plots", root / ".dvc" / "plots", dirs_exist_ok=True)
-    shutil.copytree(REPO_ROOT / "lpt", root / "lpt", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for package in ("lpt", "pipelines"):  # stage deps; stage commands may run `python -m pipelines.launch`
+        shutil.copytree(REPO_ROOT / package, root / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     (root / "params.yaml").write_text(yaml.safe_dump(tiny_raw_params(), sort_keys=False))
     _sh("git", "add", "-A", cwd=root)
     _sh("git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "tiny project", cwd=root)
@@ -126,29 +144,157 @@ def _run(**kwargs: Any):
     return lpt(return_state=True, **kwargs)
 
 
-# ------------------------------------------------------------------------------ DAG from dvc.yaml
+# ------------------------------------------------------------------------- DAG from DVC's stage graph
 def test_stage_order_follows_dvc_yaml_dependencies(toy_repo: Path) -> None:
     assert [s.name for s in pipeline_order(toy_repo)] == ["prep", "mid", "last"]
     assert [s.name for s in pipeline_order(toy_repo, target="mid")] == ["prep", "mid"]
-    with pytest.raises(DvcYamlError, match="unknown target stage 'nope'"):
+    with pytest.raises(DvcYamlError, match=r"unknown target stage 'nope'; dvc.yaml has: last, prep, mid$"):
         pipeline_order(toy_repo, target="nope")
 
 
-def test_project_dag_puts_every_stage_after_its_inputs() -> None:
-    order = [s.name for s in pipeline_order(REPO_ROOT)]
-    stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
-    assert sorted(order) == sorted(stages)
+TEMPLATED_DVC_YAML = """\
+stages:
+  ingest:
+    cmd: python ingest.py --out ${data.out_dir} --n ${data.n}
+    deps:
+      - ingest.py
+    params:
+      - data
+    outs:
+      - ${data.out_dir}
+  report:
+    cmd: python report.py ${data.out_dir}/manifest.json ${report.dir}
+    deps:
+      - ${data.out_dir}/manifest.json
+    outs:
+      - ${report.dir}
+    metrics:
+      - ${report.dir}-metrics.json:
+          cache: false
+  export:
+    cmd: python export.py
+    deps:
+      - ${report.dir}
+      - ${data.out_dir}
+    outs:
+      - ${export.out_dir}
+      - models/state:
+          persist: true
+"""
+
+
+def test_templated_dvc_yaml_is_resolved_by_dvc(tmp_path: Path) -> None:
+    repo = _git_dvc_init(tmp_path / "templated")
+    (repo / "dvc.yaml").write_text(TEMPLATED_DVC_YAML)
+    (repo / "params.yaml").write_text("data:\n  out_dir: data/shards\n  n: 3\nreport:\n  dir: reports/r1\n"
+                                      "export:\n  out_dir: models/export\n")
+    # export is listed before report but needs it: the order comes from the resolved paths
+    order = pipeline_order(repo)
+    assert [s.name for s in order] == ["ingest", "report", "export"]
+    ingest, report, export = order
+    assert ingest.cmd == "python ingest.py --out data/shards --n 3"
+    assert ingest.deps == ("ingest.py",) and ingest.outs == ("data/shards",)  # params.yaml is not a path dep
+    assert report.deps == ("data/shards/manifest.json",)
+    assert report.outs == ("reports/r1", "reports/r1-metrics.json")
+    assert ingest.owns("data/shards/manifest.json") and ingest.owns("data/shards")
+    assert not ingest.owns("data/shards-old/x") and not ingest.owns("data")
+    assert report.owns(Path("reports/r1/summary.json")) and report.owns("reports/r1-metrics.json")
+    assert export.output_of("models/export/model.onnx") == "models/export"
+    assert [s.name for s in pipeline_order(repo, target="report")] == ["ingest", "report"]
+    assert export.restorable == ()  # nothing in dvc.lock yet
+
+    # a params change moves the paths: DVC resolves them again
+    (repo / "params.yaml").write_text("data:\n  out_dir: data/v2\n  n: 3\nreport:\n  dir: reports/r1\n"
+                                      "export:\n  out_dir: models/export\n")
+    ingest2 = read_stages(repo)[0]
+    assert ingest2.outs == ("data/v2",) and ingest2.owns("data/v2/manifest.json") and not ingest2.owns("data/shards")
+
+
+@pytest.mark.parametrize("files, message", [
+    ({}, r"dvc\.yaml: not found"),
+    ({"dvc.yaml": "stages:\n  a: [\n"}, r"YAML file structure is corrupted"),
+    ({"dvc.yaml": "stages:\n  a:\n    deps: [x]\n"}, r"validation failed: required key not provided"),
+    ({"dvc.yaml": "stages:\n  a:\n    cmd: echo ${nope.x}\n    outs: [o]\n", "params.yaml": "a: 1\n"},
+     r"Could not find 'nope\.x'"),
+    ({"dvc.yaml": "stages:\n  a:\n    cmd: c\n    deps: [y]\n    outs: [x]\n  b:\n    cmd: c\n    deps: [x]\n"
+                  "    outs: [y]\n"}, r"defined as both a dependency and an output"),
+])
+def test_bad_dvc_yaml_is_one_line_error(tmp_path: Path, files: dict[str, str], message: str) -> None:
+    repo = _git_dvc_init(tmp_path / "bad")
+    for name, text in files.items():
+        (repo / name).write_text(text)
+    with pytest.raises(DvcYamlError, match=message) as info:
+        pipeline_order(repo)
+    assert "\n" not in str(info.value)
+
+
+def test_project_dag_puts_every_stage_after_its_inputs(tmp_path: Path) -> None:
+    repo = _git_dvc_init(tmp_path / "dag")  # the project's dvc.yaml + params, read by DVC outside the checkout
+    shutil.copy(REPO_ROOT / "dvc.yaml", repo / "dvc.yaml")
+    shutil.copy(REPO_ROOT / "params.yaml", repo / "params.yaml")
+    stages = pipeline_order(repo)
+    order = [s.name for s in stages]
+    assert sorted(order) == sorted(yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"])
+    for i, stage in enumerate(stages):  # whatever produces a stage's inputs runs before it
+        producers = {o.name for o in stages if o is not stage and any(o.owns(d) for d in stage.deps)}
+        assert producers <= set(order[:i]), (stage.name, producers)
     assert order.index("ingest") < order.index("validate")
     assert order[-1] == "export" and order.index("evaluate") < order.index("export")
-    assert [s.name for s in pipeline_order(REPO_ROOT, target="validate")] == ["ingest", "validate"]
+    upstream = [s.name for s in pipeline_order(repo, target="validate")]
+    assert upstream[-1] == "validate" and "ingest" in upstream and "evaluate" not in upstream
+
+
+# ---------------------------------------------------------------------------- failures by exit code
+def test_dvc_reports_the_command_exit_code(tmp_path: Path) -> None:
+    """What dvc 3.67.1 prints for a failing stage command, and what the runner reads from it."""
+    repo = _git_dvc_init(tmp_path / "codes")
+    gate = f"\"{PY}\" -c \"import sys; print('OSError: flaky disk, but the gate verdict wins'); sys.exit(4)\""
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "gate": {"cmd": gate, "outs": ["o"]},
+        "multi": {"cmd": ["echo first", f"\"{PY}\" -c \"import sys; sys.exit(1)\""], "outs": ["p"]},
+    }}))
+    run = run_dvc_stage(repo, "gate")
+    assert (run.status, run.returncode, run.exit_code, run.command_started) == ("failed", 255, 4, True)
+    assert run.tail[-1] == f"ERROR: failed to reproduce 'gate': failed to run: {gate}, exited with 4"
+    assert verdict_name(run.exit_code) == "GATE_FAILED"
+    assert not is_transient_failure(run.exit_code, run.tail)  # a verdict, whatever the output says
+
+    multi = run_dvc_stage(repo, "multi")
+    assert multi.exit_code == 1 and verdict_name(1) == "ERROR"
+    assert not is_transient_failure(1, multi.tail)
+
+    missing = run_dvc_stage(repo, "nope")  # DVC fails without running anything: no command exit code
+    assert (missing.status, missing.exit_code, missing.command_started) == ("failed", None, False)
 
 
 def test_failure_classification() -> None:
-    assert is_transient_failure(["Traceback ...", "OSError: [Errno 5] Input/output error"])
-    assert is_transient_failure(["ERROR: Unable to acquire lock. Most likely another DVC process is running"])
-    assert not is_transient_failure(["ValueError: bad shape"])
-    assert not is_transient_failure(["error: data validation failed:", "  - OSError while reading shard"])
-    assert not is_transient_failure(["error: quality gate failed:", "  - overall 0.1 < 0.5"])
+    assert command_exit_code(["ERROR: failed to reproduce 'x': failed to run: lpt evaluate, exited with 4"]) == 4
+    assert command_exit_code(["ERROR: failed to reproduce 'x': failed to run: lpt a,", "  exited with 0 ok && b,"
+                              " exited with -9"]) == -9
+    assert command_exit_code(["print: exited with 3", "ERROR: Unable to acquire lock"]) is None
+    assert is_transient_failure(1, ["Traceback ...", "OSError: [Errno 5] Input/output error"])
+    assert is_transient_failure(None, ["ERROR: Unable to acquire lock. Most likely another DVC process is running"])
+    assert not is_transient_failure(1, ["ValueError: bad shape"])
+    for code in (2, 3, 4, 5, 6):  # lpt.exitcodes.DETERMINISTIC
+        assert not is_transient_failure(code, ["OSError while reading shard"])
+    assert [verdict_name(c) for c in (0, 1, 2, 3, 4, 5, 6, 137, None)] == [
+        "OK", "ERROR", "BAD_PARAMS", "VALIDATION_FAILED", "GATE_FAILED", "PARITY_FAILED", "GATE_NOT_PASSED", None, None]
+
+
+def test_stage_failed_carries_exit_code_and_verdict_through_pickling() -> None:
+    import pickle
+
+    from pipelines.flow import StageFailed
+
+    tail = ["Running stage 'export':", "> lpt export", "parity: max |diff| 0.2 > 0.0001",
+            "ERROR: failed to reproduce 'export': failed to run: lpt export, exited with 5"]
+    err = pickle.loads(pickle.dumps(StageFailed("export", 255, tail, exit_code=5, command_started=True)))
+    assert (err.stage, err.returncode, err.exit_code, err.verdict) == ("export", 255, 5, "PARITY_FAILED")
+    assert err.deterministic and not err.transient and err.command_started
+    assert str(err).startswith("stage 'export' failed: its command exited with 5 (PARITY_FAILED: a verdict, not retried)")
+    lock = StageFailed("train", 255, ["ERROR: Unable to acquire lock. Most likely another DVC process is running"])
+    assert lock.exit_code is None and lock.transient and not lock.deterministic
+    assert str(lock).startswith("stage 'train' failed: dvc exited with 255 before running the command")
 
 
 # -------------------------------------------------------------------------------------- overrides
@@ -220,7 +366,8 @@ def test_transient_failure_is_retried(prefect_harness: None, tmp_path: Path) -> 
 
 
 def test_deterministic_failure_fails_the_flow_without_retry(prefect_harness: None, tmp_path: Path) -> None:
-    code = "import sys\nprint('checking...')\nsys.exit('error: data validation failed: 3 expectations')\n"
+    # exit code 3 (VALIDATION_FAILED) decides, although the output mentions an I/O error on the way
+    code = "import sys\nprint('checking... OSError while reading shard 3')\nsys.exit(3)\n"
     repo = _dvc_repo(tmp_path / "bad", {
         "first": ("import os; os.makedirs('a')", ["src"], ["a"]),
         "check": (code, ["a"], ["b"]),
@@ -228,11 +375,96 @@ def test_deterministic_failure_fails_the_flow_without_retry(prefect_harness: Non
     })
     state = _run(repo_dir=str(repo))
     assert state.is_failed()
-    assert "stage 'check' failed" in state.message
-    assert "data validation failed: 3 expectations" in state.message  # its last error lines
+    assert "stage 'check' failed: its command exited with 3 (VALIDATION_FAILED: a verdict, not retried)" in state.message
+    assert "OSError while reading shard 3" in state.message  # its last output lines
     runs = _task_runs(state.state_details.flow_run_id)
     assert [r.name for r in runs] == ["first", "check"]  # 'after' never started
     assert runs[1].run_count == 1
+    err = state.result(raise_on_failure=False)
+    assert (err.stage, err.exit_code, err.verdict, err.deterministic, err.transient) == ("check", 3, "VALIDATION_FAILED",
+                                                                                        True, False)
+
+
+def test_failed_stage_gets_its_previous_outputs_back(prefect_harness: None, tmp_path: Path) -> None:
+    """DVC removes a stage's outputs before running it; after a failure the flow checks the locked ones out."""
+    code = ("import os, pathlib, sys\n"
+            "v = open('src').read()\n"
+            "os.makedirs('model', exist_ok=True)\n"
+            "pathlib.Path('model/w.txt').write_text('weights ' + v)\n"  # half-written by a failing run too
+            "pathlib.Path('result.txt').write_text('result ' + v)\n"
+            "os.makedirs('state', exist_ok=True)\n"
+            "with open('state/log', 'a') as f: f.write('attempt ' + v)\n"
+            "sys.exit(4 if v.startswith('2') else 0)\n")
+    repo = _dvc_repo(tmp_path / "restore", {"train": (code, ["src"], ["model", "result.txt", {"state": {"persist": True}}])})
+    first = _run(repo_dir=str(repo))
+    assert first.is_completed(), first.message
+    locked = {o["path"]: o["md5"] for o in _lock(repo)["train"]["outs"]}
+    assert locked["result.txt"] == _md5(repo / "result.txt")
+
+    (repo / "src").write_text("2\n")  # the next run fails its gate (exit 4) after rewriting its outputs
+    second = _run(repo_dir=str(repo))
+    assert second.is_failed() and "exited with 4 (GATE_FAILED" in second.message
+    assert (repo / "model/w.txt").read_text() == "weights 1\n"  # back as dvc.lock names them
+    assert (repo / "result.txt").read_text() == "result 1\n" and _md5(repo / "result.txt") == locked["result.txt"]
+    assert {o["path"]: o["md5"] for o in _lock(repo)["train"]["outs"]} == locked
+    assert locked_outputs(repo, "train")["model"].md5 == locked["model"]
+    # persist outputs are what the stage keeps on purpose (resume state): left as the failed run left them
+    assert (repo / "state/log").read_text() == "attempt 1\nattempt 2\n"
+    messages = [log.message for log in _logs(second.state_details.flow_run_id)]
+    assert any("restoring its previous outputs: dvc checkout --force model result.txt" in m for m in messages)
+    assert any("previous outputs restored as dvc.lock names them" in m for m in messages)
+
+
+def test_interrupted_stage_is_stopped_then_restorable(tmp_path: Path) -> None:
+    """Ctrl-C (or a cancellation) during a stage stops DVC and the command, so its outputs can be put back."""
+    code = ("import os, sys, time\nos.makedirs('o', exist_ok=True)\nopen('o/x', 'w').write(open('src').read())\n"
+            "if open('src').read() == '2\\n':\n"
+            "    print('pid', os.getpid(), flush=True)\n    time.sleep(120)\n")
+    repo = _dvc_repo(tmp_path / "interrupt", {"slow": (code, ["src"], ["o"])})
+    assert run_dvc_stage(repo, "slow").status == "ran"
+    (repo / "src").write_text("2\n")
+    pids: list[int] = []
+
+    def interrupt(line: str) -> None:
+        if line.startswith("pid "):
+            pids.append(int(line.split()[1]))
+            raise KeyboardInterrupt
+
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run_dvc_stage(repo, "slow", on_line=interrupt)
+    assert time.monotonic() - start < 30
+    assert pids and not Path(f"/proc/{pids[0]}").exists()  # the command is gone, not orphaned
+    [stage] = read_stages(repo)
+    restored = restore_outputs(repo, stage)  # DVC's repo lock is free again
+    assert restored.returncode == 0 and restored.targets == ["o"]
+    assert (repo / "o/x").read_text() == "1\n"
+
+
+def test_cancelled_flow_stops_the_stage_and_restores_its_outputs(prefect_harness: None, tmp_path: Path) -> None:
+    """SIGTERM to the flow process (what a Prefect cancellation sends): the stage command is stopped, not
+    orphaned, and the outputs dvc.lock names are back before the process ends."""
+    from prefect.settings import get_current_settings
+
+    code = ("import os, time\nv = open('src').read()\nos.makedirs('o', exist_ok=True)\nopen('o/x', 'w').write(v)\n"
+            "if v == '2\\n':\n    open('pid', 'w').write(str(os.getpid()))\n    time.sleep(120)\n")
+    repo = _dvc_repo(tmp_path / "cancel", {"slow": (code, ["src"], ["o"])})
+    assert run_dvc_stage(repo, "slow").status == "ran"
+    (repo / "src").write_text("2\n")
+    env = {**os.environ, "PREFECT_API_URL": str(get_current_settings().api.url)}
+    flow = subprocess.Popen([PY, "-m", "pipelines.flow", "--repo-dir", str(repo)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 90
+    while not (repo / "pid").exists() and flow.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert (repo / "pid").exists(), flow.communicate(timeout=30)[0][-3000:]
+    stage_pid = int((repo / "pid").read_text())
+    flow.terminate()
+    out = flow.communicate(timeout=90)[0]
+    assert flow.returncode != 0
+    assert not Path(f"/proc/{stage_pid}").exists()
+    assert "restoring its previous outputs: dvc checkout --force o" in out, out[-3000:]
+    assert (repo / "o/x").read_text() == "1\n"
 
 
 def test_misspelt_override_fails_before_any_stage(prefect_harness: None, toy_repo: Path) -> None:
@@ -262,21 +494,41 @@ def test_artifact_readers_tolerate_both_summary_shapes_and_missing_gate() -> Non
 def test_metrics_and_onnx_artifacts_are_published(prefect_harness: None, tmp_path: Path) -> None:
     metrics = {"overall": 0.5, "few": 0.25, "gate": {"passed": False, "failures": ["few 0.2500 < min_few 0.3"]}}
     evaluate = (f"import json, os, sys\nos.makedirs('reports')\njson.dump({metrics!r}, open('reports/metrics.json', 'w'))\n"
-                "sys.exit('error: quality gate failed')\n")
+                "sys.exit(4)\n")
+    export = ("import hashlib, json, os\nos.makedirs('models/export')\n"
+              "open('models/export/model.onnx', 'wb').write(b'onnx')\n"
+              "sha = hashlib.sha256(b'onnx').hexdigest()\n"
+              "json.dump({'variants': {'fp32': {'file': 'model.onnx', 'sha256': sha}}}, open('models/export/export.json', 'w'))\n")
     repo = _dvc_repo(tmp_path / "arts", {
-        "export": ("import os\nos.makedirs('models/export')\nopen('models/export/model.onnx', 'wb').write(b'onnx')\n",
-                   ["src"], ["models/export"]),
+        "export": (export, ["src"], ["models/export"]),
         "evaluate": (evaluate, ["models/export"], ["reports"]),
     })
     state = _run(repo_dir=str(repo))
     assert state.is_failed() and "stage 'evaluate' failed" in state.message
     arts = _artifacts(state.state_details.flow_run_id)
-    # Prefect stores a link artifact as Markdown: [text](link)
-    assert f"({(repo / 'models/export/model.onnx').resolve().as_uri()})" in arts["onnx-model"].data
+    # Prefect stores a link artifact as Markdown: [text](link); the text names the version
+    onnx = arts["onnx-model"]
+    folder_md5 = {o["path"]: o["md5"] for o in _lock(repo)["export"]["outs"]}["models/export"]
+    sha = hashlib.sha256(b"onnx").hexdigest()
+    assert onnx.data == (f"[models/export/model.onnx (dvc.lock md5 {folder_md5}, sha256 {sha[:12]})]"
+                         f"({(repo / 'models/export/model.onnx').resolve().as_uri()})")
+    assert f"md5 `{folder_md5}`" in onnx.description and f"sha256 (export.json): `{sha}`" in onnx.description
     # published although the gate failed the stage: the verdict is the point
     assert arts["evaluation-metrics"].type == "markdown"
     assert "Quality gate: **FAILED**" in arts["evaluation-metrics"].data
     assert "| overall | 0.5000 |" in arts["evaluation-metrics"].data
+
+
+def test_onnx_link_tolerates_a_missing_export_report(tmp_path: Path) -> None:
+    from pipelines.artifacts import onnx_link, onnx_sha256s
+
+    assert onnx_sha256s({"variants": [{"file": "a.onnx", "sha256": "ab"}, {"file": "b.onnx"}]}) == {"a.onnx": "ab"}
+    assert onnx_sha256s(None) == {} and onnx_sha256s({"variants": "x"}) == {}
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m/model.onnx").write_bytes(b"x")
+    link = onnx_link(tmp_path, Path("m/model.onnx"), "onnx-model", "m", None, "export", None)
+    assert link.link_text == "m/model.onnx (not in dvc.lock, sha256 not recorded)"
+    assert link.link == (tmp_path / "m/model.onnx").resolve().as_uri()
 
 
 # ------------------------------------------------------------------ the project's real stages (tiny)
@@ -286,9 +538,11 @@ def project_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_real_ingest_validate_then_cached_then_validation_failure(prefect_harness: None, project_repo: Path) -> None:
+    upstream = [s.name for s in pipeline_order(project_repo, target="validate")]  # ingest (and a params check)
+    assert "ingest" in upstream and upstream[-1] == "validate"
     first = _run(repo_dir=str(project_repo), target="validate")
     assert first.is_completed(), first.message
-    assert [(r["stage"], r["status"]) for r in first.result()] == [("ingest", "ran"), ("validate", "ran")]
+    assert [(r["stage"], r["status"]) for r in first.result()] == [(name, "ran") for name in upstream]
     table = _artifacts(first.state_details.flow_run_id)["data-validation"]
     assert table.type == "table"
     rows = json.loads(table.data)
@@ -296,7 +550,8 @@ def test_real_ingest_validate_then_cached_then_validation_failure(prefect_harnes
     assert {"expectation", "column", "success", "unexpected_count", "details"} <= set(rows[0])
 
     second = _run(repo_dir=str(project_repo), target="validate")
-    assert [(r["stage"], r["status"]) for r in second.result()] == [("ingest", "cached"), ("validate", "cached")]
+    assert [(r["stage"], r["status"]) for r in second.result()] == [(name, "cached") for name in upstream]
+    passing_summary = (project_repo / "data/validation/summary.json").read_bytes()
 
     # A shard edited in place and committed as the ingest output: DVC keeps ingest, validate must catch it.
     shard = sorted((project_repo / "data/shards/train").glob("*.tar"))[0]
@@ -307,18 +562,21 @@ def test_real_ingest_validate_then_cached_then_validation_failure(prefect_harnes
     assert third.is_failed()
     assert "stage 'validate' failed" in third.message and "data validation failed" in third.message
     runs = _task_runs(third.state_details.flow_run_id)
-    assert [(r.name, r.run_count) for r in runs] == [("ingest", 1), ("validate", 1)]  # no retry of a verdict
+    assert [(r.name, r.run_count) for r in runs] == [(name, 1) for name in upstream]  # no retry of a verdict
+    assert "exited with 3 (VALIDATION_FAILED" in third.message
     failed_rows = json.loads(_artifacts(third.state_details.flow_run_id)["data-validation"].data)
     assert any(r["success"] is False and "sha256" in str(r["details"]) for r in failed_rows)
     assert (project_repo / "params.yaml").read_bytes() == params_before  # override rolled back
+    # the failed run's report is in the artifact; the workspace has the outputs dvc.lock names again
+    assert (project_repo / "data/validation/summary.json").read_bytes() == passing_summary
 
 
-# ----------------------------------------------------------------------------------------- lpt serve
+# ----------------------------------------------------------------------------------------- lpt-serve
 def test_serve_status_and_stop_when_nothing_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     import socket
 
-    from pipelines.serve import serve_command
+    from pipelines.serve import main, serve_command
 
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
@@ -329,8 +587,20 @@ def test_serve_status_and_stop_when_nothing_runs(tmp_path: Path, monkeypatch: py
     monkeypatch.setenv("LPT_PREFECT_PORT", str(port))
     assert serve_command("status") == 3
     assert "not answering" in capsys.readouterr().out
-    assert serve_command("stop") == 0
+    assert main(["stop"]) == 0
     assert "not running" in capsys.readouterr().out
-    assert serve_command("restart") == 2
     monkeypatch.chdir(tmp_path.parent)
-    assert serve_command("status") == 2  # no dvc.yaml here or above
+    assert main(["status"]) == 2  # no dvc.yaml here or above
+    assert capsys.readouterr().err.count("\n") == 1
+    assert main(["status", "--root", str(tmp_path)]) == 3
+
+
+def test_serve_cli_without_action_prints_help_and_unknown_action_is_one_line() -> None:
+    """``lpt-serve`` (the console script) and ``python -m pipelines.serve``: never start anything by accident."""
+    lpt_serve = Path(PY).parent / "lpt-serve"
+    for cmd in ([str(lpt_serve)], [PY, "-m", "pipelines.serve"]):
+        bare = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert bare.returncode == 0 and bare.stdout.startswith("usage: lpt-serve") and "{start,stop,status}" in bare.stdout
+        wrong = subprocess.run([*cmd, "restart"], capture_output=True, text=True, timeout=60)
+        assert wrong.returncode == 2 and wrong.stdout == ""
+        assert wrong.stderr == "error: unknown action 'restart'; use one of: start, stop, status\n"

@@ -1,5 +1,5 @@
-"""The deployment end to end: `lpt serve start` (real local server + serving process), then
-`prefect deployment run lpt/full --watch` on the tiny config, then `lpt serve stop`.
+"""The deployment end to end: `lpt-serve start` (real local server + serving process), then
+`prefect deployment run lpt/full --watch` on the tiny config, then `lpt-serve stop`.
 
 Slow (a minute or two on 2 cores): the whole tiny pipeline trains, evaluates and exports.
 """
@@ -66,7 +66,7 @@ def test_served_deployment_runs_the_whole_tiny_pipeline(tmp_path: Path) -> None:
     env.pop("PREFECT_API_URL", None)
 
     def lpt_serve(action: str) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "lpt"), "serve", action], cwd=repo, env=env, capture_output=True, text=True,
+        return subprocess.run([str(BIN / "lpt-serve"), action], cwd=repo, env=env, capture_output=True, text=True,
                               timeout=300)
 
     pids: list[int] = []
@@ -86,7 +86,8 @@ def test_served_deployment_runs_the_whole_tiny_pipeline(tmp_path: Path) -> None:
         assert list((repo / "models/export").glob("*.onnx"))
         assert _stage_order_of_last_run(api_url) == [s.name for s in pipeline_order(repo)]
         assert "Quality gate: **PASSED**" in _artifact(api_url, "evaluation-metrics")["data"]
-        assert _artifact(api_url, "onnx-model")["data"].endswith(".onnx)")
+        onnx_link = _artifact(api_url, "onnx-model")["data"]
+        assert onnx_link.endswith(".onnx)") and "dvc.lock md5 " in onnx_link and "sha256 " in onnx_link
         assert lpt_serve("status").returncode == 0
     finally:
         stopped = lpt_serve("stop")

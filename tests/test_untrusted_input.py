@@ -660,3 +660,98 @@ def test_atomic_path_removes_stale_temp_files(tmp_path: Path) -> None:
         assert tmp.name.startswith(temp_prefix(target))
         tmp.write_text("done")
     assert target.read_text() == "done" and not stale.exists() and mine.exists()
+
+
+# ------------------------------------------------------------------------------------------ 9. one line, not a traceback
+def _cli(*args: str):
+    from typer.testing import CliRunner
+
+    from lpt.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def _assert_one_error_line(result, code: int, *needles: str) -> None:
+    out = result.output
+    assert result.exit_code == code, out
+    assert "Traceback" not in out and result.exception is None or isinstance(result.exception, SystemExit), out
+    lines = out.rstrip().splitlines()
+    errors = [i for i, line in enumerate(lines) if line.startswith("error: ")]
+    # one error, the last thing printed (a multi-problem params error lists each key on an indented line)
+    assert len(errors) == 1 and all(line.startswith("  ") for line in lines[errors[0] + 1:]), out
+    for needle in needles:
+        assert needle in out, (needle, out)
+
+
+@pytest.mark.parametrize(("setup", "args", "needles"), [
+    (None, ["-S", "seed=[1"], ["seed=[1", "not valid YAML"]),
+    ("empty", [], ["is empty"]),
+    ("std", [], ["transforms.std", "greater than 0"]),
+    ("list", [], ["expected a mapping"]),
+])
+def test_bad_params_are_one_line(tmp_path: Path, setup: str | None, args: list[str], needles: list[str]) -> None:
+    from lpt.config import write_params_atomic
+
+    path = tmp_path / "params.yaml"
+    write_params_atomic(path, make_tiny_params(tmp_path).to_dict())
+    if setup == "empty":
+        path.write_text("")
+    elif setup == "std":
+        path.write_text(path.read_text().replace("std:\n  - 0.5\n  - 0.5\n  - 0.5", "std: [0, 0, 0]"))
+        assert "std: [0, 0, 0]" in path.read_text()
+    elif setup == "list":
+        path.write_text("- seed\n- data\n")
+    _assert_one_error_line(_cli("params", "check", str(path), *args), 2, str(path) if setup else "", *needles)
+
+
+@pytest.fixture
+def stand_in_model(tiny_shards, tmp_path: Path):
+    """A saved final checkpoint (untrained) on the session's shards, its backbone in a safetensors file."""
+    from lpt.config import write_params_atomic
+    from lpt.model.backbone import create_backbone, save_backbone
+    from lpt.model.lpt import create_lpt_model, save_trained_model
+
+    backbone_file = tmp_path / "backbone.safetensors"
+    params = make_tiny_params(tmp_path, data__out_dir=str(tiny_shards.data.out_dir))
+    save_backbone(create_backbone(params.backbone), backbone_file)
+    params = make_tiny_params(tmp_path, data__out_dir=str(tiny_shards.data.out_dir), backbone__weights=str(backbone_file))
+    model = create_lpt_model(params, load_manifest(params.data.out_dir)["num_classes"], phase=2)
+    save_trained_model(model, Path(params.train.out_dir) / "phase2", {"class_counts": [1] * 10})
+    path = tmp_path / "params.yaml"
+    write_params_atomic(path, params.to_dict())
+    return params, path
+
+
+def test_corrupt_checkpoint_metadata_is_one_line(stand_in_model) -> None:
+    params, path = stand_in_model
+    meta = Path(params.train.out_dir) / "phase2" / "model.json"
+    meta.write_text(meta.read_text()[:40])
+    _assert_one_error_line(_cli("evaluate", "--params", str(path)), 1, str(meta), "not valid JSON")
+    meta.write_text('{"method": "lpt"}')
+    _assert_one_error_line(_cli("evaluate", "--params", str(path)), 1, str(meta), "num_classes")
+
+
+def test_truncated_backbone_weights_are_one_line(stand_in_model) -> None:
+    params, path = stand_in_model
+    weights = Path(params.backbone.weights)
+    weights.write_bytes(weights.read_bytes()[:200])
+    _assert_one_error_line(_cli("evaluate", "--params", str(path)), 1, str(weights), "not a readable safetensors")
+
+
+def test_corrupt_image_in_a_shard_is_one_line_from_the_cli(tiny_shards, tmp_path: Path) -> None:
+    """A shard whose sha256 was updated to match a broken image: decoding names the shard and the key."""
+    from lpt.config import write_params_atomic
+
+    params = _copy(tiny_shards, tmp_path)
+    manifest = load_manifest(params.data.out_dir)
+    record = manifest["splits"]["val"]["shards"][0]
+    shard = Path(params.data.out_dir) / "val" / record["name"]
+    raw = bytearray(shard.read_bytes())
+    png = raw.find(b"\x89PNG")
+    raw[png + 16: png + 64] = b"\0" * 48  # header intact, image data broken
+    shard.write_bytes(bytes(raw))
+    record["sha256"] = sha256_file(shard)
+    write_json_atomic(Path(params.data.out_dir) / "manifest.json", manifest)
+    path = tmp_path / "params.yaml"
+    write_params_atomic(path, params.to_dict())
+    _assert_one_error_line(_cli("train", "--phase", "1", "--params", str(path)), 1, record["name"])

@@ -164,9 +164,14 @@ def load_backbone_weights(model: nn.Module, path: Path) -> None:
         _load_npz(model, path)
         return
     if suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise BackboneError(f"{path}: not a readable safetensors file ({err}); it is damaged or truncated: "
+                                "fetch or regenerate it") from None
     elif suffix in (".pth", ".pt", ".bin"):
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
