@@ -297,3 +297,19 @@ def test_eval_forward_exports_to_onnx(tiny_params: Params, tmp_path: Path) -> No
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert not model.training  # the exporter restores the wrapper's mode
     np.testing.assert_allclose(sess.run(None, {"x": x.numpy()})[0], model(x).logits.detach().numpy(), atol=1e-4)
+
+
+def test_saved_backbone_bytes_do_not_depend_on_the_process(tmp_path: Path) -> None:
+    """safetensors keeps header metadata in a per-process-seeded hash map: several keys would reorder from
+    run to run and change the DVC output's md5. save_backbone packs them into one key."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from lpt.model.backbone import save_backbone; torch.manual_seed(0); "
+            "save_backbone(torch.nn.Linear(4, 3), sys.argv[1], metadata={'a': 1, 'b': 2, 'c': 3, 'd': 4})")
+    outs = []
+    for i in range(3):
+        path = tmp_path / f"b{i}.safetensors"
+        subprocess.run([sys.executable, "-c", code, str(path)], check=True)
+        outs.append(path.read_bytes())
+    assert outs[0] == outs[1] == outs[2]

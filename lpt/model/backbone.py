@@ -252,11 +252,15 @@ def save_backbone(model: nn.Module, path: str | Path, metadata: dict[str, str] |
     Args:
         model: a timm ViT, possibly with a classification head (the pretrain stage's model).
         path: destination ``.safetensors`` file.
-        metadata: optional string metadata stored in the file header.
+        metadata: optional metadata, stored in the file header as one sorted JSON string under the key
+            ``lpt`` (safetensors keeps header metadata in a hash map whose order changes from process to
+            process: with several keys the same weights would give different bytes on every run).
 
     Returns:
         ``path``.
     """
+    import json
+
     from safetensors.torch import save_file
 
     state = {
@@ -265,7 +269,8 @@ def save_backbone(model: nn.Module, path: str | Path, metadata: dict[str, str] |
         if not k.startswith(_HEAD_PREFIXES)
     }
     with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+        header = {"lpt": json.dumps({k: str(v) for k, v in metadata.items()}, sort_keys=True)} if metadata else None
+        save_file(state, str(tmp), metadata=header)
     return Path(path)
 
 
