@@ -347,6 +347,16 @@ def _create_from_file(timm: Any, name: str, num_classes: int, kwargs: dict[str, 
     return model
 
 
+def _safe_alternatives(filename: str) -> list[str]:
+    """The ``.safetensors`` names timm tries before a ``.bin`` (its private ``_get_safe_alternatives``)."""
+    try:
+        from timm.models._hub import _get_safe_alternatives
+
+        return list(_get_safe_alternatives(filename))
+    except ImportError:  # pragma: no cover - moved in a future timm: the documented default
+        return ["model.safetensors"] if filename == "pytorch_model.bin" else []
+
+
 def hub_weights(model: nn.Module) -> dict[str, Any]:
     """Where ``backbone.weights: hub`` makes timm look for ``model``'s pretrained weights, and whether they are
     in this machine's cache.
@@ -365,8 +375,9 @@ def hub_weights(model: nn.Module) -> dict[str, Any]:
         from huggingface_hub import constants, try_to_load_from_cache
 
         repo, _, revision = hub_id.partition("@")
-        # timm tries the safetensors alternative first, then the file its config names
-        files = [cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename") else ["model.safetensors", "pytorch_model.bin"]
+        # timm tries the safetensors alternative first, then the file its config names (timm.models._hub)
+        named = cfg.get("hf_hub_filename") or "pytorch_model.bin"
+        files = [named] if named.endswith(".safetensors") else [*_safe_alternatives(named), named]
         cached = None
         for name in files:
             hit = try_to_load_from_cache(repo, name, revision=revision or None)
