@@ -251,6 +251,9 @@ def test_a_family_lpt_cannot_handle_is_refused_up_front_in_one_line(tmp_path: Pa
 def test_swin_is_refused_naming_its_class() -> None:
     result = CliRunner().invoke(app, ["backbones", "swin_tiny_patch4_window7_224"])
     assert result.exit_code == 1 and "SwinTransformer is not a ViT family LPT supports" in result.output
+    # the pretrain stage builds with create_backbone alone: refused there too, not a TypeError traceback
+    with pytest.raises(BackboneError, match="'swin_tiny_patch4_window7_224'.*not a ViT family LPT supports"):
+        create_backbone(BackboneConfig(name="swin_tiny_patch4_window7_224", weights="none"))
 
 
 # ----------------------------------------------------------------------------------------- lpt backbones

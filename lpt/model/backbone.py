@@ -219,6 +219,10 @@ def _create(timm: Any, name: str, **kwargs: Any) -> nn.Module:
             raise BackboneError(f"backbone.name {name!r}: {err}") from None
         raise
     except TypeError as err:  # a timm_kwargs key the model's constructor does not take
+        if any(key in str(err) for key in _NO_DROPOUT):
+            raise BackboneError(f"backbone {name!r}: timm's model takes no {str(err).rsplit(' ', 1)[-1]} (LPT sets every "
+                                "ViT dropout knob to 0), so it is not a ViT family LPT supports; see `lpt backbones`"
+                                ) from None
         raise BackboneError(f"backbone {name!r}: timm cannot build it with backbone.timm_kwargs ({err})") from None
 
 
