@@ -14,6 +14,7 @@ from pathlib import Path
 BENCHES: list[tuple[str, list[str]]] = [
     ("data_throughput", []),
     ("train_step", ["--preset", "tiny"]),
+    ("families", []),
     ("onnx_latency", []),
     ("pipeline_overhead", []),
 ]

@@ -125,6 +125,34 @@ def params_preset(name: Annotated[str, typer.Argument(help="preset name under co
 
 
 @app.command()
+def backbones(
+    name: Annotated[Optional[str], typer.Argument(help="a timm model name (omit: list the supported families)")] = None,
+    timm_kwargs: Annotated[Optional[str], typer.Option(
+        "--timm-kwargs", help="YAML mapping of create_model kwargs, as backbone.timm_kwargs (e.g. '{img_size: 32}')")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """The timm ViT families LPT supports; for NAME: prefix tokens, feature, RoPE, S, parameter counts, weights."""
+    import yaml
+
+    from lpt.model.families import backbone_report, format_backbone_report, format_family_table
+
+    if name is None:
+        typer.echo(format_family_table())
+        return
+    try:
+        kwargs = yaml.safe_load(timm_kwargs) if timm_kwargs else {}
+    except yaml.YAMLError as err:
+        _fail(f"--timm-kwargs {timm_kwargs!r} is not valid YAML ({str(err).splitlines()[0]})", BAD_PARAMS)
+    if not isinstance(kwargs, dict):
+        _fail(f"--timm-kwargs {timm_kwargs!r}: expected a YAML mapping like '{{img_size: 32}}'", BAD_PARAMS)
+    model = _load(params).model if params.is_file() else None  # T and P as the project sets them
+    with _library_errors():
+        report = backbone_report(name, kwargs, prompt_length=model.prompt_length if model else 10,
+                                 pool_size=model.pool_size if model else 20)
+    typer.echo(format_backbone_report(report))
+
+
+@app.command()
 def ingest(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Turn the configured source into WebDataset shards + manifest (data.out_dir)."""
     from lpt.data.ingest import run_ingest

@@ -135,14 +135,19 @@ class ValidateConfig(_Strict):
 
 # ------------------------------------------------------------------------------------------- model
 class TransformConfig(_Strict):
-    """Train/test preprocessing; ``mean``/``std`` are the backbone's normalisation."""
+    """Train/test preprocessing. ``null`` in ``input_size``, ``resize``, ``mean`` or ``std`` means "from the
+    model": its input size, and its pretrained config's mean / std / crop_pct
+    (:func:`lpt.model.backbone.resolve_transforms`); the export metadata carries the values used."""
 
-    input_size: int = Field(32, ge=8, le=1024, description="side of the square network input")
-    resize: int = Field(32, ge=8, le=2048, description="test: resize shorter side to this, then center-crop input_size")
+    input_size: int | None = Field(32, ge=8, le=1024, description="side of the square network input; null = the model's")
+    resize: int | None = Field(
+        32, ge=8, le=2048,
+        description="test: resize shorter side to this, then center-crop input_size; null = input_size / crop_pct")
     train_scale_min: float = Field(0.6, gt=0.0, le=1.0, description="RandomResizedCrop minimum area fraction")
     hflip: bool = True
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = (0.5, 0.5, 0.5)
+    mean: tuple[float, float, float] | None = Field((0.5, 0.5, 0.5), description="null = the pretrained config's")
+    std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] | None = Field(
+        (0.5, 0.5, 0.5), description="null = the pretrained config's")
 
 
 class BackboneConfig(_Strict):

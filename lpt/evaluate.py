@@ -336,6 +336,7 @@ def run_evaluate(params: Params, phase_dir: Path | None = None) -> EvaluateResul
     from torch.utils.data import DataLoader
 
     from lpt.data.reader import ShardImages, TransformedDataset, build_transform, load_manifest
+    from lpt.model.backbone import resolve_transforms
     from lpt.model.lpt import load_trained_model
     from lpt.utils import resolve_device, seed_everything
 
@@ -353,7 +354,9 @@ def run_evaluate(params: Params, phase_dir: Path | None = None) -> EvaluateResul
     class_names = [str(c) for c in manifest.get("class_names") or range(len(counts))]
 
     test = ShardImages(Path(params.data.out_dir), "test", in_memory=True)
-    loader = DataLoader(TransformedDataset(test, build_transform(params.transforms, train=False)),
+    # params.transforms with its nulls (= from the model) filled from the trained model's backbone
+    transforms = resolve_transforms(params.transforms, model.backbone)
+    loader = DataLoader(TransformedDataset(test, build_transform(transforms, train=False)),
                         batch_size=params.evaluate.batch_size, shuffle=False,
                         num_workers=params.train.num_workers)
     preds = collect_predictions(model, loader, device)

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from lpt.config import Params
-from lpt.model.backbone import BackboneError
+from lpt.model.backbone import BackboneError, ResolvedTransforms, resolve_transforms
 from lpt.model.lpt import CheckpointError, LPTModel, load_trained_model
 # the metadata schema belongs to the torch-free consumer; the exporter writes what it reads
 from lpt.runtime import INPUT_NAME, LOGITS_NAME, LPT_FORMAT, REQUIRED_METADATA, SELECTED_NAME
@@ -140,32 +140,35 @@ class LPTInference(torch.nn.Module):
 
 
 class _ClsOnlyBlock(torch.nn.Module):
-    """A timm ViT ``Block`` that returns only the CLS row ``[B, 1, D]`` of its output (export-time only).
+    """A timm ViT ``Block`` that returns only the first ``rows`` rows ``[B, rows, D]`` of its output
+    (export-time only).
 
-    The last block's output is only ever read through ``norm(h)[:, 0]`` (:meth:`LPTModel._cls`), and
-    everything after attention is row-wise, so the other rows are dead compute: K and V still come
-    from every token, but Q, the attention row, the projection and the MLP run for the CLS token only
-    (identical math; ~17 % fewer FLOPs for L = 6). ``[:, :n]`` on a one-row output is that row.
+    Where the family's feature reads only the leading rows of the last block's output (the CLS row of a
+    token-pooled ViT; CLS + distillation rows of a distilled DeiT: :meth:`BackboneFamily.feature_rows`),
+    and everything after attention is row-wise, the other rows are dead compute: K and V still come from
+    every token, but Q, the attention rows, the projection and the MLP run for those rows only (identical
+    math; ~17 % fewer FLOPs for L = 6). ``[:, :n]`` on a ``rows``-row output is those rows.
     """
 
-    def __init__(self, block: torch.nn.Module) -> None:
+    def __init__(self, block: torch.nn.Module, rows: int = 1) -> None:
         super().__init__()
         self.block = block
+        self.rows = rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, a = self.block, self.block.attn
+        b, a, r = self.block, self.block.attn, self.rows
         batch, n, _ = x.shape
         y = b.norm1(x)
         w, bias = a.qkv.weight, a.qkv.bias
         d = a.attn_dim
-        q = torch.nn.functional.linear(y[:, :1], w[:d], None if bias is None else bias[:d])  # [B, 1, d]
+        q = torch.nn.functional.linear(y[:, :r], w[:d], None if bias is None else bias[:d])  # [B, r, d]
         kv = torch.nn.functional.linear(y, w[d:], None if bias is None else bias[d:])  # [B, N, 2d]
-        q = a.q_norm(q.reshape(batch, 1, a.num_heads, a.head_dim).transpose(1, 2))  # [B, H, 1, hd]
+        q = a.q_norm(q.reshape(batch, r, a.num_heads, a.head_dim).transpose(1, 2))  # [B, H, r, hd]
         k, v = kv.reshape(batch, n, 2, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         k = a.k_norm(k)  # [B, H, N, hd]
-        attn = ((q * a.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # [B, H, 1, N]
-        o = a.norm((attn @ v).transpose(1, 2).reshape(batch, 1, d))
-        h = x[:, :1] + b.ls1(a.proj(o))  # drop_path / dropout are identities in eval
+        attn = ((q * a.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # [B, H, r, N]
+        o = a.norm((attn @ v).transpose(1, 2).reshape(batch, r, d))
+        h = x[:, :r] + b.ls1(a.proj(o))  # drop_path / dropout are identities in eval
         return h + b.ls2(b.mlp(b.norm2(h)))
 
 
@@ -187,7 +190,10 @@ def _export_rewrites(model: LPTModel, enabled: bool) -> Iterator[dict[str, Any]]
     - explicit attention (``fused_attn = False``): ``q·scale @ kᵀ → softmax → @ v`` with a constant scale
       instead of ``scaled_dot_product_attention``, whose TorchScript export computes the scale from the
       runtime shape (Shape/Slice/Cast/Sqrt/Div per block that no optimizer can fold);
-    - the last block computes the CLS row only (:class:`_ClsOnlyBlock`).
+    - the last block computes only the rows the feature reads (:class:`_ClsOnlyBlock`), where the family
+      says the feature reads leading rows only (:meth:`lpt.model.families.BackboneFamily.feature_rows`: the
+      CLS row of a token-pooled ViT, CLS + distillation of a distilled DeiT; never an avg / map pool) and the
+      block is a plain timm ``Block``.
 
     Yields what was applied (recorded in ``export.json``).
     """
@@ -200,8 +206,9 @@ def _export_rewrites(model: LPTModel, enabled: bool) -> Iterator[dict[str, Any]]
             for attn, _ in saved_fused:
                 attn.fused_attn = False
             applied["explicit_attention"] = bool(saved_fused)
-            if _cls_only_supported(last):
-                blocks[-1] = _ClsOnlyBlock(last)
+            rows = model.family.feature_rows(model.backbone)
+            if rows and _cls_only_supported(last):
+                blocks[-1] = _ClsOnlyBlock(last, rows)
                 applied["cls_only_last_block"] = True
         yield applied
     finally:
@@ -280,16 +287,19 @@ def export_onnx(model: LPTModel, path: str | Path, *, opset: int = 18, dynamo: b
 
 # ---------------------------------------------------------------------------------------- metadata
 def build_metadata(params: Params, model: LPTModel, class_names: list[str], checkpoint_meta: dict[str, Any],
-                   *, precision: str = "fp32", dynamo: bool = False) -> dict[str, str]:
+                   *, precision: str = "fp32", dynamo: bool = False,
+                   transforms: ResolvedTransforms | None = None) -> dict[str, str]:
     """Everything a consumer needs to preprocess, run and interpret the graph (all values strings).
 
     Lists and numbers are JSON; names are plain strings. See ``docs/export.md`` for the key list. The
     provenance comes from the checkpoint's own record (``model.json``): backbone, geometry and
-    ``params_sha256`` = the sha256 of the training recipe that produced it.
+    ``params_sha256`` = the sha256 of the training recipe that produced it. The preprocessing values are
+    the ones actually used: ``params.transforms`` with its nulls filled from the model
+    (``transforms``; default :func:`~lpt.model.backbone.resolve_transforms` on the model's backbone).
     """
     import lpt
 
-    t = params.transforms
+    t = transforms if transforms is not None else resolve_transforms(params.transforms, model.backbone)
     backbone = checkpoint_meta.get("backbone") or {}
     meta = {
         "lpt_format": str(LPT_FORMAT),
@@ -395,12 +405,13 @@ def _session(path: Path, threads: int) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _compare_on_test(model: LPTModel, sessions: dict[str, Any], params: Params) -> dict[str, Any]:
+def _compare_on_test(model: LPTModel, sessions: dict[str, Any], params: Params,
+                     transforms: ResolvedTransforms) -> dict[str, Any]:
     """Run torch and every ORT session over the test split; logits, top-1 and prompt agreement."""
     from lpt.data.reader import ShardImages, build_transform
 
     dataset = ShardImages(Path(params.data.out_dir), "test")
-    transform = build_transform(params.transforms, train=False)
+    transform = build_transform(transforms, train=False)
     n = len(dataset)
     if n == 0:
         raise ExportError(f"{params.data.out_dir}: the test split is empty; nothing to check parity on")
@@ -526,17 +537,21 @@ def run_export(params: Params) -> ExportResult:
         raise ExportError(f"cannot load the trained model: {err}") from None
     model.eval()
     check_gate_verdict(params, ckpt["weights_sha256"])
+    try:  # the preprocessing actually used: params.transforms, nulls filled from the model
+        transforms = resolve_transforms(params.transforms, model.backbone)
+    except BackboneError as err:
+        raise ExportError(str(err)) from None
     class_names = _class_names(params, model.num_classes)
     notes: list[str] = []
     threads = torch.get_num_threads()
-    doc = (f"LPT ({model.method}) inference: image [B,3,{params.transforms.input_size},"
-           f"{params.transforms.input_size}] normalised -> logits (cosine)"
+    doc = (f"LPT ({model.method}) inference: image [B,3,{transforms.input_size},"
+           f"{transforms.input_size}] normalised -> logits (cosine)"
            + (" + selected (group prompts)" if model.phase == 2 else "") + ". See metadata_props.")
 
     with atomic_dir(out_dir) as tmp:
         fp32 = export_onnx(model, tmp / MODEL_FILE, opset=cfg.opset, dynamo=cfg.dynamo,
-                           input_size=params.transforms.input_size, optimize=cfg.optimize)
-        meta = build_metadata(params, model, class_names, ckpt, dynamo=cfg.dynamo)
+                           input_size=transforms.input_size, optimize=cfg.optimize)
+        meta = build_metadata(params, model, class_names, ckpt, dynamo=cfg.dynamo, transforms=transforms)
         write_metadata(fp32, meta, doc)
         _check(fp32)
         files = {"fp32": fp32}
@@ -550,7 +565,7 @@ def run_export(params: Params) -> ExportResult:
             except ImportError as err:
                 notes.append(f"fp16 skipped: onnxruntime.transformers.float16 is not available ({err})")
 
-        stats = _compare_on_test(model, {k: _session(p, threads) for k, p in files.items()}, params)
+        stats = _compare_on_test(model, {k: _session(p, threads) for k, p in files.items()}, params, transforms)
         fp = stats["fp32"]
         failures = []
         if not fp["max_abs_diff"] <= cfg.parity.max_abs_diff:

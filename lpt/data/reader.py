@@ -390,10 +390,19 @@ def build_transform(cfg, train: bool) -> Callable[[Image.Image], "torch.Tensor"]
     reproduces exactly this in numpy/Pillow. Both end with ToTensor + Normalize(mean, std).
 
     Args:
-        cfg: a ``TransformConfig``.
+        cfg: the ``transforms`` section with every field set: a ``TransformConfig`` without nulls, or
+            :func:`lpt.model.backbone.resolve_transforms`' result (which fills nulls from the model).
         train: train (augmenting) or test (deterministic) pipeline.
+
+    Raises:
+        ValueError: a field is still null ("from the model"): resolve it against the backbone first.
     """
     from torchvision import transforms as T
+
+    unresolved = [k for k in ("input_size", "resize", "mean", "std") if getattr(cfg, k) is None]
+    if unresolved:
+        raise ValueError(f"transforms.{unresolved[0]} is null (= from the model) and was not resolved against a "
+                         "backbone (lpt.model.backbone.resolve_transforms); set it explicitly for this command")
 
     if train:
         steps = [T.RandomResizedCrop(cfg.input_size, scale=(cfg.train_scale_min, 1.0), antialias=True)]

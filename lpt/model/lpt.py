@@ -1,15 +1,19 @@
 """The LPT model: frozen ViT + shared prompt + group prompt pool + cosine head.
 
-Shapes: B batch, N = 1 + patches tokens (CLS first), L blocks, S shared-only blocks, T prompt tokens,
-D embed dim, P pool size, k top-k, C classes.
+Shapes: B batch, N = the model's own tokens (its prefix tokens, e.g. CLS / registers / distillation, then
+the patches), L blocks, S shared-only blocks, T prompt tokens, D embed dim, P pool size, k top-k, C classes.
+
+The block loop is the same for every timm ViT family; what differs (embedding, RoPE, the pooled feature)
+is the family adapter's (:mod:`lpt.model.families`).
 
 Phase 1 (``lpt``, ``lpt_phase1``, ``vpt_deep``): VPT-deep with replacement. Before block i the layer-i
-shared tokens are appended after the patch tokens, ``[CLS, patches, shared_i]`` ([B, N+T, D]); after the
-block the prompt outputs are dropped ([B, N, D]). Final norm, CLS, dropout, cosine head.
+shared tokens are appended after all the model's tokens, ``[prefix, patches, shared_i]`` ([B, N+T, D]);
+after the block the prompt outputs are dropped ([B, N, D]). The feature is the model's own pooling of the
+final hidden state (final-norm CLS for a CLS ViT; see the families); dropout; cosine head.
 
 Phase 2 (``lpt`` after :meth:`LPTModel.set_phase`): a query pass with the shared prompt only gives
-q = final-norm CLS (no grad); q picks the top-k group prompts by cosine to the keys; their mean is the
-sample's group prompt; blocks S..L-1 of the prompted pass see ``[CLS, patches, shared_i, group_i]``.
+q = that feature (no grad); q picks the top-k group prompts by cosine to the keys; their mean is the
+sample's group prompt; blocks S..L-1 of the prompted pass see ``[prefix, patches, shared_i, group_i]``.
 
 Block reuse: blocks 0..S-1 are identical in the query pass and the prompted pass (frozen, shared prompt
 only, no dropout), so :meth:`LPTModel.forward` computes them once and feeds that hidden state to both the
@@ -38,7 +42,8 @@ from torch import nn
 
 from lpt.config import BackboneConfig, ModelConfig, Params
 from lpt.methods import METHODS, get_method
-from lpt.model.backbone import backbone_fingerprint, create_backbone
+from lpt.model.backbone import backbone_fingerprint, build_architecture, create_backbone
+from lpt.model.families import family_of
 from lpt.model.prompts import GroupPromptPool, SharedPrompt
 from lpt.utils import atomic_path, read_json, sha256_file, write_json_atomic
 
@@ -71,7 +76,7 @@ class LPTOutput(NamedTuple):
     logits: torch.Tensor  # [B, C] raw cosine in [-1, 1] (the loss applies margin and scale)
     sim: torch.Tensor  # scalar key-matching term (sum over batch & k of cos(q, key)) / B; 0 in phase 1
     selected: torch.Tensor | None  # [B, k] int64 pool indices in phase 2, else None
-    features: torch.Tensor  # [B, D] final-norm CLS feature (before head dropout)
+    features: torch.Tensor  # [B, D] the family's pooled feature, e.g. final-norm CLS (before head dropout)
 
 
 def component_generator(seed: int, name: str) -> torch.Generator:
@@ -113,7 +118,8 @@ class LPTModel(nn.Module):
     """LPT (and its ablations) on a frozen timm ViT.
 
     Args:
-        backbone: a frozen timm ViT (:func:`lpt.model.backbone.create_backbone`).
+        backbone: a frozen timm ViT of a supported family (:func:`lpt.model.backbone.create_backbone`,
+            :func:`lpt.model.families.family_of`).
         num_classes: C.
         cfg: the ``model`` params section. Phase 1 reads ``prompt_length`` and ``head_dropout`` only; the
             pool fields (``pool_size``, ``shared_blocks``, ``top_k``, ``block_reuse``) are read when the
@@ -141,6 +147,7 @@ class LPTModel(nn.Module):
         self.cfg = cfg
         self.seed = int(seed)
         self.backbone_cfg = backbone_cfg
+        self.family = family_of(backbone, backbone_cfg.name if backbone_cfg is not None else None)  # stateless
         self.num_classes = num_classes
         self.depth = len(backbone.blocks)
         self.embed_dim: int = backbone.embed_dim
@@ -217,21 +224,18 @@ class LPTModel(nn.Module):
         return self
 
     # ------------------------------------------------------------------------------ building blocks
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Images [B, 3, H, W] -> tokens [B, N, D] (CLS + patches with positions), timm's own steps."""
-        bb = self.backbone
-        h = bb.patch_embed(x)
-        h = bb._pos_embed(h)
-        h = bb.patch_drop(h)
-        return bb.norm_pre(h)
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """Images [B, 3, H, W] -> (the model's tokens [B, N, D], the family's block context, e.g. RoPE)."""
+        return self.family.embed(self.backbone, x)
 
     def _blocks(
-        self, h: torch.Tensor, start: int, end: int, group: torch.Tensor | None = None
+        self, h: torch.Tensor, ctx: Any, start: int, end: int, group: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Run blocks ``start..end-1`` with prompt replacement.
 
         Args:
-            h: [B, N, D] hidden state entering block ``start``.
+            h: [B, N, D] hidden state entering block ``start`` (the model's own tokens only).
+            ctx: the family's block context from :meth:`_embed` (RoPE for EVA; None for a plain ViT).
             start: first block.
             end: one past the last block.
             group: [B, L-S, T, D] per-sample group prompts for blocks S..L-1, or None.
@@ -247,12 +251,13 @@ class LPTModel(nn.Module):
             if group is not None:
                 parts.append(group[:, i - self.shared_blocks].to(h.dtype))  # [B, T, D]
             tokens = torch.cat(parts, dim=1) if len(parts) > 1 else h  # [B, N + T (+ T), D]
-            h = self.backbone.blocks[i](tokens)[:, :n]  # [B, N, D]: prompt outputs dropped (replacement)
+            out = self.family.block(self.backbone, i, tokens, ctx, tokens.shape[1] - n)  # [B, N + T (+ T), D]
+            h = out[:, :n]  # [B, N, D]: prompt outputs dropped (replacement)
         return h
 
-    def _cls(self, h: torch.Tensor) -> torch.Tensor:
-        """[B, N, D] -> final-norm CLS feature [B, D]."""
-        return self.backbone.norm(h)[:, 0]
+    def _feature(self, h: torch.Tensor) -> torch.Tensor:
+        """[B, N, D] -> the model's own pooled feature [B, D] (timm's pre_logits: final-norm CLS, avg, map...)."""
+        return self.family.feature(self.backbone, h)
 
     def _output(self, features: torch.Tensor, sim: torch.Tensor, selected: torch.Tensor | None) -> LPTOutput:
         logits = self.head(self.head_drop(features))  # [B, C]
@@ -275,8 +280,9 @@ class LPTModel(nn.Module):
         return self._forward_phase1(x)
 
     def _forward_phase1(self, x: torch.Tensor) -> LPTOutput:
-        h = self._blocks(self._embed(x), 0, self.depth)  # [B, N, D]
-        return self._output(self._cls(h), x.new_zeros(()), None)
+        h, ctx = self._embed(x)  # [B, N, D]
+        h = self._blocks(h, ctx, 0, self.depth)  # [B, N, D]
+        return self._output(self._feature(h), x.new_zeros(()), None)
 
     def _forward_phase2_reuse(self, x: torch.Tensor) -> LPTOutput:
         s = self.shared_blocks
@@ -284,11 +290,12 @@ class LPTModel(nn.Module):
         # Blocks 0..S-1 once, shared by both passes. Everything here is frozen in phase 2, so the
         # result is a constant for autograd: no graph, no saved activations, no backward through them.
         with torch.no_grad():
-            h_shared = self._blocks(self._embed(x), 0, s)  # [B, N, D]
-            query = self._cls(self._blocks(h_shared, s, self.depth))  # [B, D] = phase-1 feature
+            h0, ctx = self._embed(x)  # [B, N, D]
+            h_shared = self._blocks(h0, ctx, 0, s)  # [B, N, D]
+            query = self._feature(self._blocks(h_shared, ctx, s, self.depth))  # [B, D] = phase-1 feature
         sel = self.group_pool.select(query)
-        h = self._blocks(h_shared, s, self.depth, group=sel.prompts)  # [B, N, D]
-        return self._output(self._cls(h), sel.sim, sel.selected)
+        h = self._blocks(h_shared, ctx, s, self.depth, group=sel.prompts)  # [B, N, D]
+        return self._output(self._feature(h), sel.sim, sel.selected)
 
     def forward_two_pass(self, x: torch.Tensor) -> LPTOutput:
         """Reference forward without block reuse: a full query pass, then a full prompted pass.
@@ -301,11 +308,13 @@ class LPTModel(nn.Module):
         assert self.group_pool is not None
         s = self.shared_blocks
         with torch.no_grad():
-            query = self._cls(self._blocks(self._embed(x), 0, self.depth))  # [B, D]
+            h, ctx = self._embed(x)  # [B, N, D]
+            query = self._feature(self._blocks(h, ctx, 0, self.depth))  # [B, D]
         sel = self.group_pool.select(query)
-        h = self._blocks(self._embed(x), 0, s)  # [B, N, D]
-        h = self._blocks(h, s, self.depth, group=sel.prompts)
-        return self._output(self._cls(h), sel.sim, sel.selected)
+        h, ctx = self._embed(x)
+        h = self._blocks(h, ctx, 0, s)  # [B, N, D]
+        h = self._blocks(h, ctx, s, self.depth, group=sel.prompts)
+        return self._output(self._feature(h), sel.sim, sel.selected)
 
     @torch.no_grad()
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -424,6 +433,7 @@ def create_lpt_model(params: Params, num_classes: int, phase: int = 1) -> LPTMod
         num_classes: C.
         phase: 2 builds the group prompt pool too (LPT only).
     """
+    family_of(build_architecture(params.backbone), params.backbone.name)  # refuse a family before loading weights
     backbone = create_backbone(params.backbone, pretrain_dir=params.pretrain.out_dir)
     model = LPTModel(backbone, num_classes, params.model, params.train.method, backbone_cfg=params.backbone,
                      seed=params.seed)
@@ -529,6 +539,7 @@ def load_trained_model(
 
     Raises:
         CheckpointError: missing or damaged files, or a different backbone.
+        BackboneError: the backbone's family is not supported, or its weights cannot be loaded.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -548,6 +559,7 @@ def load_trained_model(
         mcfg = ModelConfig(**meta["model_config"])
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{phase_dir / META_FILE}: backbone or model_config record is invalid ({err})") from None
+    family_of(build_architecture(bcfg), bcfg.name)  # refuse a family before loading weights
     backbone = create_backbone(bcfg, pretrain_dir=params.pretrain.out_dir)
     model = LPTModel(backbone, meta["num_classes"], mcfg, meta["method"], backbone_cfg=bcfg)
     if recorded.get("fingerprint") and model.backbone_fingerprint() != recorded["fingerprint"]:

@@ -35,8 +35,13 @@ class PhaseData:
     manifest_sha: str
 
 
-def load_phase_data(params: Params) -> PhaseData:
+def load_phase_data(params: Params, transforms: Any = None) -> PhaseData:
     """Open the train/val splits of ``data.out_dir`` (shards verified against the manifest by the reader).
+
+    Args:
+        params: reads ``data.out_dir``, ``train.in_memory`` and (without ``transforms``) ``transforms``.
+        transforms: the ``transforms`` section resolved against the backbone
+            (:func:`lpt.model.backbone.resolve_transforms`); default ``params.transforms`` as written.
 
     Raises:
         TrainError: shards/manifest missing or no validation split.
@@ -51,10 +56,11 @@ def load_phase_data(params: Params) -> PhaseData:
     if not manifest.get("splits", {}).get("val", {}).get("count"):
         raise TrainError(f"{manifest_path}: no validation split; model selection needs one (never the test split)")
     in_memory = params.train.in_memory
+    transforms = params.transforms if transforms is None else transforms
     return PhaseData(train=ShardImages(shards, "train", in_memory=in_memory),
                      val=ShardImages(shards, "val", in_memory=in_memory),
-                     train_transform=build_transform(params.transforms, train=True),
-                     val_transform=build_transform(params.transforms, train=False),
+                     train_transform=build_transform(transforms, train=True),
+                     val_transform=build_transform(transforms, train=False),
                      class_counts=[int(c) for c in manifest["train_counts"]],
                      num_classes=int(manifest["num_classes"]), manifest_sha=sha256_file(manifest_path))
 

@@ -91,7 +91,11 @@ class _PhaseRun:
             raise TrainError(f"train.phase{self.phase}.batch_size ({batch}) must be divisible by "
                              f"world_size x grad_accum ({world} x {accum})")
         self.rank_batch = batch // world
-        self.data = load_phase_data(self.params)
+        from lpt.model.backbone import build_architecture, resolve_transforms
+
+        # transforms left null in params come from the backbone (its input size, pretrained mean/std/crop)
+        self.transforms = resolve_transforms(self.params.transforms, build_architecture(self.params.backbone))
+        self.data = load_phase_data(self.params, self.transforms)
         self.steps_per_epoch = steps_per_epoch(len(self.data.train), batch)
         total_steps = self.steps_per_epoch * self.cfg.epochs
         model = self._build_model().to(self.device)
@@ -333,7 +337,8 @@ class _PhaseRun:
             meta = {"class_counts": self.data.class_counts, "recipe": self.recipe,
                     "recipe_sha256": _sha256_json(self.recipe), "best_val_acc": prog.best_val_acc,
                     "best_epoch": prog.best_epoch, "epochs": self.cfg.epochs, "steps": prog.global_step,
-                    "history": prog.history, "world_size": self.dist.world_size}
+                    "history": prog.history, "world_size": self.dist.world_size,
+                    "transforms": self.transforms.as_dict()}
             with atomic_dir(self.phase_dir) as tmp:
                 save_trained_model(self.model, tmp, meta)
                 if (self.scratch / "live").is_dir():
