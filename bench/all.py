@@ -15,6 +15,7 @@ BENCHES: list[tuple[str, list[str]]] = [
     ("data_throughput", []),
     ("train_step", ["--preset", "tiny"]),
     ("onnx_latency", []),
+    ("packs", []),
     ("pipeline_overhead", []),
 ]
 
