@@ -18,10 +18,10 @@ What changes the graph's structure is fixed per graph (its ``geometry``: method 
 tensors exist, depth L, width D, shared-only blocks S, top-k k, input size, LayerNorm eps); T (prompt
 length), P (pool size) and C (classes) are dynamic axes, so packs of one backbone may differ in them.
 
-The choice of graph inputs over shared initializers (one session per task, backbone weights shared across
-sessions with ``SessionOptions.add_external_initializers``) was made with ``python -m bench.packs``: every
-session costs its own graph, kernels and activation arena, so memory grew by ~19 MB per task (~8 MB with a
-shared arena) against ~0.5 MB per task with graph inputs, at equal latency (docs/export.md).
+Graph inputs were chosen over shared initializers (one session per task, the backbone weights shared across
+sessions with ``SessionOptions.add_external_initializers``) with ``python -m bench.packs``: every session
+keeps its own graph, kernels and state, so memory grew by ~8 MB per task even with one shared arena, against
+~0.5 MB per task with graph inputs; shared initializers were not faster (docs/export.md, "Task packs").
 
 ``run_pack(params)`` (the DVC stage) honours the quality gate like the export (:func:`lpt.export.check_gate_verdict`),
 writes ``<pack.out_dir>/<pack.name>.pack``, ``backbone.onnx`` and ``pack.json`` atomically, and gates the pack

@@ -379,3 +379,53 @@ def test_lpt_predict_refusals_are_one_error_line(tasks, tmp_path: Path) -> None:
         assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
         for needle in needles:
             assert needle in lines[0]
+
+
+# ------------------------------------------------------------------------------------------------ workflow
+@pytest.mark.slow
+def test_second_task_with_dvc_reuses_the_frozen_pretrain_output(tmp_path: Path) -> None:
+    """The documented multi-task workflow on the project's dvc.yaml (tiny): task A with `dvc repro`, then
+    `frozen: true` on the pretrain stage, then task B (other classes, other prompt sizes) as `dvc exp run -S ...`: the
+    pretrain stage does not run again, its backbone file is unchanged, and both packs run on one backbone
+    graph next to each other."""
+    import shutil
+
+    import yaml
+
+    from test_pipelines import PY, _project_repo, _sh
+
+    repo = _project_repo(tmp_path / "repo")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["backbone"]["weights"] = "pretrain"  # the embedded default: the pretrain stage trains the backbone
+    params["pack"]["name"] = "task_a"
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _sh("git", "add", "-A", cwd=repo)
+    _sh("git", "-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", "task a", cwd=repo)
+    _sh(PY, "-m", "dvc", "repro", "-q", cwd=repo)
+    backbone_file = repo / "models/pretrain/backbone.safetensors"
+    backbone_bytes = backbone_file.read_bytes()
+    pretrain_lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["pretrain"]
+    deploy = tmp_path / "deploy"  # what would be copied to a consumer: the backbone graph once, then packs
+    deploy.mkdir()
+    shutil.copy(repo / "models/pack/task_a.pack", deploy)
+    shutil.copy(repo / "models/pack/backbone.onnx", deploy)
+
+    # `dvc freeze pretrain` refuses templated stages ("cannot dump a parametrized stage"): the line by hand
+    dvc_yaml = (repo / "dvc.yaml").read_text()
+    assert dvc_yaml.count("\n  pretrain:\n") == 1
+    (repo / "dvc.yaml").write_text(dvc_yaml.replace("\n  pretrain:\n", "\n  pretrain:\n    frozen: true\n"))
+    _sh("git", "add", "-A", cwd=repo)
+    _sh("git", "-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", "task a done; backbone frozen", cwd=repo)
+    log = _sh(PY, "-m", "dvc", "exp", "run", "-n", "task_b", "-S", "data.synthetic.num_classes=6",
+              "-S", "model.prompt_length=3", "-S", "model.pool_size=5", "-S", "pack.name=task_b", cwd=repo)
+    assert "Running stage 'pretrain'" not in log and "Running stage 'pack'" in log
+    assert backbone_file.read_bytes() == backbone_bytes
+    # a frozen stage keeps its outputs; DVC records the current inputs beside them in dvc.lock
+    assert yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["pretrain"]["outs"] == pretrain_lock["outs"]
+    assert (repo / "models/pack/backbone.onnx").read_bytes() == (deploy / "backbone.onnx").read_bytes()
+    shutil.copy(repo / "models/pack/task_b.pack", deploy)
+
+    predictor = Predictor(deploy / "backbone.onnx", packs=[deploy / "task_a.pack", deploy / "task_b.pack"])
+    assert [len(p.class_names) for p in predictor.packs] == [10, 6]
+    rows = predictor.predict_arrays(np.zeros((2, 3, 32, 32), np.float32))
+    assert [r["task"] for r in rows] == ["task_a", "task_b"] * 2
