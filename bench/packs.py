@@ -246,7 +246,8 @@ def latency(folder: Path, tasks: int, threads: int, rounds: int, batches: tuple[
     singles = [Predictor(folder / "single" / f"task{i:02d}.onnx", providers=["CPUExecutionProvider"],
                          intra_op_num_threads=threads) for i in range(tasks)]
     packs = Predictor(folder / "packs" / "backbone.onnx", providers=["CPUExecutionProvider"],
-                      packs=[folder / "packs" / f"task{i:02d}.pack" for i in range(tasks)], intra_op_num_threads=threads)
+                      packs=[folder / "packs" / f"task{i:02d}.pack" for i in range(tasks)],
+                      intra_op_num_threads=threads)
     shared = _shared_init_sessions(folder, tasks, threads)
     out: dict[str, Any] = {}
     for batch in batches:
@@ -328,7 +329,8 @@ def format_table(res: dict[str, Any]) -> str:
                      f"{ratio['above_baseline_vs_one_single']:>12.2f}x "
                      f"{res['disk_bytes'][str(r['tasks'])][r['config']] / 1e6:>9.2f}")
     lines += ["", f"latency, ms per image per task ({res['latency_tasks']} tasks per image, best of N)",
-              f"{'batch':>5}  {'single':>8} {'packs':>8} {'shared_init':>12} {'packs/single':>13} {'shared/single':>14}"]
+              f"{'batch':>5}  {'single':>8} {'packs':>8} {'shared_init':>12} {'packs/single':>13} "
+              f"{'shared/single':>14}"]
     for batch, e in res["latency"].items():
         ms = e["ms_per_image_per_task"]
         lines.append(f"{batch:>5}  {ms['single']:>8.3f} {ms['packs']:>8.3f} {ms['shared_init']:>12.3f} "

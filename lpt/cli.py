@@ -249,9 +249,11 @@ def predict(paths: Annotated[list[Path], typer.Argument(
                 help="MODEL.onnx (an `lpt export`) then image files or folders; with --pack: images only",
                 show_default=False)],
             pack: Annotated[Optional[list[Path]], typer.Option(
-                "--pack", help="a task pack (repeatable): every image is classified for every task on one backbone")] = None,
+                "--pack", help="a task pack (repeatable): every image is classified for every task on one "
+                "backbone")] = None,
             backbone: Annotated[Optional[Path], typer.Option(
-                help="the backbone graph for --pack (default: the backbone.onnx `lpt pack` wrote beside the first pack)")] = None,
+                help="the backbone graph for --pack (default: the backbone.onnx `lpt pack` wrote beside the "
+                "first pack)")] = None,
             top_k: Annotated[int, typer.Option("--top-k", help="classes per image")] = 1,
             json_: Annotated[bool, typer.Option("--json", help="JSON lines output")] = False,
             csv: Annotated[bool, typer.Option("--csv", help="CSV output")] = False,

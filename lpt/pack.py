@@ -229,7 +229,8 @@ def _canonical_task(model: LPTModel) -> list[torch.Tensor]:
     """Example task tensors of fixed small sizes (T = 2, P = k + 1, C = 3): the traced graph then depends on
     the backbone and the geometry only, so every task of one backbone exports byte-identical graphs."""
     k = model.group_pool.top_k if model.group_pool is not None else 1
-    sizes = {"L": model.depth, "D": model.embed_dim, "L-S": model.depth - model.shared_blocks, "T": 2, "P": k + 1, "C": 3}
+    sizes = {"L": model.depth, "D": model.embed_dim, "L-S": model.depth - model.shared_blocks,
+             "T": 2, "P": k + 1, "C": 3}
     gen = torch.Generator().manual_seed(0)
     return [torch.randn(*(sizes[d] for d in TASK_INPUTS[name]), generator=gen) for name in pack_tensors(model)]
 
@@ -439,7 +440,8 @@ def run_pack(params: Params) -> PackResult:
                                       optimize=params.export.optimize, input_size=size)
         doc = (f"LPT backbone graph for task packs ({model.backbone_cfg.name if model.backbone_cfg else 'ViT'}): image "
                f"[B,3,{size},{size}] normalised + task tensors {geometry['task_inputs']} -> logits (cosine)"
-               + (" + selected (group prompts)" if SELECTED_NAME in geometry["outputs"] else "") + ". See metadata_props.")
+               + (" + selected (group prompts)" if SELECTED_NAME in geometry["outputs"] else "")
+               + ". See metadata_props.")
         write_metadata(graph, backbone_graph_metadata(model, ckpt, geometry, opset=params.export.opset,
                                                       optimize=params.export.optimize), doc)
         _check(graph)

@@ -361,7 +361,8 @@ def read_pack(path: str | os.PathLike[str]) -> TaskPack:
                            f"{PACK_FORMAT}); re-pack or upgrade lpt")
     wanted = {"name": str, "class_names": list, "preprocessing": dict, "logit_scale": (int, float),
               "backbone": dict, "geometry": dict}
-    bad = [key for key, kind in wanted.items() if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool)]
+    bad = [key for key, kind in wanted.items()
+           if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool)]
     if bad:
         raise PredictError(f"{path}: task-pack metadata lacks or mistypes {', '.join(bad)}")
     geometry, backbone = meta["geometry"], meta["backbone"]
@@ -476,8 +477,9 @@ class Predictor:
     def _check_format(self, what: str) -> None:
         meta, src = self.metadata, str(self.path)
         if "lpt_format" not in meta:
-            raise PredictError(f"{src}: not an LPT export (no 'lpt_format' metadata); "
-                               f"export a trained model with `lpt export`{' or `lpt pack`' if what == 'backbone' else ''}")
+            how = "`lpt export` or `lpt pack`" if what == "backbone" else "`lpt export`"
+            raise PredictError(f"{src}: not an LPT export (no 'lpt_format' metadata); export a trained model "
+                               f"with {how}")
         try:
             fmt = int(meta["lpt_format"])
         except ValueError:
@@ -532,9 +534,10 @@ class Predictor:
         for item in packs:
             pack = item if isinstance(item, TaskPack) else read_pack(item)
             if pack.backbone_fingerprint != self.backbone_fingerprint:
-                raise PredictError(f"{pack.path}: trained on backbone {pack.backbone_name} {pack.backbone_fingerprint}, "
-                                   f"but {src} is backbone {name} {self.backbone_fingerprint}: use the backbone "
-                                   "graph written with this pack (same frozen weights)")
+                raise PredictError(f"{pack.path}: trained on backbone {pack.backbone_name} "
+                                   f"{pack.backbone_fingerprint}, but {src} is backbone {name} "
+                                   f"{self.backbone_fingerprint}: use the backbone graph written with this pack "
+                                   "(same frozen weights)")
             differences = geometry_differences(pack.geometry, self.geometry)
             if differences:
                 raise PredictError(f"{pack.path}: geometry does not fit backbone graph {src} (pack vs graph: "
@@ -544,7 +547,8 @@ class Predictor:
                     raise PredictError(f"{pack.path} and {other.path} are both task {pack.name!r}: give each task once")
                 if other.preprocessing != pack.preprocessing:
                     raise PredictError(f"{pack.path} and {other.path} preprocess images differently "
-                                       f"({pack.preprocessing} vs {other.preprocessing}): run them in separate predictors")
+                                       f"({pack.preprocessing} vs {other.preprocessing}): run them in separate "
+                                       "predictors")
             self.packs.append(pack)
         self.preprocessing = self.packs[0].preprocessing
         if self.preprocessing.input_size != self.geometry.get("input_size"):

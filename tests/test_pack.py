@@ -352,7 +352,8 @@ def test_lpt_predict_with_packs_without_torch(tasks, tmp_path: Path) -> None:
     assert "LEAKED []" in proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     expected = Predictor(a.backbone_path, packs=[a.pack_path, b.pack_path]).predict_paths([tmp_path], top_k=2)
-    assert [(r["path"], r["task"], r["labels"]) for r in rows] == [(r["path"], r["task"], r["labels"]) for r in expected]
+    key = lambda r: (r["path"], r["task"], r["labels"])  # noqa: E731
+    assert [key(r) for r in rows] == [key(r) for r in expected]
 
     other = run_pack_consumer("predict", "--backbone", str(b.backbone_path), "--pack", str(b.pack_path), str(tmp_path))
     assert other.returncode == 0, other.stderr
@@ -385,9 +386,9 @@ def test_lpt_predict_refusals_are_one_error_line(tasks, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_second_task_with_dvc_reuses_the_frozen_pretrain_output(tmp_path: Path) -> None:
     """The documented multi-task workflow on the project's dvc.yaml (tiny): task A with `dvc repro`, then
-    `frozen: true` on the pretrain stage, then task B (other classes, other prompt sizes) as `dvc exp run -S ...`: the
-    pretrain stage does not run again, its backbone file is unchanged, and both packs run on one backbone
-    graph next to each other."""
+    `frozen: true` on the pretrain stage, then task B (other classes, other prompt sizes) as `dvc exp run -S`:
+    the pretrain stage does not run again, its backbone file is unchanged, and both packs run on one
+    backbone graph next to each other."""
     import shutil
 
     import yaml
