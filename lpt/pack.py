@@ -144,7 +144,10 @@ def pack_tensors(model: LPTModel) -> dict[str, torch.Tensor]:
             the method and the tensors).
     """
     state = model.trainable_state_dict()
-    unsupported = sorted(set(state) - set(PACK_TENSORS))
+    # also a trainable tensor living inside the backbone (an adapter wrapping a block): the graph would bake
+    # it in as a constant of the backbone, so no other task could run on that graph
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    unsupported = sorted((set(state) | trainable) - set(PACK_TENSORS))
     if unsupported:
         raise PackError(f"method {model.method!r} is not supported by task packs: its trainable tensors "
                         f"{unsupported} have no backbone-graph input (supported: {sorted(PACK_TENSORS)})")

@@ -295,6 +295,11 @@ def test_method_with_tensors_a_graph_cannot_take_is_refused(tiny_params: Params)
     with pytest.raises(PackError) as info:
         pack_tensors(model)
     _one_line(info.value, "method 'lpt'", "['adapter']", "not supported by task packs")
+    inside = create_lpt_model(tiny_params, 10).set_phase(2)  # trainable, but inside the frozen backbone
+    inside.backbone.blocks[0].mlp.register_parameter("adapter", torch.nn.Parameter(torch.zeros(3)))
+    with pytest.raises(PackError) as info:
+        pack_tensors(inside)
+    _one_line(info.value, "['backbone.blocks.0.mlp.adapter']")
 
 
 def test_pack_out_dir_with_foreign_files_is_refused(tmp_path: Path, tiny_shards: Params) -> None:
