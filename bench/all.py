@@ -16,6 +16,7 @@ BENCHES: list[tuple[str, list[str]]] = [
     ("train_step", ["--preset", "tiny"]),
     ("families", []),
     ("onnx_latency", []),
+    ("packs", []),
     ("pipeline_overhead", []),
 ]
 

@@ -254,17 +254,57 @@ def export(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None
 
 
 @app.command()
-def predict(model: Annotated[Path, typer.Argument(help="an LPT .onnx export")],
-            images: Annotated[list[Path], typer.Argument(help="image files or folders")],
+def pack(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Write the final model's task pack and the backbone graph it runs on, gated on parity with torch."""
+    from lpt.export import ExportError, GateNotPassed, ParityFailed
+    from lpt.pack import result_summary, run_pack
+
+    p = _load(params, set_)
+    try:
+        with _library_errors():
+            result = run_pack(p)
+    except GateNotPassed as err:
+        _fail(str(err), GATE_NOT_PASSED)
+    except ParityFailed as err:
+        _fail(str(err), PARITY_FAILED)
+    except ExportError as err:
+        _fail(str(err))
+    typer.echo(result_summary(result))
+
+
+@app.command()
+def predict(paths: Annotated[list[Path], typer.Argument(
+                help="MODEL.onnx (an `lpt export`) then image files or folders; with --pack: images only",
+                show_default=False)],
+            pack: Annotated[Optional[list[Path]], typer.Option(
+                "--pack", help="a task pack (repeatable): every image is classified for every task on one "
+                "backbone")] = None,
+            backbone: Annotated[Optional[Path], typer.Option(
+                help="the backbone graph for --pack (default: the backbone.onnx `lpt pack` wrote beside the "
+                "first pack)")] = None,
             top_k: Annotated[int, typer.Option("--top-k", help="classes per image")] = 1,
             json_: Annotated[bool, typer.Option("--json", help="JSON lines output")] = False,
             csv: Annotated[bool, typer.Option("--csv", help="CSV output")] = False,
             batch_size: Annotated[int, typer.Option(help="images per ORT call")] = 32) -> None:
-    """Classify images with an exported model (torch-free: numpy + onnxruntime + Pillow)."""
-    from lpt.runtime import PredictError, format_predictions, Predictor
+    """Classify images with an exported model, or for several tasks with packs on one backbone (torch-free).
+
+    `lpt predict MODEL.onnx IMAGES...` or `lpt predict --pack A.pack --pack B.pack IMAGES...` (numpy +
+    onnxruntime + Pillow; packs are read with safetensors' numpy API).
+    """
+    from lpt.runtime import PredictError, Predictor, format_predictions, read_pack
 
     try:
-        predictor = Predictor(model)
+        if pack:
+            if backbone is None:
+                backbone = read_pack(pack[0]).backbone_graph_path()
+            predictor, images = Predictor(backbone, packs=pack), paths
+        else:
+            if backbone is not None:
+                _fail("--backbone is for --pack: a single-task MODEL.onnx holds its own backbone", BAD_PARAMS)
+            if len(paths) < 2:
+                _fail("give MODEL.onnx and at least one image file or folder (or --pack TASK.pack and images)",
+                      BAD_PARAMS)
+            predictor, images = Predictor(paths[0]), paths[1:]
         rows = predictor.predict_paths(images, top_k=top_k, batch_size=batch_size)
     except PredictError as err:
         _fail(str(err))

@@ -278,6 +278,14 @@ class ExportConfig(_Strict):
     max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0, description="INT8/fp16 top-1 drop allowed vs fp32")
 
 
+class PackConfig(_Strict):
+    """``pack`` section: the task pack of the final model (``lpt pack``, docs/export.md "Task packs")."""
+
+    name: str = Field("task", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+                      description="the task's name: file <out_dir>/<name>.pack, the label `lpt predict --pack` prints")
+    out_dir: Path = Field(Path("models/pack"), description="<name>.pack + backbone.onnx (the shared backbone graph) + pack.json")
+
+
 class Params(_Strict):
     """The whole ``params.yaml``."""
 
@@ -292,6 +300,7 @@ class Params(_Strict):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     export: ExportConfig = ExportConfig()
+    pack: PackConfig = PackConfig()
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 

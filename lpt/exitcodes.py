@@ -18,9 +18,11 @@ VALIDATION_FAILED = 3
 GATE_FAILED = 4
 """``lpt evaluate``: the quality gate (``evaluate.gate``) failed."""
 PARITY_FAILED = 5
-"""``lpt export``: the ORT-vs-torch parity gate or a variant's accuracy check failed."""
+"""``lpt export``: the ORT-vs-torch parity gate or a variant's accuracy check failed; ``lpt pack``: the pack's
+parity gate (backbone graph + pack vs torch) failed."""
 GATE_NOT_PASSED = 6
-"""``lpt export``: the evaluated gate verdict for this checkpoint is missing or failed; nothing exported."""
+"""``lpt export`` / ``lpt pack``: the evaluated gate verdict for this checkpoint is missing or failed; nothing
+exported or packed."""
 
 DETERMINISTIC = frozenset({BAD_PARAMS, VALIDATION_FAILED, GATE_FAILED, PARITY_FAILED, GATE_NOT_PASSED})
 """Codes that mean a verdict on the inputs, not a hiccup of the machine: never retry these."""

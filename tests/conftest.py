@@ -73,6 +73,7 @@ def make_tiny_params(root: Path, **overrides: Any) -> Params:
         "train.out_dir": str(root / "models"),
         "evaluate.out_dir": str(root / "reports"),
         "export.out_dir": str(root / "models/export"),
+        "pack.out_dir": str(root / "models/pack"),
     })
     ov.update({k.replace("__", "."): v for k, v in overrides.items()})
     return parse_params(apply_overrides(raw, ov), source="tiny params")

@@ -76,6 +76,7 @@ def _run_stages(root: Path) -> dict[str, set[str]]:
     from lpt.data.ingest import run_ingest
     from lpt.data.validate import run_validation
     from lpt.export import run_export
+    from lpt.pack import run_pack
     from lpt.pretrain import pretrain_backbone
     from lpt.train import run_phase
 
@@ -83,7 +84,7 @@ def _run_stages(root: Path) -> dict[str, set[str]]:
     params = make_tiny_params(root, backbone__weights="pretrain")
     calls = {"ingest": run_ingest, "validate": run_validation, "pretrain": pretrain_backbone,
              "phase1": lambda p: run_phase(p, 1), "phase2": lambda p: run_phase(p, 2),
-             "evaluate": run_evaluate, "export": run_export}
+             "evaluate": run_evaluate, "export": run_export, "pack": run_pack}
     reads = {}
     for stage, call in calls.items():
         recorder = ParamsRecorder(params)
@@ -176,7 +177,7 @@ def _has_code(path: Path) -> bool:
 
 ENTRY_MODULES = {"params": "lpt.config", "ingest": "lpt.data.ingest", "validate": "lpt.data.validate",
                  "pretrain": "lpt.pretrain", "phase1": "lpt.train.run", "phase2": "lpt.train.run",
-                 "evaluate": "lpt.evaluate", "export": "lpt.export"}
+                 "evaluate": "lpt.evaluate", "export": "lpt.export", "pack": "lpt.pack"}
 
 
 @pytest.mark.parametrize("stage", sorted(ENTRY_MODULES))
