@@ -69,6 +69,8 @@ def create_backbone(cfg: BackboneConfig, *, num_classes: int = 0, frozen: bool =
     """
     import timm
 
+    import lpt.model.hybrid  # noqa: F401 - registers the project's hybrid ViT names with timm
+
     kwargs: dict[str, Any] = dict(cfg.timm_kwargs)
     for key in _NO_DROPOUT:
         if float(kwargs.get(key, 0.0) or 0.0) != 0.0:
