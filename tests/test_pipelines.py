@@ -85,7 +85,8 @@ def _dvc_repo(root: Path, scripts: dict[str, tuple[str, list[str], list[str]]], 
 def _project_repo(root: Path) -> Path:
     """A git + DVC repo with the project's dvc.yaml, a snapshot of ``lpt/`` (stage deps) and the tiny params.
 
-    One commit is made: dvclive (in the training stages) needs a HEAD.
+    One commit is made: dvclive (in the training stages) needs a HEAD. The committed backbone comes along
+    (the pretrain stage is frozen: `dvc repro` verifies its outputs exist).
     """
     _git_dvc_init(root)
     shutil.copy(REPO_ROOT / "dvc.yaml", root / "dvc.yaml")
@@ -94,6 +95,8 @@ def _project_repo(root: Path) -> Path:
     for package in ("lpt", "pipelines"):  # stage deps; stage commands may run `python -m pipelines.launch`
         shutil.copytree(REPO_ROOT / package, root / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     (root / "params.yaml").write_text(yaml.safe_dump(tiny_raw_params(), sort_keys=False))
+    # the frozen pretrain stage's committed outputs (unused by the tiny params: backbone.weights none)
+    shutil.copytree(REPO_ROOT / "models" / "pretrain", root / "models" / "pretrain")
     _sh("git", "add", "-A", cwd=root)
     _sh("git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "tiny project", cwd=root)
     return root
