@@ -270,6 +270,18 @@ def test_dvc_reports_the_command_exit_code(tmp_path: Path) -> None:
     assert (missing.status, missing.exit_code, missing.command_started) == ("failed", None, False)
 
 
+def test_a_frozen_stage_is_reported_cached_and_never_run(tmp_path: Path) -> None:
+    """The pretrain stage is `frozen: true`: DVC only checks its committed outputs exist."""
+    repo = _git_dvc_init(tmp_path / "frozen")
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "made": {"cmd": "echo ran > m/x", "frozen": True, "outs": [{"m": {"cache": False}}]}}}))
+    (repo / "m").mkdir()
+    (repo / "m/x").write_text("committed\n")
+    run = run_dvc_stage(repo, "made")
+    assert (run.status, run.command_started) == ("cached", False) and "frozen" in run.detail
+    assert (repo / "m/x").read_text() == "committed\n"
+
+
 def test_failure_classification() -> None:
     assert command_exit_code(["ERROR: failed to reproduce 'x': failed to run: lpt evaluate, exited with 4"]) == 4
     assert command_exit_code(["ERROR: failed to reproduce 'x': failed to run: lpt a,", "  exited with 0 ok && b,"
