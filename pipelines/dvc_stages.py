@@ -57,6 +57,7 @@ __all__ = [
 # DVC's messages for a stage it did not run (dvc 3.x): its lock matches, or the run cache restored it.
 _UP_TO_DATE = re.compile(r"Stage '(?P<name>[^']+)' didn't change, skipping")
 _RUN_CACHE = re.compile(r"Stage '(?P<name>[^']+)' is cached - skipping run")
+_FROZEN = re.compile(r"Verifying outputs in frozen stage: '(?P<name>[^']+)'")  # `frozen: true`: never run
 # DVC is about to run the stage's command (dvc/stage/run.py: cmd_run); it has removed the outputs by now.
 _RUNNING = re.compile(r"^Running stage '(?P<name>[^']+)':\s*$")
 # How dvc 3.67.1 reports a stage command that exited non-zero (dvc/stage/exceptions.py StageCmdFailedError,
@@ -445,12 +446,13 @@ def run_dvc_stage(
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", *(["--force"] if force else []), stage]
     tail: deque[str] = deque(maxlen=tail_lines)
     error_block: list[str] = []  # from DVC's last "ERROR: failed to reproduce" line on (a cmd may span lines)
-    seen = {"up_to_date": False, "run_cache": False, "started": False}
+    seen = {"up_to_date": False, "run_cache": False, "started": False, "frozen": False}
 
     def watch(line: str) -> None:
         tail.append(line)
         seen["up_to_date"] |= bool(_UP_TO_DATE.search(line))
         seen["run_cache"] |= bool(_RUN_CACHE.search(line))
+        seen["frozen"] |= bool(_FROZEN.search(line))
         seen["started"] |= bool(_RUNNING.match(line))
         if line.startswith(_REPRO_ERROR):
             error_block[:] = [line]
@@ -471,6 +473,8 @@ def run_dvc_stage(
         status, detail = "cached", "up to date (dvc.lock matches), skipped"
     elif seen["run_cache"]:
         status, detail = "cached", "restored from the DVC run cache, command not run"
+    elif seen["frozen"] and not seen["started"]:
+        status, detail = "cached", "frozen stage: its committed outputs are used as they are, command not run"
     else:
         status, detail = "ran", "command ran"
     return StageRun(stage=stage, returncode=returncode, status=status, detail=detail, seconds=seconds,

@@ -43,9 +43,7 @@ def test_tiny_manifest_follows_contract(tiny_shards) -> None:
     assert m["image_size"] == [32, 32]
     assert m["splits"]["train"]["count"] == sum(m["train_counts"])
     assert m["splits"]["val"]["count"] == 10 * 4 and m["splits"]["test"]["count"] == 10 * 8
-    source = m["splits"]["source"]
-    assert source["count"] == 5 * 20 and source["num_classes"] == 5
-    assert not set(source["class_names"]) & set(m["class_names"]), "source classes must be disjoint"
+    assert set(m["splits"]) == {"train", "val", "test"}, "pretraining data is the pretrain stage's own, not a split"
     assert m["skipped"] == {"count": 0, "items": []}
     for split, info in m["splits"].items():
         assert sum(s["count"] for s in info["shards"]) == info["count"]
@@ -94,12 +92,16 @@ def test_synthetic_classes_are_learnable_but_not_trivial() -> None:
     assert np.array_equal(canonical, render(combos[:3], 32, 0.0, np.random.default_rng(2))), "difficulty 0: no jitter"
 
 
-def test_source_split_readable_with_its_own_classes(tiny_shards) -> None:
-    ds = ShardImages(tiny_shards.data.out_dir, "source")
-    assert len(ds) == 100 and ds.num_classes == 5
-    assert set(ds.labels.tolist()) == set(range(5))
-    image, _ = ds[0]
-    assert image.size == (32, 32) and image.mode == "RGB"
+def test_source_classes_are_disjoint_from_the_targets_and_rendered_at_any_size() -> None:
+    from lpt.data.sources.synthetic import VOCABULARY_SIZE, class_name, render_source_classes
+
+    images, labels, names = render_source_classes(7, 3, 24, seed=0)
+    assert images.shape == (21, 24, 24, 3) and images.dtype == np.uint8
+    assert np.bincount(labels).tolist() == [3] * 7
+    targets = {class_name(c) for c in class_vocabulary()[: VOCABULARY_SIZE - 7]}
+    assert len(set(names)) == 7 and not set(names) & targets, "source classes are the last of the vocabulary"
+    again, labels2, _ = render_source_classes(7, 3, 24, seed=0)
+    assert np.array_equal(images, again) and np.array_equal(labels, labels2), "a pure function of its arguments"
 
 
 def test_failed_ingest_keeps_previous_shards(tmp_path: Path, monkeypatch) -> None:

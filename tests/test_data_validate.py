@@ -44,7 +44,7 @@ def test_good_shards_pass_and_summary_is_flat(tiny_shards, tmp_path: Path) -> No
     assert result.success, result.failures
     assert result.failures == [] and result.report_path.is_file()
     summary = json.loads(result.summary_path.read_text())
-    assert summary["success"] is True and summary["counts"]["images"] == 159 + 40 + 80 + 100
+    assert summary["success"] is True and summary["counts"]["images"] == 159 + 40 + 80
     names = {row["expectation"] for row in summary["expectations"]}
     assert {"expect_column_values_to_be_unique", "expect_column_pair_values_to_be_equal"} <= names
     for row in summary["expectations"]:

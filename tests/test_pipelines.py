@@ -85,7 +85,8 @@ def _dvc_repo(root: Path, scripts: dict[str, tuple[str, list[str], list[str]]], 
 def _project_repo(root: Path) -> Path:
     """A git + DVC repo with the project's dvc.yaml, a snapshot of ``lpt/`` (stage deps) and the tiny params.
 
-    One commit is made: dvclive (in the training stages) needs a HEAD.
+    One commit is made: dvclive (in the training stages) needs a HEAD. The committed backbone comes along
+    (the pretrain stage is frozen: `dvc repro` verifies its outputs exist).
     """
     _git_dvc_init(root)
     shutil.copy(REPO_ROOT / "dvc.yaml", root / "dvc.yaml")
@@ -94,6 +95,8 @@ def _project_repo(root: Path) -> Path:
     for package in ("lpt", "pipelines"):  # stage deps; stage commands may run `python -m pipelines.launch`
         shutil.copytree(REPO_ROOT / package, root / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     (root / "params.yaml").write_text(yaml.safe_dump(tiny_raw_params(), sort_keys=False))
+    # the frozen pretrain stage's committed outputs (unused by the tiny params: backbone.weights none)
+    shutil.copytree(REPO_ROOT / "models" / "pretrain", root / "models" / "pretrain")
     _sh("git", "add", "-A", cwd=root)
     _sh("git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "tiny project", cwd=root)
     return root
@@ -265,6 +268,18 @@ def test_dvc_reports_the_command_exit_code(tmp_path: Path) -> None:
 
     missing = run_dvc_stage(repo, "nope")  # DVC fails without running anything: no command exit code
     assert (missing.status, missing.exit_code, missing.command_started) == ("failed", None, False)
+
+
+def test_a_frozen_stage_is_reported_cached_and_never_run(tmp_path: Path) -> None:
+    """The pretrain stage is `frozen: true`: DVC only checks its committed outputs exist."""
+    repo = _git_dvc_init(tmp_path / "frozen")
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "made": {"cmd": "echo ran > m/x", "frozen": True, "outs": [{"m": {"cache": False}}]}}}))
+    (repo / "m").mkdir()
+    (repo / "m/x").write_text("committed\n")
+    run = run_dvc_stage(repo, "made")
+    assert (run.status, run.command_started) == ("cached", False) and "frozen" in run.detail
+    assert (repo / "m/x").read_text() == "committed\n"
 
 
 def test_failure_classification() -> None:

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lpt.config import Params, PhaseConfig
+from lpt.utils import sha256_file
 from lpt.train import (
     TrainError,
     build_optimizer,
@@ -266,14 +267,21 @@ def test_missing_shards_is_a_clear_error(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ pretrain
-def test_pretrain_writes_a_loadable_backbone(tiny_shards: Params, tmp_path: Path) -> None:
+def test_pretrain_writes_a_loadable_backbone_without_any_shards(tmp_path: Path) -> None:
     from lpt.model.backbone import create_backbone, pretrained_backbone_path
-    from lpt.pretrain import pretrain_backbone
+    from lpt.pretrain import REGENERATE_COMMAND, pretrain_backbone
 
-    params = _params(tiny_shards, tmp_path, backbone__weights="pretrain")
+    # a folder-data user: no shards exist, the stage renders its own data at transforms.input_size
+    params = make_tiny_params(tmp_path, data__source="imagefolder", data__imagefolder={"root": str(tmp_path / "none")},
+                              backbone__weights="pretrain")
     result = pretrain_backbone(params)
     report = json.loads((tmp_path / "models/pretrain/pretrain.json").read_text())
-    assert report["pretrained"] is True and 0.0 <= report["holdout_acc"] <= 1.0
+    assert report["pretrained"] is True and 0.0 <= report["holdout"]["source_accuracy"] <= 1.0
+    assert report["command"] == REGENERATE_COMMAND and report["params"]["pretrain"]["per_class"] == 20
+    assert report["data"]["classes"] == 5 and report["data"]["train_images"] + report["data"]["holdout_images"] == 100
+    assert report["teacher"] is None and report["wall_time_s"] > 0
+    assert report["backbone_sha256"] == sha256_file(pretrained_backbone_path(params.pretrain.out_dir))
+    assert not (tmp_path / "data/shards").exists()
     assert Path(result["path"]) == pretrained_backbone_path(params.pretrain.out_dir)
     backbone = create_backbone(params.backbone, pretrain_dir=params.pretrain.out_dir)  # loads the file strictly (no head entries)
     saved = load_file(str(pretrained_backbone_path(params.pretrain.out_dir)))

@@ -28,7 +28,7 @@ from lpt.utils import atomic_dir, write_json_atomic
 
 __all__ = ["IngestError", "IngestResult", "run_ingest", "load_source", "build_manifest"]
 
-SPLITS = ("train", "val", "test", "source")
+SPLITS = ("train", "val", "test")
 MANIFEST_VERSION = 1
 
 
@@ -63,11 +63,7 @@ def build_manifest(params, data: SourceData, written: dict[str, SplitWriteResult
     """The manifest dict (format in docs/interfaces.md and docs/data.md)."""
     splits = {}
     for name, res in written.items():
-        entry = {"count": res.count, "shards": res.shards,
-                 "num_classes": len(data.source_class_names or []) if name == "source" else len(data.class_names)}
-        if name == "source":
-            entry["class_names"] = list(data.source_class_names or [])
-        splits[name] = entry
+        splits[name] = {"count": res.count, "shards": res.shards, "num_classes": len(data.class_names)}
     return {
         "version": MANIFEST_VERSION,
         "source": params.data.source,

@@ -305,7 +305,7 @@ class ShardImages:
 
     Args:
         shards_dir: folder with ``manifest.json`` and one sub-folder per split.
-        split: ``train``, ``val``, ``test`` or ``source``.
+        split: ``train``, ``val`` or ``test``.
         in_memory: keep the encoded bytes in RAM (else seek into the shard files on each access).
 
     Attributes:

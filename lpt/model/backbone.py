@@ -212,6 +212,8 @@ def _timm_kwargs(cfg: BackboneConfig) -> dict[str, Any]:
 
 def _create(timm: Any, name: str, **kwargs: Any) -> nn.Module:
     """``timm.create_model(name, **kwargs)`` with an unknown name or a bad kwarg as a :class:`BackboneError`."""
+    import lpt.model.hybrid  # noqa: F401 - registers the project's hybrid ViT names with timm
+
     try:
         return timm.create_model(name, **kwargs)
     except RuntimeError as err:

@@ -39,15 +39,13 @@ class SourceData:
 
     Attributes:
         class_names: the C target class names, index = label.
-        splits: ``train``/``val``/``test`` (and ``source`` for synthetic) -> items.
+        splits: ``train``/``val``/``test`` -> items.
         image_size: ``(H, W)`` when every image has that size, else None.
-        source_class_names: class names of the ``source`` split, if any.
     """
 
     class_names: list[str]
     splits: dict[str, list[Item]]
     image_size: tuple[int, int] | None = None
-    source_class_names: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 

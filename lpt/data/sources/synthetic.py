@@ -1,8 +1,10 @@
 """The embedded default: procedural 32x32 RGB images, generated deterministically, nothing to download.
 
 A class is a combination of a *shape* (10), a colour *palette* (8) and a *texture* (6): 480 possible
-classes. The target classes and the disjoint ``source`` classes (used to pretrain the backbone) are drawn
-from the same vocabulary in different combinations, so features learnt on the source classes transfer.
+classes in one fixed pseudo-random order (:func:`class_vocabulary`). The target classes of
+``data.source: synthetic`` are the first ``num_classes`` of that order; the pretrain stage's *source*
+classes (:func:`render_source_classes`) are the last ones, so the two never share a class whatever either
+count is (up to 480 together, checked by the params schema).
 Classes that share two of the three attributes differ only in the third, and every image gets a random
 pose (position, rotation, scale, aspect), colour jitter, a gradient background with clutter blobs drawn
 from the same palettes, and pixel noise, so the task is not trivial; ``difficulty`` scales the nuisance.
@@ -19,7 +21,8 @@ import numpy as np
 from lpt.data.longtail import longtail_counts
 from lpt.data.sources.base import BadItems, IngestError, Item, SourceData
 
-__all__ = ["load", "class_vocabulary", "class_name", "render", "SHAPES", "PALETTES", "TEXTURES"]
+__all__ = ["load", "class_vocabulary", "class_name", "render", "render_source_classes", "source_class_combos",
+           "SHAPES", "PALETTES", "TEXTURES", "VOCABULARY_SIZE"]
 
 SHAPES = ("disk", "square", "triangle", "ring", "plus", "diamond", "star", "bar", "crescent", "pair")
 TEXTURES = ("solid", "stripes", "checker", "dots", "rings", "gradient")
@@ -36,6 +39,7 @@ PALETTES = {
 }
 _PAL = np.array(list(PALETTES.values()), dtype=np.float32)  # (P, 3 roles, 3 channels)
 VOCAB_SEED = 20230501  # fixed: class identities do not change with params.seed
+VOCABULARY_SIZE = len(SHAPES) * len(PALETTES) * len(TEXTURES)
 CHUNK = 2048
 
 
@@ -177,7 +181,7 @@ def _split_items(name: str, labels: np.ndarray, class_combos: np.ndarray, size: 
 
 
 def load(cfg, seed: int, bad: BadItems) -> SourceData:  # noqa: ARG001 - generated data is never bad
-    """Generate every split of the synthetic source.
+    """Generate the target splits of the synthetic source.
 
     Args:
         cfg: the ``data`` section (``DataConfig``).
@@ -185,31 +189,66 @@ def load(cfg, seed: int, bad: BadItems) -> SourceData:  # noqa: ARG001 - generat
         bad: unused (generated images are always valid).
 
     Returns:
-        train (long-tailed), val and test (balanced) over ``synthetic.num_classes`` classes, and the
-        balanced ``source`` split over ``synthetic.source_classes`` other classes.
+        train (long-tailed), val and test (balanced) over the first ``synthetic.num_classes`` classes of
+        the vocabulary. (The backbone's pretraining classes are made by the pretrain stage itself:
+        :func:`render_source_classes`.)
     """
     syn = cfg.synthetic
     vocab = class_vocabulary()
-    if syn.num_classes + syn.source_classes > len(vocab):
-        raise IngestError(f"data.synthetic: num_classes + source_classes = {syn.num_classes + syn.source_classes} "
-                          f"exceeds the {len(vocab)} shape x palette x texture combinations")
     target = np.array(vocab[: syn.num_classes])
-    source = np.array(vocab[syn.num_classes: syn.num_classes + syn.source_classes]).reshape(-1, 3)
     counts = longtail_counts(syn.num_classes, cfg.max_per_class, cfg.imbalance_ratio)
     label_sets = {
         "train": np.repeat(np.arange(syn.num_classes), counts),
         "val": np.repeat(np.arange(syn.num_classes), cfg.val_per_class),
         "test": np.repeat(np.arange(syn.num_classes), cfg.test_per_class),
-        "source": np.repeat(np.arange(syn.source_classes), syn.source_per_class),
     }
     splits = {}
     for code, (name, labels) in enumerate(label_sets.items()):
         rng = np.random.default_rng([seed, code])
         labels = labels[rng.permutation(len(labels))]  # shards mix classes (streaming shuffles locally)
-        combos = source if name == "source" else target
-        splits[name] = _split_items(name, labels, combos, syn.image_size, syn.difficulty, rng)
-    if not splits["source"]:
-        del splits["source"]
+        splits[name] = _split_items(name, labels, target, syn.image_size, syn.difficulty, rng)
     return SourceData(class_names=[class_name(tuple(c)) for c in target], splits=splits,
-                      image_size=(syn.image_size, syn.image_size),
-                      source_class_names=[class_name(tuple(c)) for c in source] or None)
+                      image_size=(syn.image_size, syn.image_size))
+
+
+# ------------------------------------------------------------------------------------ source classes
+_SOURCE_STREAM = 3  # rng stream code of the source classes (train/val/test use 0/1/2)
+
+
+def source_class_combos(num_classes: int) -> np.ndarray:
+    """The pretraining (*source*) classes: the last ``num_classes`` of the vocabulary, as (K, 3) combos.
+
+    Raises:
+        IngestError: more classes than the vocabulary holds.
+    """
+    vocab = class_vocabulary()
+    if not 1 <= num_classes <= len(vocab):
+        raise IngestError(f"pretrain.source_classes = {num_classes}: expected 1..{len(vocab)} "
+                          "(shape x palette x texture combinations)")
+    return np.array(vocab[len(vocab) - num_classes:])
+
+
+def render_source_classes(num_classes: int, per_class: int, size: int, seed: int,
+                          difficulty: float = 1.0) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Balanced images of the source classes, rendered at ``size`` px (the pretrain stage's data).
+
+    Args:
+        num_classes: source classes, the last ones of :func:`class_vocabulary` (disjoint from the
+            synthetic target classes, which are the first ones).
+        per_class: images per class.
+        size: image side in pixels (the pretrain stage passes ``transforms.input_size``).
+        seed: ``params.seed``; the images are a pure function of the arguments.
+        difficulty: nuisance scale, as ``data.synthetic.difficulty``.
+
+    Returns:
+        ``(images (N, size, size, 3) uint8, labels (N,) int64, class names)``, classes interleaved in a
+        seeded random order.
+    """
+    combos = source_class_combos(num_classes)
+    rng = np.random.default_rng([seed, _SOURCE_STREAM])
+    labels = np.repeat(np.arange(num_classes, dtype=np.int64), per_class)
+    labels = labels[rng.permutation(len(labels))]
+    images = np.empty((len(labels), size, size, 3), dtype=np.uint8)
+    for start in range(0, len(labels), CHUNK):
+        images[start: start + CHUNK] = render(combos[labels[start: start + CHUNK]], size, difficulty, rng)
+    return images, labels, [class_name(tuple(c)) for c in combos]
