@@ -42,7 +42,7 @@ from lpt.config import Params, apply_overrides, parse_params
 from lpt.evaluate import _fmt
 from lpt.gate import compare_cell_dir, compare_root
 from lpt.methods import METHODS as METHOD_REGISTRY
-from lpt.methods import get_method
+from lpt.methods import PROBE_METHOD, REFERENCE_METHOD, get_method
 from lpt.utils import atomic_path, read_json, sha256_file, write_json_atomic
 
 __all__ = ["CompareError", "METHODS", "BASELINES", "ALL_ROWS", "ACCURACY_COLUMNS", "CALLED_METRICS", "CELL_FILE", "NOTES_MARKER",
@@ -60,7 +60,7 @@ ALL_ROWS: tuple[str, ...] = BASELINES + METHODS
 """Every row ``lpt compare`` can run, in table order: pixel baselines, then the methods (LPT last)."""
 CELL_FILE = "cell.json"
 CELL_FORMAT = 1
-REFERENCE = "lpt"
+REFERENCE = REFERENCE_METHOD
 """The row the verdicts compare every other row with."""
 CALLED_METRICS: tuple[str, ...] = ("overall", "few")
 """Metrics the verdicts call win / tie / loss on."""
@@ -344,7 +344,7 @@ def _epochs(row: dict[str, Any]) -> str:
     return f"{e[0]} + {e[1]}" if e[1] else str(e[0])
 
 
-def cost_table(rows: dict[str, dict[str, Any]], plain: str = "linear_probe") -> str:
+def cost_table(rows: dict[str, dict[str, Any]], plain: str = PROBE_METHOD) -> str:
     """Markdown: trainable parameters, epochs, train wall time and inference cost per row.
 
     ``× plain`` divides a row's inference time by the ``plain`` row's (the frozen backbone + a head: one
@@ -378,9 +378,9 @@ def compare_table(rows: dict[str, dict[str, Any]]) -> str:
 def target_verdict(rows: dict[str, dict[str, Any]]) -> str:
     """The comparison target on mean metrics: LPT few >= linear probe few + 10 points and LPT overall >= linear
     probe overall (the CE probe: the project's original floor; the verdict lines compare every row)."""
-    if "lpt" not in rows or "linear_probe" not in rows:
-        return "Target check needs both `lpt` and `linear_probe` rows."
-    lpt, lp = rows["lpt"], rows["linear_probe"]
+    if REFERENCE not in rows or PROBE_METHOD not in rows:
+        return f"Target check needs both `{REFERENCE}` and `{PROBE_METHOD}` rows."
+    lpt, lp = rows[REFERENCE], rows[PROBE_METHOD]
     out = []
     for key, margin in (("few", 0.10), ("overall", 0.0)):
         a, b = lpt.get(key), lp.get(key)
@@ -573,7 +573,7 @@ def readme_table(results: dict[str, dict[str, Any]], command: str) -> str:
     head = "| method | " + " | ".join(f"{_SOURCE_NAMES.get(s, s)} overall | few" for s in sources) \
         + " | trainable params | inference × plain |"
     lines = [head, "|---" * (2 * len(sources) + 3) + "|"]
-    base = first.get("linear_probe", {}).get("mean", {}).get("infer_ms_per_image")
+    base = first.get(PROBE_METHOD, {}).get("mean", {}).get("infer_ms_per_image")
     for name in names:
         cells = []
         for s in sources:

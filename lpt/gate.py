@@ -39,7 +39,9 @@ def probe_metrics_path(params: Params) -> Path:
     the ``lpt compare`` probe of the same data source and seed."""
     if params.evaluate.gate.probe_metrics is not None:
         return Path(params.evaluate.gate.probe_metrics)
-    return compare_cell_dir(params, "linear_probe", params.seed) / "eval" / "metrics.json"
+    from lpt.methods import PROBE_METHOD
+
+    return compare_cell_dir(params, PROBE_METHOD, params.seed) / "eval" / "metrics.json"
 
 
 def compare_root(params: Params) -> Path:

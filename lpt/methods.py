@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 __all__ = ["MethodSpec", "PhasePlan", "METHODS", "get_method", "phase_plan", "MethodError", "Loss", "Sampling",
-           "HeadInit"]
+           "HeadInit", "REFERENCE_METHOD", "PROBE_METHOD"]
 
 Loss = Literal["agcl", "ce", "la"]
 """``agcl``: A-GCL (+ the key-matching term in phase 2); ``ce``: cross-entropy on the scaled cosine;
@@ -125,6 +125,12 @@ METHODS: dict[str, MethodSpec] = {
     )
 }
 """Every method by name, in the order comparison tables list them (floors first, LPT last)."""
+
+REFERENCE_METHOD = "lpt"
+"""The method comparisons judge: every other row is called a win, tie or loss against it."""
+PROBE_METHOD = "linear_probe"
+"""The plain floor: one forward of the frozen backbone + a CE-trained head (the gate's probe, the inference
+cost unit, the project's original target)."""
 
 
 def get_method(name: str) -> MethodSpec:

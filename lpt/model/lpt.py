@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -59,8 +59,8 @@ __all__ = [
     "format_parameter_report",
 ]
 
-Method = Literal["lpt", "lpt_phase1", "lift", "vpt_deep", "vpt_deep_la", "linear_probe", "linear_probe_la",
-                 "linear_probe_cb"]
+Method = str
+"""A name of :data:`lpt.methods.METHODS` (the registry is the one list of names)."""
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
 CHECKPOINT_FORMAT = 1
