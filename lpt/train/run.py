@@ -132,7 +132,8 @@ class _PhaseRun:
             self._load_phase1_into(model)
             model.set_phase(2)
         elif get_method(self.plan.method).head_init == "class_mean":
-            init_head_from_class_means(model, self.data, self.params.evaluate.batch_size,
+            # on the training device: a pass over the train split (every rank computes the same means)
+            init_head_from_class_means(model.to(self.device), self.data, self.params.evaluate.batch_size,
                                        self.params.train.num_workers)
         return model
 
@@ -373,8 +374,9 @@ def init_head_from_class_means(model: Any, data: Any, batch_size: int, num_worke
     was_training = model.training
     model.eval()
     device = model.head.weight.device
+    # a generator of its own: iterating a DataLoader draws a base seed, which must not come from the global RNG
     loader = torch.utils.data.DataLoader(TransformedDataset(data.train, data.val_transform), batch_size=batch_size,
-                                         shuffle=False, num_workers=num_workers)
+                                         shuffle=False, num_workers=num_workers, generator=torch.Generator().manual_seed(0))
     sums = torch.zeros(data.num_classes, model.embed_dim, dtype=torch.float64)  # [C, D]
     counts = torch.zeros(data.num_classes, dtype=torch.float64)  # [C]
     for x, y in loader:
