@@ -83,8 +83,8 @@ def _label(row: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ inputs
-def _ensure_inputs(params: Params) -> None:
-    """Ingest the data and pretrain the embedded backbone when their outputs are missing."""
+def _ensure_inputs(params: Params, needs_backbone: bool = True) -> None:
+    """Ingest the data and (when a trained method needs it) pretrain the embedded backbone, if missing."""
     from lpt.model.backbone import pretrained_backbone_path
 
     if not (Path(params.data.out_dir) / "manifest.json").is_file():
@@ -92,7 +92,8 @@ def _ensure_inputs(params: Params) -> None:
 
         print(f"[compare] ingesting {params.data.source} into {params.data.out_dir}", flush=True)
         run_ingest(params)
-    if params.backbone.weights == "pretrain" and not pretrained_backbone_path(params.pretrain.out_dir).is_file():
+    if (needs_backbone and params.backbone.weights == "pretrain"
+            and not pretrained_backbone_path(params.pretrain.out_dir).is_file()):
         from lpt.pretrain import pretrain_backbone
 
         print(f"[compare] pretraining the backbone -> {params.pretrain.out_dir}", flush=True)
@@ -379,7 +380,7 @@ def target_verdict(rows: dict[str, dict[str, Any]]) -> str:
     """The comparison target on mean metrics: LPT few >= linear probe few + 10 points and LPT overall >= linear
     probe overall (the CE probe: the project's original floor; the verdict lines compare every row)."""
     if REFERENCE not in rows or PROBE_METHOD not in rows:
-        return f"Target check needs both `{REFERENCE}` and `{PROBE_METHOD}` rows."
+        return f"target check needs both `{REFERENCE}` and `{PROBE_METHOD}` rows"
     lpt, lp = rows[REFERENCE], rows[PROBE_METHOD]
     out = []
     for key, margin in (("few", 0.10), ("overall", 0.0)):
@@ -423,7 +424,7 @@ def run_compare(params: Params, methods: list[str], out: Path | None = None,
     seeds = [int(s) for s in (seeds if seeds is not None else [params.seed])]
     if not seeds or len(set(seeds)) != len(seeds):
         raise CompareError(f"seeds must be distinct integers, got {seeds}")
-    _ensure_inputs(params)
+    _ensure_inputs(params, needs_backbone=any(name in METHOD_REGISTRY for name in rows_wanted))
     inputs = _inputs_key(params)
     rows: dict[str, dict[str, Any]] = {}
     pixels = None
