@@ -59,6 +59,7 @@ def _fail(message: str, code: int = ERROR) -> None:
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """The library's expected failure types: each becomes one `error:` line (missing or damaged inputs,
     bad checkpoints, refused files), never a traceback."""
+    from lpt.compare import CompareError
     from lpt.data.reader import ShardError
     from lpt.data.sources.base import IngestError
     from lpt.model.backbone import BackboneError
@@ -66,7 +67,8 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from lpt.train import TrainError
     from lpt.utils import JsonFileError
 
-    return (TrainError, CheckpointError, BackboneError, IngestError, ShardError, JsonFileError, FileNotFoundError)
+    return (TrainError, CheckpointError, BackboneError, IngestError, ShardError, JsonFileError, FileNotFoundError,
+            CompareError)
 
 
 @contextlib.contextmanager
@@ -216,22 +218,34 @@ def evaluate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> No
 
 @app.command()
 def compare(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
-            methods: Annotated[str, typer.Option(help="comma-separated methods")] = "linear_probe,vpt_deep,lpt_phase1,lpt",
+            methods: Annotated[Optional[str], typer.Option(
+                help="comma-separated rows (default: every method and pixel baseline; see lpt/methods.py, "
+                     "lpt/baselines.py)")] = None,
+            seeds: Annotated[Optional[str], typer.Option(
+                help="comma-separated training seeds, e.g. 0,1,2 (default: params seed); mean ± std per cell")] = None,
             out: Annotated[Optional[Path], typer.Option(help="Markdown table path")] = None,
             sources: Annotated[Optional[str], typer.Option(
                 help="comma-separated data.source values: one table each, all in --out (e.g. docs/results.md)")] = None,
+            readme: Annotated[Optional[Path], typer.Option(
+                help="with --sources: also refresh the results block of this file (README.md)")] = None,
             ) -> None:
-    """Train and evaluate each method with the same backbone, data and budget; write a Markdown table."""
-    from lpt.compare import run_compare, run_results
+    """Train and evaluate each method with the same backbone, data and budget over seeds; write Markdown tables."""
+    from lpt.compare import ALL_ROWS, run_compare, run_results
 
     p = _load(params, set_)
-    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    method_list = [m.strip() for m in methods.split(",") if m.strip()] if methods else list(ALL_ROWS)
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()] if seeds else None
+    except ValueError:
+        _fail(f"--seeds {seeds!r}: expected comma-separated integers, e.g. 0,1,2", BAD_PARAMS)
+    if readme is not None and not sources:
+        _fail("--readme needs --sources (the README table spans the sources of one results page)", BAD_PARAMS)
     with _library_errors():
         if sources:
             path = run_results(p, method_list, [s.strip() for s in sources.split(",") if s.strip()],
-                               out or Path("docs/results.md"))
+                               out or Path("docs/results.md"), seed_list, readme)
         else:
-            path = run_compare(p, method_list, out)
+            path = run_compare(p, method_list, out, seed_list)
     typer.echo(f"table: {path}")
 
 

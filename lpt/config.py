@@ -198,6 +198,9 @@ class ModelConfig(_Strict):
     top_k: int = Field(2, ge=1, description="group prompts selected per sample")
     head_dropout: float = Field(0.1, ge=0.0, lt=1.0)
     block_reuse: bool = Field(True, description="compute blocks 0..S-1 once for the query and prompted pass")
+    adapter_dim: int | None = Field(
+        None, ge=1, description="bottleneck width of the adapters (methods with adapters: lift); None = LIFT's rule "
+        "2 ** max(0, floor(log2(C / (2 L))))")
 
     @model_validator(mode="after")
     def _k_le_pool(self) -> ModelConfig:
@@ -207,7 +210,7 @@ class ModelConfig(_Strict):
 
 
 class LossConfig(_Strict):
-    """``loss`` section: A-GCL and the dual-sampling weights (defaults from the paper)."""
+    """``loss`` section: A-GCL and the dual-sampling weights (defaults from the paper), the logit-adjustment tau."""
 
     scale: float = Field(20.0, gt=0.0)
     margin: float = Field(0.1, ge=0.0)
@@ -220,6 +223,7 @@ class LossConfig(_Strict):
     gamma_neg_ib: float = Field(8.0, ge=0.0)
     key_weight: float = Field(0.5, ge=0.0, description="weight of the key-matching term (subtracted)")
     ib_weight: float = Field(0.5, ge=0.0, description="IB stream weight at epoch 0, decays linearly to 0")
+    la_tau: float = Field(1.0, ge=0.0, description="logit adjustment: tau * log(prior) added in training (la loss)")
 
 
 class PhaseConfig(_Strict):

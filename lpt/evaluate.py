@@ -139,7 +139,7 @@ def collect_predictions(model: Any, loader: Any, device: str = "cpu") -> Predict
 
 
 def _param_counts(model: Any) -> dict[str, int]:
-    """Tuned tensors over all phases (prompts + keys + head), the same without the head, and the backbone."""
+    """Tuned tensors over all phases (prompts, keys, adapters, head), the same without the head, and the backbone."""
     report = model.parameter_report()
     comps = report.get("components", {})
     tuned = int(report["tuned_total"])
@@ -307,7 +307,7 @@ def _report_markdown(metrics: dict[str, Any], gate: dict[str, Any], context: dic
                      f"{_fmt(metrics.get(g + '_authors'))} | {int((auth == g).sum())} |")
     lines += [
         "",
-        f"Trainable parameters (prompts, keys, head): {metrics['trainable_params']:,} = "
+        f"Trainable parameters (prompts, keys, adapters, head): {metrics['trainable_params']:,} = "
         f"{100 * metrics['trainable_share']:.2f} % of the frozen backbone ({metrics['backbone_params']:,}); "
         f"without the head {metrics['prompt_params']:,} = {100 * metrics['prompt_share']:.2f} %.",
         "",

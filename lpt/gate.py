@@ -15,7 +15,8 @@ from typing import Any
 
 from lpt.config import Params
 
-__all__ = ["GATE_FILE", "check_gate", "gate_verdict", "probe_metrics_path", "read_gate_verdict", "compare_root"]
+__all__ = ["GATE_FILE", "check_gate", "gate_verdict", "probe_metrics_path", "read_gate_verdict", "compare_root",
+           "compare_cell_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +35,23 @@ def read_gate_verdict(evaluate_out_dir: str | Path) -> dict[str, Any]:
 
 
 def probe_metrics_path(params: Params) -> Path:
-    """Linear-probe ``metrics.json`` the gate's ``max_drop_vs_probe`` compares against."""
+    """Linear-probe ``metrics.json`` the gate's ``max_drop_vs_probe`` compares against: ``probe_metrics``, or
+    the ``lpt compare`` probe of the same data source and seed."""
     if params.evaluate.gate.probe_metrics is not None:
         return Path(params.evaluate.gate.probe_metrics)
-    return compare_root(params) / "linear_probe" / "eval" / "metrics.json"
+    from lpt.methods import PROBE_METHOD
+
+    return compare_cell_dir(params, PROBE_METHOD, params.seed) / "eval" / "metrics.json"
 
 
 def compare_root(params: Params) -> Path:
     """Where ``lpt compare`` trains and evaluates each method for ``data.source``."""
     return Path(params.evaluate.out_dir) / "compare" / params.data.source
+
+
+def compare_cell_dir(params: Params, method: str, seed: int) -> Path:
+    """``<compare_root>/<method>/seed<seed>``: one method at one seed (``models/``, ``eval/``, ``cell.json``)."""
+    return compare_root(params) / method / f"seed{int(seed)}"
 
 
 def check_gate(metrics: dict[str, Any], params: Params, probe: dict[str, Any] | None = None,

@@ -1,4 +1,4 @@
-"""Losses: A-GCL (asymmetric Gaussian-cloud logit loss), plain scaled-cosine CE, dual-stream weight.
+"""Losses: A-GCL (asymmetric Gaussian-cloud logit loss), plain and logit-adjusted scaled-cosine CE, dual-stream weight.
 
 A-GCL (``agcl_loss``), for raw cosine logits c [B, C], labels y [B] and training counts n [C]:
     1. cloud size   eps_j = (log n_max - log n_j) / (log n_max - log n_min)   (0 when all counts are equal)
@@ -8,6 +8,8 @@ A-GCL (``agcl_loss``), for raw cosine logits c [B, C], labels y [B] and training
     5. targets      t_j = (1 - ls) * [j = y] + ls / C
        focusing     w_y = (1 - p_y)^gamma_pos, w_j = p_j^gamma_neg (j != y), not detached
        loss         -sum_j t_j * w_j * log p_j, batch mean
+Logit-adjusted CE (``logit_adjusted_loss``, Menon et al., ICLR 2021, the loss form with tau):
+    CE(s * c + tau * log(pi), y),  pi_j = n_j / sum(n)   (training only; prediction stays argmax of c)
 The key-matching term and the CB/IB combination are assembled by the training loop:
     L = agcl(CB) - key_weight * sim_cb + w(e) * (agcl(IB) - key_weight * sim_ib),  w(e) = ib_stream_weight(e, E)
 """
@@ -21,7 +23,8 @@ import torch.nn.functional as F
 
 from lpt.config import LossConfig
 
-__all__ = ["cloud_sizes", "cloud_noise", "agcl_loss", "scaled_ce_loss", "ib_stream_weight", "FOCUS_EPS"]
+__all__ = ["cloud_sizes", "cloud_noise", "agcl_loss", "scaled_ce_loss", "log_class_prior", "logit_adjusted_loss",
+           "ib_stream_weight", "FOCUS_EPS"]
 
 # (1 - p_y)^gamma has derivative gamma * (1 - p_y)^(gamma - 1): infinite at p_y = 1 for gamma < 1, and
 # 0 * inf = NaN for gamma = 0. The base is clamped to this floor (its gradient below it is cut).
@@ -104,6 +107,37 @@ def agcl_loss(
 def scaled_ce_loss(cos_logits: torch.Tensor, target: torch.Tensor, scale: float, label_smoothing: float = 0.0) -> torch.Tensor:
     """Plain cross-entropy on ``scale * cosine`` (``vpt_deep`` and ``linear_probe``), batch mean."""
     return F.cross_entropy(scale * cos_logits.float(), target.long(), label_smoothing=label_smoothing)
+
+
+def log_class_prior(class_counts: Sequence[int] | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """log(n_j / sum n) per class [C] (float32); empty classes count as 1 image (log 0 is undefined)."""
+    n = torch.as_tensor(class_counts, dtype=torch.float64, device=device).clamp_min(1.0)
+    return (n / n.sum()).log().to(torch.float32)
+
+
+def logit_adjusted_loss(cos_logits: torch.Tensor, target: torch.Tensor, class_counts: Sequence[int] | torch.Tensor,
+                        scale: float, tau: float) -> torch.Tensor:
+    """Logit-adjusted cross-entropy: ``CE(scale * cosine + tau * log prior, y)``, batch mean.
+
+    Adding the log prior during training makes the rare classes' raw scores carry a margin of
+    ``tau * log(n_max / n_j)`` over the frequent ones; at test time the raw cosine is used unchanged, which
+    is the balanced-error (Bayes) classifier for tau = 1 (Menon et al., ICLR 2021).
+
+    Args:
+        cos_logits: [B, C] raw cosine logits (computed in float32).
+        target: [B] int64 labels.
+        class_counts: [C] training images per class (the prior).
+        scale: the cosine scale ``loss.scale``.
+        tau: ``loss.la_tau``; 0 is plain :func:`scaled_ce_loss`.
+
+    Returns:
+        Scalar loss.
+    """
+    c = cos_logits.float()  # [B, C]
+    prior = log_class_prior(class_counts, device=c.device)  # [C]
+    if prior.numel() != c.shape[1]:
+        raise ValueError(f"class_counts has {prior.numel()} entries but the logits have {c.shape[1]} classes")
+    return F.cross_entropy(scale * c + tau * prior.unsqueeze(0), target.long())
 
 
 def ib_stream_weight(epoch: int, epochs: int, ib_weight: float = 0.5) -> float:

@@ -2,8 +2,10 @@
 cover exactly the library modules it runs.
 
 The params side runs every stage's library entry point on the tiny config with a read-recording view of
-the params (:mod:`params_recorder`). A key read but not listed means `dvc repro` would miss a change; a
-listed key never read means it re-runs the stage for nothing (the README's `dvc exp run -S
+the params (:mod:`params_recorder`); the training stages (and evaluate/export of a model with adapters) run
+once more for every other ``train.method``, since what a phase reads depends on the method (``loss.la_tau``
+only for the logit-adjusted ones). A key read but not listed means `dvc repro` would miss a change; a
+listed key that no method reads means it re-runs the stage for nothing (the README's `dvc exp run -S
 train.phase2.epochs=...` once re-ran phase 1). Keys interpolated into a stage (`${data.out_dir}` in its
 cmd/deps/outs) count as listed: DVC sees their change through the changed stage definition.
 """
@@ -77,6 +79,7 @@ def _run_stages(root: Path) -> dict[str, set[str]]:
     from lpt.data.validate import run_validation
     from lpt.export import run_export
     from lpt.pack import run_pack
+    from lpt.methods import METHODS, get_method
     from lpt.pretrain import pretrain_backbone
     from lpt.train import run_phase
 
@@ -85,11 +88,24 @@ def _run_stages(root: Path) -> dict[str, set[str]]:
     calls = {"ingest": run_ingest, "validate": run_validation, "pretrain": pretrain_backbone,
              "phase1": lambda p: run_phase(p, 1), "phase2": lambda p: run_phase(p, 2),
              "evaluate": run_evaluate, "export": run_export, "pack": run_pack}
-    reads = {}
+    reads: dict[str, set[str]] = {}
     for stage, call in calls.items():
         recorder = ParamsRecorder(params)
         call(recorder)
         reads[stage] = set(recorder.reads)
+    # every other method through the training stages, on the same shards and backbone, outputs of its own;
+    # one with adapters through evaluate and export too (its geometry must come from the checkpoint alone)
+    for method in METHODS:
+        if method == params.train.method:
+            continue
+        mp = make_tiny_params(root, backbone__weights="pretrain", train__method=method,
+                              train__out_dir=str(root / method / "models"), evaluate__out_dir=str(root / method / "reports"),
+                              export__out_dir=str(root / method / "export"))
+        stages = ["phase1", "phase2"] + (["evaluate", "export"] if get_method(method).adapter else [])
+        for stage in stages:
+            recorder = ParamsRecorder(mp)
+            calls[stage](recorder)
+            reads[stage] |= recorder.reads
     return reads
 
 
@@ -119,7 +135,7 @@ def test_every_stage_lists_exactly_the_params_it_reads(stage_reads: dict[str, se
             problems.append(f"{name}: reads {leaf!r} but does not list it")
         for leaf in sorted(listed_leaves - read_leaves):
             if _lookup(raw, leaf) is not None:  # an optional key (null) is read only when another key enables it
-                problems.append(f"{name}: lists {leaf!r} but never reads it")
+                problems.append(f"{name}: lists {leaf!r} but no method reads it")
     assert not problems, "\n".join(problems)
 
 

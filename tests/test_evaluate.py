@@ -268,16 +268,17 @@ def test_failing_gate_fails_the_dvc_stage_and_export_never_runs(untrained: Param
 
 @pytest.mark.slow
 def test_compare_table(tiny_shards: Params, tmp_path: Path):
-    from lpt.compare import run_compare
+    from lpt.compare import ALL_ROWS, run_compare
 
     torch.set_num_threads(1)
     params = _params(tmp_path, tiny_shards)
-    out = run_compare(params, ["linear_probe", "lpt"], tmp_path / "table.md")
+    out = run_compare(params, list(ALL_ROWS), tmp_path / "table.md")  # every row, one seed
     text = out.read_text()
-    assert "| linear_probe |" in text and "| lpt |" in text and "few (<=20, auth.)" in text
-    rows = json.loads(out.with_suffix(".json").read_text())
-    assert set(rows) == {"linear_probe", "lpt"} and all("overall" in r for r in rows.values())
-    assert (tmp_path / "reports/compare/synthetic/lpt/models/phase2/model.safetensors").is_file()
+    assert "| linear probe (CE) | 1 |" in text and "| LPT | 1 |" in text and "few (<=20, auth.)" in text
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert list(rows) == list(ALL_ROWS) and all("overall" in r["mean"] for r in rows.values())
+    assert (tmp_path / "reports/compare/synthetic/lpt/seed0/models/phase2/model.safetensors").is_file()
+    assert text.count("not called") == 2 * (len(ALL_ROWS) - 1)  # one seed: no spread, nothing called
 
 
 def test_compare_table_and_target_verdict():
@@ -298,9 +299,10 @@ def test_results_page_keeps_hand_written_notes(tiny_params: Params, tmp_path: Pa
     """`lpt compare --sources` regenerates the tables but keeps everything below the notes marker."""
     import lpt.compare as E
 
-    def fake_compare(params, methods, out):  # one table per source, no training
+    def fake_compare(params, methods, out, seeds):  # one table per source, no training
         path = tmp_path / f"{params.data.source}.md"
         path.write_text(f"### {params.data.source} table ({','.join(methods)})\n")
+        path.with_suffix(".json").write_text(json.dumps({"seeds": [0], "rows": {}}))
         return path
 
     monkeypatch.setattr(E, "run_compare", fake_compare)

@@ -100,6 +100,8 @@ def test_rng_state_round_trip() -> None:
     ("lpt_phase1", 1, True, True, "agcl"), ("lpt_phase1", 2, False, True, "agcl"),
     ("vpt_deep", 1, True, False, "ce"), ("vpt_deep", 2, False, False, "ce"),
     ("linear_probe", 1, True, False, "ce"), ("linear_probe", 2, False, False, "ce"),
+    ("linear_probe_la", 1, True, False, "la"), ("linear_probe_cb", 1, True, False, "ce"),
+    ("vpt_deep_la", 1, True, False, "la"), ("lift", 1, True, False, "la"), ("lift", 2, False, False, "la"),
 ])
 def test_phase_plans(method: str, phase: int, trains: bool, dual: bool, loss: str) -> None:
     plan = phase_plan(method, phase)
@@ -172,10 +174,18 @@ def test_lpt_trains_both_phases_on_tiny_data(tiny_shards: Params, tmp_path: Path
     ("linear_probe", {"head.weight"}),
     ("vpt_deep", {"shared_prompt.prompt", "head.weight"}),
     ("lpt_phase1", {"shared_prompt.prompt", "head.weight"}),
+    ("linear_probe_la", {"head.weight"}),
+    ("linear_probe_cb", {"head.weight"}),
+    ("vpt_deep_la", {"shared_prompt.prompt", "head.weight"}),
+    ("lift", {f"adapters.{i}.{t}" for i in range(4) for t in ("down.weight", "down.bias", "up.weight", "up.bias",
+                                                             "scale")} | {"head.weight"}),
 ])
 def test_one_phase_methods_train_their_set_and_phase2_copies(tiny_shards: Params, tmp_path: Path,
                                                              method: str, tensors: set[str]) -> None:
-    params = _params(tiny_shards, tmp_path, train__method=method)
+    # lift: 4 bottleneck units (LIFT's rule gives 1 for 10 classes, whose ReLU can stay off on the last
+    # block's CLS token, the only row the loss sees there, so that block's adapter would not move)
+    extra = {"model__adapter_dim": 4} if method == "lift" else {}
+    params = _params(tiny_shards, tmp_path, train__method=method, **extra)
     init = _initial_trainables(params)
     w1 = load_file(run_phase(params, 1)["checkpoint"])
     assert _changed(init, w1) == tensors

@@ -21,6 +21,9 @@ rest of the query pass and the prompted pass. Their input is a constant for auto
 the shared prompt are frozen in phase 2), so they run under ``no_grad`` and backward never visits them.
 :meth:`LPTModel.forward_two_pass` is the straightforward reference (two full passes).
 
+Adapters (``lift``): :func:`lpt.model.adapters.attach_adapters` puts one beside every block's MLP inside
+the block itself, so the block loop below runs them without knowing; they are trainable in phase 1.
+
 The eval-mode forward is ONNX-exportable: python control flow depends only on the phase / method,
 never on data; selection is ``torch.topk`` + ``index_select``.
 
@@ -34,7 +37,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +45,7 @@ from torch import nn
 
 from lpt.config import BackboneConfig, ModelConfig, Params
 from lpt.methods import METHODS, get_method
+from lpt.model.adapters import attach_adapters, default_adapter_dim
 from lpt.model.backbone import backbone_fingerprint, build_architecture, create_backbone
 from lpt.model.families import family_of
 from lpt.model.prompts import GroupPromptPool, SharedPrompt
@@ -60,7 +64,8 @@ __all__ = [
     "format_parameter_report",
 ]
 
-Method = Literal["lpt", "lpt_phase1", "vpt_deep", "linear_probe"]
+Method = str
+"""A name of :data:`lpt.methods.METHODS` (the registry is the one list of names)."""
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
 CHECKPOINT_FORMAT = 1
@@ -125,7 +130,8 @@ class LPTModel(nn.Module):
             pool fields (``pool_size``, ``shared_blocks``, ``top_k``, ``block_reuse``) are read when the
             model enters phase 2 (:meth:`set_phase`).
         method: a name of :data:`lpt.methods.METHODS`: ``lpt`` (both phases), ``lpt_phase1`` (phase 1
-            only), ``vpt_deep`` (shared prompt + head, trained with CE), ``linear_probe`` (head only).
+            only), ``vpt_deep*`` (shared prompt + head), ``linear_probe*`` (head only), ``lift`` (adapters
+            beside every block's MLP + head; ``cfg.adapter_dim`` or LIFT's rule sets their width).
         backbone_cfg: the ``backbone`` section it was built from (stored in checkpoints).
         seed: seeds each component's own generator (:func:`component_generator`).
     """
@@ -166,6 +172,13 @@ class LPTModel(nn.Module):
         self.head = CosineHead(self.embed_dim, num_classes, generator=component_generator(seed, "head"))
         self.phase = 1
         self._fingerprint: str | None = None
+        self.adapter_dim: int | None = None
+        self.adapters: nn.ModuleList | None = None
+        if self.spec.adapter:  # LIFT: a bottleneck adapter beside every block's MLP (lpt.model.adapters)
+            self._fingerprint = backbone_fingerprint(backbone)  # the frozen weights', before the wrap renames MLPs
+            self.adapter_dim = cfg.adapter_dim or default_adapter_dim(num_classes, self.depth)
+            self.adapters = attach_adapters(backbone.blocks, self.embed_dim, self.adapter_dim,
+                                            generator=component_generator(seed, "adapters"))
         self._apply_trainable()
         self.backbone.eval()
 
@@ -203,6 +216,8 @@ class LPTModel(nn.Module):
         """The geometry this model was built with (what ``model.json`` records and :func:`load_trained_model`
         rebuilds from): phase-1 fields, plus the pool's once it exists."""
         out: dict[str, Any] = {"prompt_length": self.prompt_length, "head_dropout": self.head_dropout}
+        if self.adapter_dim is not None:
+            out["adapter_dim"] = self.adapter_dim
         if self.group_pool is not None:
             out.update(pool_size=int(self.group_pool.prompts.shape[0]), shared_blocks=self.shared_blocks,
                        top_k=self.group_pool.top_k, block_reuse=self.block_reuse)
@@ -215,6 +230,8 @@ class LPTModel(nn.Module):
             self.shared_prompt.requires_grad_(self.phase == 1)
         if self.group_pool is not None:
             self.group_pool.requires_grad_(self.phase == 2)
+        if self.adapters is not None:
+            self.adapters.requires_grad_(self.phase == 1)
         self.head.requires_grad_(True)
 
     def train(self, mode: bool = True) -> LPTModel:
@@ -323,7 +340,7 @@ class LPTModel(nn.Module):
 
     # ------------------------------------------------------------------------------ parameters
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Prompts, keys and head (every tensor that is trainable in some phase), detached CPU copies."""
+        """Prompts, keys, adapters and head (every tensor that is trainable in some phase), detached CPU copies."""
         return {
             name: p.detach().to("cpu").contiguous().clone()
             for name, p in self.named_parameters()
@@ -386,6 +403,10 @@ class LPTModel(nn.Module):
         for name, p in parts:
             if p is not None:
                 components[name] = {"params": p.numel(), "shape": list(p.shape), "trainable": p.requires_grad}
+        if self.adapters is not None:  # L adapters of 2 D r + D + r + 1 tensors each
+            per_block = sum(p.numel() for p in self.adapters[0].parameters())
+            components["adapters"] = {"params": per_block * len(self.adapters), "shape": [len(self.adapters), per_block],
+                                      "trainable": self.adapters[0].down.weight.requires_grad}
         backbone = sum(p.numel() for p in self.backbone.parameters())
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.parameters())

@@ -66,8 +66,8 @@ def load_phase_data(params: Params, transforms: Any = None) -> PhaseData:
 
 
 def build_samplers(labels: np.ndarray, *, per_rank_epoch: int, seed: int, rank: int, world_size: int,
-                   dual_sampling: bool, samples_per_class: int) -> dict[str, Any]:
-    """The instance-balanced stream (always) and the class-aware stream (dual sampling).
+                   streams: tuple[str, ...], samples_per_class: int) -> dict[str, Any]:
+    """The sampler of each stream a step draws from: ``ib`` (instance-balanced), ``cb`` (class-aware).
 
     Args:
         labels: train labels.
@@ -75,15 +75,17 @@ def build_samplers(labels: np.ndarray, *, per_rank_epoch: int, seed: int, rank: 
         seed: base seed of this phase; the IB stream uses ``seed + 1``, the CB stream ``seed + 2``.
         rank: this rank.
         world_size: ranks.
-        dual_sampling: add the class-aware stream.
+        streams: :attr:`lpt.methods.PhasePlan.streams`, e.g. ``("cb", "ib")`` for dual sampling.
         samples_per_class: consecutive images per class in the class-aware stream.
     """
     from lpt.data.sampling import ClassAwareSampler, InstanceBalancedSampler
 
     total = per_rank_epoch * world_size
-    samplers: dict[str, Any] = {
-        "ib": InstanceBalancedSampler(len(labels), num_samples=total, seed=seed + 1, rank=rank, world_size=world_size)}
-    if dual_sampling:
+    samplers: dict[str, Any] = {}
+    if "ib" in streams:
+        samplers["ib"] = InstanceBalancedSampler(len(labels), num_samples=total, seed=seed + 1, rank=rank,
+                                                 world_size=world_size)
+    if "cb" in streams:
         samplers["cb"] = ClassAwareSampler(labels, samples_per_class=samples_per_class, num_samples=total,
                                            seed=seed + 2, rank=rank, world_size=world_size)
     return samplers

@@ -59,10 +59,14 @@ def phase_recipe(params: Params, phase: int, spec: MethodSpec) -> dict[str, Any]
     loss = params.loss
     if spec.loss == "ce":
         loss_keys: tuple[str, ...] = ("scale",)
+    elif spec.loss == "la":
+        loss_keys = ("scale", "la_tau")
     else:
         loss_keys = _AGCL_PHASE1 + (("key_weight",) if phase == 2 else ())
     model = params.model
     geometry: dict[str, Any] = {"prompt_length": model.prompt_length, "head_dropout": model.head_dropout}
+    if spec.adapter:
+        geometry["adapter_dim"] = model.adapter_dim
     if phase == 2:
         geometry.update(pool_size=model.pool_size, shared_blocks=model.shared_blocks, top_k=model.top_k,
                         block_reuse=model.block_reuse)

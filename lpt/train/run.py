@@ -111,7 +111,7 @@ class _PhaseRun:
                                dist=self.dist)
         self.samplers = build_samplers(np.asarray(self.data.train.labels), per_rank_epoch=self.steps_per_epoch * self.rank_batch,
                                        seed=self.params.seed * 1000 + self.phase, rank=self.dist.rank,
-                                       world_size=world, dual_sampling=self.plan.dual_sampling,
+                                       world_size=world, streams=self.plan.streams,
                                        samples_per_class=self.cfg.samples_per_class)
         self.recipe = phase_recipe(self.params, self.phase, get_method(self.plan.method))
         inputs = {"data": self.data.manifest_sha, "backbone": model.backbone_fingerprint(), "world_size": world}
@@ -135,6 +135,10 @@ class _PhaseRun:
         if self.phase == 2:
             self._load_phase1_into(model)
             model.set_phase(2)
+        elif get_method(self.plan.method).head_init == "class_mean":
+            # on the training device: a pass over the train split (every rank computes the same means)
+            init_head_from_class_means(model.to(self.device), self.data, self.params.evaluate.batch_size,
+                                       self.params.train.num_workers)
         return model
 
     def _load_phase1_into(self, model: Any) -> None:
@@ -316,7 +320,8 @@ class _PhaseRun:
     def _print_start(self, resumed: bool) -> None:
         from lpt.model.lpt import format_parameter_report
 
-        streams = "class-aware (CB) + instance-balanced (IB)" if self.plan.dual_sampling else "instance-balanced"
+        streams = {"dual": "class-aware (CB) + instance-balanced (IB)", "cb": "class-aware (CB)",
+                   "ib": "instance-balanced (IB)"}[self.plan.sampling]
         print(f"[train] method {self.plan.method}, phase {self.phase}: {len(self.data.train)} train / "
               f"{len(self.data.val)} val images, {self.data.num_classes} classes; {self.cfg.epochs} epochs x "
               f"{self.steps_per_epoch} steps, global batch {self.cfg.batch_size} ({streams}), "
@@ -349,6 +354,45 @@ class _PhaseRun:
         D.barrier(self.dist)
         return {"checkpoint": str(self.phase_dir / "model.safetensors"), "best_val_acc": prog.best_val_acc,
                 "phase_dir": str(self.phase_dir)}
+
+
+@torch.no_grad()
+def init_head_from_class_means(model: Any, data: Any, batch_size: int, num_workers: int = 0) -> torch.Tensor:
+    """Set the cosine head's class weights to the mean feature of each class's training images.
+
+    LIFT starts its cosine classifier from class prototypes (text features for CLIP; the class mean of the
+    image features for other backbones); the cosine head normalises each row, so the mean's direction is
+    what counts. Features come from the model as it is before training, on the test-time transform (no
+    augmentation), in eval mode. A class without images keeps its random row.
+
+    Args:
+        model: an ``LPTModel`` (its adapters, if any, are still the identity here: ``up`` starts at zero).
+        data: :class:`lpt.train.batches.PhaseData` (train images, test-time transform, class count).
+        batch_size: images per forward.
+        num_workers: DataLoader workers.
+
+    Returns:
+        The per-class image counts used ([C]).
+    """
+    from lpt.data.reader import TransformedDataset
+
+    was_training = model.training
+    model.eval()
+    device = model.head.weight.device
+    # a generator of its own: iterating a DataLoader draws a base seed, which must not come from the global RNG
+    loader = torch.utils.data.DataLoader(TransformedDataset(data.train, data.val_transform), batch_size=batch_size,
+                                         shuffle=False, num_workers=num_workers, generator=torch.Generator().manual_seed(0))
+    sums = torch.zeros(data.num_classes, model.embed_dim, dtype=torch.float64)  # [C, D]
+    counts = torch.zeros(data.num_classes, dtype=torch.float64)  # [C]
+    for x, y in loader:
+        feats = model(x.to(device)).features.double().cpu()  # [B, D] final-norm CLS
+        sums.index_add_(0, y, feats)
+        counts.index_add_(0, y, torch.ones(len(y), dtype=torch.float64))
+    seen = counts > 0
+    means = sums[seen] / counts[seen].unsqueeze(1)  # [C_seen, D]
+    model.head.weight[seen] = means.to(model.head.weight)
+    model.train(was_training)
+    return counts
 
 
 def _sha256_json(value: Any) -> str:

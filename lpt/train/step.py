@@ -1,8 +1,8 @@
 """One optimizer step: the CB (and IB) batch in ``grad_accum`` micro-batches, one backward each.
 
 ``loss = AGCL_cb - kw*sim_cb + w(e) * (AGCL_ib - kw*sim_ib)``; the key-matching term exists in phase 2
-only (``sim`` is 0 without a pool, and phase 1 does not read ``loss.key_weight``). CE methods use the
-scaled-cosine cross-entropy on the IB stream alone.
+only (``sim`` is 0 without a pool, and phase 1 does not read ``loss.key_weight``). The CE and
+logit-adjusted CE methods train on their one stream (instance-balanced or class-aware, :class:`PhasePlan`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lpt.config import LossConfig
-from lpt.losses import agcl_loss, scaled_ce_loss
+from lpt.losses import agcl_loss, logit_adjusted_loss, scaled_ce_loss
 from lpt.methods import PhasePlan
 from lpt.train.distributed import DistInfo
 from lpt.errors import TrainError
@@ -48,7 +48,7 @@ class StepContext:
 
 def micro_batches(ctx: StepContext, batches: Batches, ib_w: float) -> list[tuple[str, float, torch.Tensor, torch.Tensor]]:
     """``(stream, weight, x, y)`` per micro-batch; the IB stream is skipped when its weight is 0."""
-    weights = {"cb": 1.0, "ib": ib_w} if ctx.plan.dual_sampling else {"ib": 1.0}
+    weights = {"cb": 1.0, "ib": ib_w} if ctx.plan.dual_sampling else {ctx.plan.streams[0]: 1.0}
     parts = []
     for name, weight in weights.items():
         if weight <= 0 or name not in batches:
@@ -61,11 +61,13 @@ def micro_batches(ctx: StepContext, batches: Batches, ib_w: float) -> list[tuple
 
 
 def stream_loss(ctx: StepContext, out: Any, target: torch.Tensor, stream: str) -> torch.Tensor:
-    """A-GCL with the stream's focusing exponents (minus the key term in phase 2), or scaled CE."""
+    """A-GCL with the stream's focusing exponents (minus the key term in phase 2), scaled CE or logit-adjusted CE."""
     lcfg = ctx.loss_cfg
     logits = out.logits.float()
     if ctx.plan.loss == "ce":
         return scaled_ce_loss(logits, target, lcfg.scale)
+    if ctx.plan.loss == "la":
+        return logit_adjusted_loss(logits, target, ctx.class_counts, lcfg.scale, lcfg.la_tau)
     gp, gn = (lcfg.gamma_pos_cb, lcfg.gamma_neg_cb) if stream == "cb" else (lcfg.gamma_pos_ib, lcfg.gamma_neg_ib)
     loss = agcl_loss(logits, target, ctx.class_counts, gp, gn, lcfg)
     if ctx.plan.phase == 2:
