@@ -51,7 +51,7 @@ import torch
 from lpt.config import Params
 from lpt.export import (ExportError, ParityFailed, _check, _class_names, _compare_on_test, _export_rewrites,
                         build_metadata, check_gate_verdict, optimize_graph, write_metadata)
-from lpt.model.backbone import BackboneError
+from lpt.model.backbone import BackboneError, ResolvedTransforms, resolve_transforms
 from lpt.model.lpt import CheckpointError, LPTModel, load_trained_model
 from lpt.runtime import (BACKBONE_KIND, INPUT_NAME, LOGITS_NAME, LPT_FORMAT, PACK_FORMAT, PACK_METADATA_KEY,
                          PACK_SUFFIX, SELECTED_NAME, TASK_INPUTS, PredictError, Predictor)
@@ -305,7 +305,8 @@ def backbone_graph_metadata(model: LPTModel, checkpoint_meta: dict[str, Any], ge
 
 # ---------------------------------------------------------------------------------------------- packs
 def build_pack_metadata(params: Params, model: LPTModel, class_names: list[str], checkpoint_meta: dict[str, Any],
-                        metrics: dict[str, Any], verdict: dict[str, Any], geometry: dict[str, Any]) -> dict[str, Any]:
+                        metrics: dict[str, Any], verdict: dict[str, Any], geometry: dict[str, Any],
+                        transforms: ResolvedTransforms | None = None) -> dict[str, Any]:
     """The pack's JSON metadata (stored under :data:`lpt.runtime.PACK_METADATA_KEY`).
 
     Args:
@@ -316,10 +317,11 @@ def build_pack_metadata(params: Params, model: LPTModel, class_names: list[str],
         metrics: the evaluated test metrics (scalars).
         verdict: the passed gate verdict (``gate.json``).
         geometry: :func:`pack_geometry`.
+        transforms: the preprocessing actually used (default: ``params.transforms`` resolved on the model).
     """
     import lpt
 
-    export_meta = build_metadata(params, model, class_names, checkpoint_meta)
+    export_meta = build_metadata(params, model, class_names, checkpoint_meta, transforms=transforms)
     backbone = checkpoint_meta.get("backbone") or {}
     return {
         "pack_format": PACK_FORMAT,
@@ -433,7 +435,11 @@ def run_pack(params: Params) -> PackResult:
     tensors = pack_tensors(model)  # refuses an unsupported method before any work
     class_names = _class_names(params, model.num_classes)
     metrics = _scalar_metrics(params)
-    size = params.transforms.input_size
+    try:  # the preprocessing actually used: params.transforms, nulls filled from the model (as lpt export)
+        transforms = resolve_transforms(params.transforms, model.backbone)
+    except BackboneError as err:
+        raise PackError(str(err)) from None
+    size = transforms.input_size
     geometry = pack_geometry(model, size)
     parity = params.export.parity
     pack_file = f"{params.pack.name}{PACK_SUFFIX}"
@@ -449,13 +455,14 @@ def run_pack(params: Params) -> PackResult:
                                                       optimize=params.export.optimize), doc)
         _check(graph)
         pack = write_pack(tmp / pack_file, tensors,
-                          build_pack_metadata(params, model, class_names, ckpt, metrics, verdict, geometry))
+                          build_pack_metadata(params, model, class_names, ckpt, metrics, verdict, geometry,
+                                              transforms))
         try:  # the consumer reads what was written: the check covers the files, not just the tensors in memory
             consumer = Predictor(graph, packs=[pack], providers=["CPUExecutionProvider"],
                                  intra_op_num_threads=torch.get_num_threads())
         except PredictError as err:
             raise PackError(f"the written pack does not load in the runtime: {err}") from None
-        stats = _compare_on_test(model, {"pack": _PackConsumer(consumer)}, params)
+        stats = _compare_on_test(model, {"pack": _PackConsumer(consumer)}, params, transforms)
         got = stats["pack"]
         failures = []
         if not got["max_abs_diff"] <= parity.max_abs_diff:

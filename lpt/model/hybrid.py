@@ -11,7 +11,10 @@ LPT's block reuse stays exact.
 
 The weights of the whole model (CNN stem included) live in one safetensors file written by the pretrain
 stage (``lpt/pretrain.py``), which initialises the stem from the ImageNet-1k EfficientNet-Lite0 weights
-(:func:`load_lite0_stem`) — nothing here downloads anything and ``pretrained=True`` is refused.
+(:func:`load_lite0_stem`). Nothing here downloads anything: the registered pretrained config has no URL
+and no hub id, so ``pretrained=True`` works only with a local file (timm's
+``pretrained_cfg_overlay=dict(file=...)``, the route :func:`lpt.model.backbone.create_backbone` takes
+for every weights file) and is refused otherwise.
 
 Importing this module registers the names with timm (``lpt.model.backbone.create_backbone`` does it).
 """
@@ -26,7 +29,7 @@ import torch
 from torch import nn
 
 from timm.layers import HybridEmbed, freeze_batch_norm_2d
-from timm.models import register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
 __all__ = ["HYBRID_MODELS", "LITE0_STEM_PREFIX", "lite0_stem", "load_lite0_stem", "lite0_state_from_reference",
@@ -37,6 +40,12 @@ LITE0_STEM_PREFIX = "patch_embed.backbone."
 """Where the CNN stem's tensors sit in the hybrid ViT's state dict."""
 
 _LITE0_STAGES = 3  # blocks[:3] of tf_efficientnet_lite0: output stride 8, 40 channels
+
+default_cfgs = generate_default_cfgs({  # read by timm's register_model: no url / hf_hub_id, local files only
+    "vit_hybrid_lite0s8": {"num_classes": 0, "input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5),
+                           "std": (0.5, 0.5, 0.5), "crop_pct": 1.0, "interpolation": "bilinear",
+                           "first_conv": "patch_embed.backbone.0", "classifier": "head", "license": "apache-2.0"},
+})
 
 
 def lite0_stem(stages: int = _LITE0_STAGES) -> nn.Sequential:
@@ -66,20 +75,14 @@ def vit_hybrid_lite0s8(pretrained: bool = False, **kwargs: Any) -> VisionTransfo
             dropout knobs, ``num_classes``...). ``patch_size`` is the projection's kernel on the stride-8
             feature map (default 1).
     """
-    if pretrained:
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    if pretrained and not overlay.get("file"):
         raise RuntimeError("vit_hybrid_lite0s8 has no hub weights: set backbone.weights to 'pretrain' (the "
                            "pretrain stage makes them) or to a weights file")
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm.create_model passes these
-        kwargs.pop(key, None)
     args: dict[str, Any] = dict(img_size=32, patch_size=1, embed_dim=128, depth=6, num_heads=4, mlp_ratio=4.0)
     args.update(kwargs)
     args["embed_layer"] = partial(HybridEmbed, backbone=lite0_stem())
-    model = VisionTransformer(**args)
-    model.default_cfg = model.pretrained_cfg = {"architecture": "vit_hybrid_lite0s8", "mean": (0.5, 0.5, 0.5),
-                                                "std": (0.5, 0.5, 0.5), "num_classes": args.get("num_classes", 1000),
-                                                "input_size": (3, model.patch_embed.img_size[0],
-                                                               model.patch_embed.img_size[1])}
-    return model
+    return build_model_with_cfg(VisionTransformer, "vit_hybrid_lite0s8", pretrained, **args)
 
 
 def lite0_state_from_reference(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
