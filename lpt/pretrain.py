@@ -298,6 +298,26 @@ def _marker(params: Params) -> dict[str, Any]:
     return {"path": str(report_path), "holdout_acc": None}
 
 
+def _with_model_transforms(params: Params) -> Params:
+    """``params`` with ``transforms.input_size`` / ``mean`` / ``std`` that are null filled from the model.
+
+    Pretraining renders its data at the input size and normalises with mean / std, like every other
+    stage, so ``null`` means the backbone's own values here too (:func:`lpt.model.backbone.resolve_transforms`
+    on a meta-device build). Explicit values are used as they are.
+
+    Raises:
+        BackboneError: the model cannot say (e.g. a non-square input) or refuses an explicit size.
+    """
+    section = params.transforms
+    if section.input_size is not None and section.mean is not None and section.std is not None:
+        return params
+    from lpt.model.backbone import build_architecture, resolve_transforms
+
+    t = resolve_transforms(section, build_architecture(params.backbone))
+    filled = section.model_copy(update={"input_size": t.input_size, "mean": t.mean, "std": t.std})
+    return params.model_copy(update={"transforms": filled})
+
+
 def pretrain_backbone(params: Params) -> dict[str, Any]:
     """Make the embedded backbone: render the source classes, distil/train, write weights + provenance.
 
@@ -319,6 +339,7 @@ def pretrain_backbone(params: Params) -> dict[str, Any]:
     from lpt.model.backbone import create_backbone, pretrained_backbone_path, save_backbone
     from lpt.model.hybrid import HYBRID_MODELS, load_lite0_stem
 
+    params = _with_model_transforms(params)
     wall0 = time.perf_counter()
     device = resolve_device("auto")  # the stage reads only seed/backbone/pretrain/transforms (dvc.yaml)
     seed_everything(params.seed)

@@ -198,3 +198,21 @@ def test_dvc_repro_end_to_end_on_a_folder_data_set_with_the_pretrain_stage(tmp_p
     assert parity["top1_agreement"] >= parity["thresholds"]["min_agreement"]
     status = _run(sys.executable, "-m", "dvc", "status", "--json", cwd=repo)
     assert json.loads(status.stdout or "{}") == {}, status.stdout
+
+
+def test_pretraining_takes_null_transforms_from_the_model(tmp_path: Path) -> None:
+    """transforms.input_size / mean / std = null mean the backbone's own values in the pretrain stage too."""
+    from lpt.pretrain import _with_model_transforms
+
+    explicit = make_tiny_params(tmp_path, **{k.replace(".", "__"): v for k, v in TINY_HYBRID.items()})
+    assert _with_model_transforms(explicit) is explicit  # nothing null: used as it is
+    nulls = make_tiny_params(tmp_path, transforms__input_size=None, transforms__mean=None, transforms__std=None,
+                             transforms__resize=None,
+                             **{k.replace(".", "__"): v for k, v in TINY_HYBRID.items()})
+    filled = _with_model_transforms(nulls).transforms
+    assert filled.input_size == 32  # timm_kwargs.img_size
+    assert tuple(filled.mean) == (0.5, 0.5, 0.5) and tuple(filled.std) == (0.5, 0.5, 0.5)  # the hybrid's cfg
+    wide = make_tiny_params(tmp_path, transforms__input_size=None, transforms__mean=None, transforms__std=None,
+                            transforms__resize=None, backbone__name="vit_hybrid_lite0s8",
+                            backbone__timm_kwargs={"img_size": 64, "embed_dim": 48, "depth": 3, "num_heads": 3})
+    assert _with_model_transforms(wide).transforms.input_size == 64
