@@ -366,15 +366,24 @@ def _check(path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------- variants
+INT8_OP_TYPES: tuple[str, ...] = ("MatMul", "Gemm")
+"""The node types :func:`quantize_int8` quantises (convolutions stay float32)."""
+
+
 def quantize_int8(src: Path, dst: Path) -> Path:
-    """Dynamic INT8 quantisation (weights int8, activations quantised on the fly): MatMul-heavy ViTs."""
+    """Dynamic INT8 quantisation of the MatMul / Gemm nodes (weights int8, activations quantised on the fly).
+
+    Only the transformer's matrix products are quantised; convolutions (a hybrid ViT's CNN stem, the patch
+    projection) stay float32. On the embedded default (EfficientNet-Lite0 stem) quantising every op ORT
+    can lost 1.55 points of test top-1 (0.6255 vs 0.6410), MatMul / Gemm only 0.05 (0.6405).
+    """
     import logging
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     logging.disable(logging.WARNING)  # its "consider pre-processing" hint: shape pre-processing fails on this graph
     try:
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=list(INT8_OP_TYPES))
     finally:
         logging.disable(logging.NOTSET)
     return dst

@@ -141,6 +141,34 @@ def test_int8_and_fp16_variants_are_gated_and_loadable(exported) -> None:
     assert report["variants"]["int8"]["bytes"] < report["variants"]["fp32"]["bytes"]
 
 
+def test_int8_quantises_matmuls_and_keeps_convolutions_float(tmp_path: Path) -> None:
+    """A conv (a hybrid ViT's CNN stem) stays float32; the MatMuls become integer ops."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lpt.export import quantize_int8
+
+    rng = np.random.default_rng(0)
+    conv_w = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "conv_w")
+    mm_w = numpy_helper.from_array(rng.standard_normal((64, 8)).astype(np.float32), "mm_w")
+    shape = numpy_helper.from_array(np.array([1, 64], np.int64), "shape")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "conv_w"], ["c"], pads=[1, 1, 1, 1]),  # [1, 4, 4, 4]
+         helper.make_node("Reshape", ["c", "shape"], ["r"]),  # [1, 64]
+         helper.make_node("MatMul", ["r", "mm_w"], ["y"])],  # [1, 8]
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], [conv_w, mm_w, shape])
+    src, dst = tmp_path / "f.onnx", tmp_path / "q.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), src)
+    quantize_int8(src, dst)
+    ops = {node.op_type for node in onnx.load(dst).graph.node}
+    assert "Conv" in ops and "ConvInteger" not in ops
+    assert "MatMul" not in ops and ops & {"MatMulInteger", "DynamicQuantizeLinear"}
+    x = rng.standard_normal((1, 3, 4, 4)).astype(np.float32)
+    ref = ort.InferenceSession(str(src)).run(None, {"x": x})[0]
+    got = ort.InferenceSession(str(dst)).run(None, {"x": x})[0]
+    assert np.abs(got - ref).max() < 0.1 * np.abs(ref).max()
+
+
 # ------------------------------------------------------------------------------------------ consumer
 def test_consumer_matches_torch_top1_on_test_shards(exported) -> None:
     params, result = exported
