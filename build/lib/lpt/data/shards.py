@@ -1,0 +1,268 @@
+"""Image encoding and WebDataset shard writing.
+
+A split goes to ``<out>/<split>/<split>-%06d.tar``; each sample is ``<key>.cls`` (ASCII class index),
+``<key>.json`` (``{"label", "source_id"}``) and ``<key>.png`` (or ``.jpg`` when a JPEG source file is
+kept byte-for-byte). Every shard is written under a temporary name and renamed when complete.
+
+Shards are plain POSIX ustar archives (what ``webdataset.TarWriter`` writes, minus the per-member PAX
+headers Python's tarfile adds) with fixed owner and mtime, so the same input gives byte-identical shards.
+The headers are built directly: ``tarfile.addfile`` cost ~100 us per member, more than the PNG encode.
+
+High-bit-depth grayscale (PIL modes ``I;16*``, ``I``, ``F``) is reduced to 8 bits by a fixed rule per mode
+(:func:`to_8bit_gray`), never by Pillow's ``convert("RGB")``, which clips every value above 255 to white.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing as mp
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from lpt.data.layout import shard_name
+from lpt.data.sources.base import BadItems, Item, Payload
+from lpt.utils import sha256_file
+
+__all__ = ["Encoded", "encode_payload", "SplitWriteResult", "write_split", "encoded_stream"]
+
+KEEP_FORMATS = {"PNG": "png", "JPEG": "jpg"}
+POOL_MIN_ITEMS = 2000  # below this a process pool costs more than it saves
+
+
+@dataclass
+class Encoded:
+    """An image ready for a shard: bytes, extension, size; or the reason it could not be read."""
+
+    data: bytes = b""
+    ext: str = "png"
+    width: int = 0
+    height: int = 0
+    error: str | None = None
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1)  # fast: shards are read far more than written
+    return buf.getvalue()
+
+
+def _encode_array(arr: np.ndarray) -> Encoded:
+    if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] != 3):
+        return Encoded(error=f"expected HxW or HxWx3 uint8 array, got {arr.dtype} {arr.shape}")
+    if arr.ndim == 2:  # grayscale is stored as RGB so every image has 3 channels
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    image = Image.fromarray(np.ascontiguousarray(arr), mode="RGB")
+    return Encoded(_png_bytes(image), "png", arr.shape[1], arr.shape[0])
+
+
+UINT16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+"""PIL modes of unsigned 16-bit grayscale (16-bit PNG opens as ``I;16``; TIFF as ``I;16``/``I;16B``)."""
+HIGH_BIT_MODES = (*UINT16_MODES, "I", "F")
+
+
+def to_8bit_gray(image: Image.Image) -> np.ndarray:
+    """An HxW uint8 array from a high-bit-depth grayscale image, by a fixed rule per mode.
+
+    * ``I;16``, ``I;16L``, ``I;16B``, ``I;16N`` (unsigned 16 bit, 0..65535): ``v >> 8``, the high byte,
+      as Pillow itself reduces 16-bit RGB PNGs; 0 -> 0, 65535 -> 255, monotone.
+    * ``I`` (32-bit signed): taken as 16-bit data (what Pillow gives 16-bit files in this mode):
+      ``v >> 8``; a value outside 0..65535 has no defined 8-bit value and the image is refused.
+    * ``F`` (32-bit float): taken as intensities in [0, 1] (the float-image convention): ``round(v * 255)``;
+      a value outside [0, 1] or NaN is refused.
+
+    The rule never depends on an image's own min/max, so equal values give equal pixels across images.
+
+    Raises:
+        ValueError: values outside the mode's range (the message says which range).
+    """
+    arr = np.asarray(image)
+    if image.mode in UINT16_MODES:
+        return (arr.astype(np.uint16) >> 8).astype(np.uint8)
+    if image.mode == "I":
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi > 65535:
+            raise ValueError(f"32-bit integer image with values {lo}..{hi}; only 0..65535 (16-bit data) is "
+                             f"defined (convert it to 8 or 16 bit)")
+        return (arr.astype(np.uint32) >> 8).astype(np.uint8)
+    if image.mode == "F":
+        if not np.isfinite(arr).all() or arr.min() < 0.0 or arr.max() > 1.0:
+            raise ValueError(f"float image with values outside [0, 1] ({np.nanmin(arr):g}..{np.nanmax(arr):g}); "
+                             f"its intensity range is unknown (convert it to 8 or 16 bit)")
+        return np.round(arr.astype(np.float64) * 255.0).astype(np.uint8)
+    raise ValueError(f"mode {image.mode} is not a high-bit-depth grayscale mode")
+
+
+def _encode_bytes(raw: bytes) -> Encoded:
+    with Image.open(io.BytesIO(raw)) as image:
+        fmt, mode = image.format, image.mode
+        image.load()  # full decode: truncated files fail here, not at training time
+        if fmt in KEEP_FORMATS and mode == "RGB":
+            return Encoded(raw, KEEP_FORMATS[fmt], image.width, image.height)
+        if mode in HIGH_BIT_MODES:
+            return _encode_array(to_8bit_gray(image))
+        rgb = image.convert("RGB")
+    return Encoded(_png_bytes(rgb), "png", rgb.width, rgb.height)
+
+
+def encode_payload(payload: Payload) -> Encoded:
+    """Turn a source payload into shard bytes; never raises (errors are returned in ``error``)."""
+    try:
+        if isinstance(payload, np.ndarray):
+            return _encode_array(payload)
+        raw = Path(payload).read_bytes() if isinstance(payload, (str, Path)) else bytes(payload)
+        if not raw:
+            return Encoded(error="empty file")
+        return _encode_bytes(raw)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        return Encoded(error=f"not a readable image ({type(err).__name__}: {err})")
+
+
+def encoded_stream(items: list[Item], workers: int) -> Iterator[Encoded]:
+    """Encode items in order, with a process pool when there are enough of them."""
+    payloads = (item.payload for item in items)
+    if workers <= 1 or len(items) < POOL_MIN_ITEMS:
+        yield from map(encode_payload, payloads)
+        return
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+    with ctx.Pool(workers) as pool:
+        yield from pool.imap(encode_payload, payloads, chunksize=128)
+
+
+@dataclass
+class SplitWriteResult:
+    """What was written for one split (feeds the manifest)."""
+
+    shards: list[dict] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return len(self.labels)
+
+
+_TAR_BLOCK = 512
+
+
+def _ustar_header(name: str, size: int) -> bytes:
+    """A ustar header block for a regular read-only file (uid/gid 0, mtime 0, owner ``bigdata``)."""
+    raw_name = name.encode("utf-8")
+    if len(raw_name) > 100:
+        raise ValueError(f"tar member name longer than 100 bytes: {name!r}")
+    h = bytearray(_TAR_BLOCK)
+    h[0:len(raw_name)] = raw_name
+    h[100:108] = b"0000444\0"
+    h[108:116] = b"0000000\0"
+    h[116:124] = b"0000000\0"
+    h[124:136] = b"%011o\0" % size
+    h[136:148] = b"00000000000\0"
+    h[148:156] = b" " * 8  # checksum is computed with this field as spaces
+    h[156:157] = b"0"
+    h[257:265] = b"ustar\x0000"
+    h[265:272] = b"bigdata"
+    h[297:304] = b"bigdata"
+    h[148:156] = b"%06o\0 " % sum(h)
+    return bytes(h)
+
+
+class _TarSampleWriter:
+    """Appends WebDataset samples (``key.ext`` members, sorted by extension) to a binary stream."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+
+    def write(self, sample: dict) -> None:
+        key = sample["__key__"]
+        for ext in sorted(k for k in sample if k != "__key__"):
+            data = sample[ext]
+            self.stream.write(_ustar_header(f"{key}.{ext}", len(data)))
+            self.stream.write(data)
+            pad = -len(data) % _TAR_BLOCK
+            if pad:
+                self.stream.write(b"\0" * pad)
+
+    def close(self) -> None:
+        self.stream.write(b"\0" * (2 * _TAR_BLOCK))  # end-of-archive marker
+
+
+class _ShardSink:
+    """Rolls over to a new tar every ``maxcount`` samples; each tar is renamed into place when closed."""
+
+    def __init__(self, folder: Path, split: str, maxcount: int) -> None:
+        self.folder, self.split, self.maxcount = folder, split, maxcount
+        self.shards: list[dict] = []
+        self._writer: _TarSampleWriter | None = None
+        self._stream = None
+        self._count = 0
+
+    def write(self, sample: dict) -> None:
+        if self._writer is None or self._count >= self.maxcount:
+            self.close()
+            self._open()
+        self._writer.write(sample)
+        self._count += 1
+
+    def _open(self) -> None:
+        name = shard_name(self.split, len(self.shards))
+        self._tmp = self.folder / f".{name}.tmp"
+        self._final = self.folder / name
+        self._stream = open(self._tmp, "wb", buffering=1 << 20)
+        self._writer = _TarSampleWriter(self._stream)
+        self._count = 0
+
+    def close(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._stream.close()
+        os.replace(self._tmp, self._final)
+        self.shards.append({"name": self._final.name, "sha256": sha256_file(self._final), "count": self._count})
+        self._writer = None
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._stream.close()
+            Path(self._tmp).unlink(missing_ok=True)
+            self._writer = None
+
+
+def write_split(folder: Path, split: str, items: list[Item], encoded: Iterable[Encoded], bad: BadItems,
+                maxcount: int) -> SplitWriteResult:
+    """Write one split's encoded items to shards; unreadable items go through ``bad`` (raise or skip).
+
+    Args:
+        folder: the split's folder (created).
+        split: split name (shard and key prefix).
+        items: the split's items, in the order they are written.
+        encoded: ``encode_payload`` results aligned with ``items``.
+        bad: bad-item policy.
+        maxcount: samples per shard at most.
+
+    Returns:
+        Shard records (name, sha256, count) and the labels written, in order.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    sink, result = _ShardSink(folder, split, maxcount), SplitWriteResult()
+    try:
+        for item, enc in tqdm(zip(items, encoded), total=len(items), desc=f"ingest {split}", unit="img",
+                              leave=False, mininterval=1.0, disable=None):
+            if enc.error is not None:
+                bad(item.source_id, enc.error)
+                continue
+            key = f"{split}_{result.count:07d}"
+            meta = json.dumps({"label": int(item.label), "source_id": item.source_id})
+            sink.write({"__key__": key, enc.ext: enc.data, "cls": str(int(item.label)).encode(),
+                        "json": meta.encode()})
+            result.labels.append(int(item.label))
+        sink.close()
+    except BaseException:
+        sink.abort()
+        raise
+    result.shards = sink.shards
+    return result

@@ -1,0 +1,403 @@
+"""Test-split evaluation: metrics, plots, report, and the quality gate verdict (:mod:`lpt.gate`).
+
+``run_evaluate(params)`` loads the final checkpoint (``load_trained_model``: eval mode, block-reuse
+forward), runs the *test* split with the test transform and writes under ``params.evaluate.out_dir``::
+
+    metrics.json                 flat DVC metrics (numbers only; always written, even when the gate fails)
+    gate.json                    the gate verdict for this checkpoint: passed, failures, thresholds and the
+                                 checkpoint's sha256 (``lpt export`` refuses a checkpoint without a pass)
+    plots/per_class_accuracy.json   rows {class, train_count, accuracy, group}
+    plots/confusion.json            rows {actual, predicted} (one per test image)
+    plots/prompt_usage.json         rows {prompt, count, group} (group of the image's true class)
+    figures/*.png                matplotlib renderings of the same, plus training curves from dvclive
+    report.md                    tables + figures
+
+The gate (``evaluate.gate``) compares metrics with thresholds; a failing gate makes ``lpt evaluate`` exit
+non-zero, so the DVC ``evaluate`` stage fails and ``export`` never runs. Model selection never uses the
+test split: training selects on the validation split, this module only reports.
+
+The same-harness comparison of methods lives in :mod:`lpt.compare`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lpt import metrics as M
+from lpt.config import Params
+from lpt.gate import GATE_FILE, check_gate, gate_verdict, probe_metrics_path, read_gate_verdict  # noqa: F401
+from lpt.utils import atomic_dir, atomic_path, write_json_atomic
+
+__all__ = [
+    "EvaluateResult",
+    "Predictions",
+    "GATE_FILE",
+    "METRICS_FILE",
+    "read_gate_verdict",
+    "run_evaluate",
+    "check_gate",
+    "collect_predictions",
+    "final_checkpoint_dir",
+    "probe_metrics_path",
+]
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+METRIC_LABELS: dict[str, str] = {
+    "overall": "top-1 overall",
+    "top5": "top-5 overall",
+    "mean_per_class": "mean per-class accuracy",
+    "many": "many (n > 100)",
+    "medium": "medium (20 <= n <= 100)",
+    "few": "few (n < 20)",
+    "many_authors": "many, authors' convention",
+    "medium_authors": "medium (20 < n <= 100), authors' convention",
+    "few_authors": "few (n <= 20), authors' convention",
+    "ece": "expected calibration error",
+}
+
+
+@dataclass
+class EvaluateResult:
+    """What :func:`run_evaluate` wrote and the gate verdict.
+
+    Attributes:
+        metrics_path: ``metrics.json`` (written whether or not the gate passes).
+        report_path: ``report.md``.
+        gate_passed: False when any gate threshold is missed.
+        gate_failures: one line per missed threshold: metric, value, threshold.
+        metrics: the dict written to ``metrics.json``.
+    """
+
+    metrics_path: Path
+    report_path: Path
+    gate_passed: bool
+    gate_failures: list[str] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Predictions:
+    """Raw model outputs over a split.
+
+    Attributes:
+        cos_logits: [N, C] raw cosine logits.
+        labels: [N] true classes.
+        selected: [N, k] selected pool prompts (None when the model has no pool).
+    """
+
+    cos_logits: np.ndarray
+    labels: np.ndarray
+    selected: np.ndarray | None
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def final_checkpoint_dir(params: Params) -> Path:
+    """The checkpoint folder to evaluate: ``<train.out_dir>/phase2``, the final model of every method (the
+    one-phase methods copy their phase-1 model there)."""
+    from lpt.model.lpt import final_model_dir
+
+    return final_model_dir(params.train.out_dir)
+
+
+def collect_predictions(model: Any, loader: Any, device: str = "cpu") -> Predictions:
+    """Run ``model`` (eval mode) over ``loader`` and stack cosine logits, labels and selected prompts.
+
+    Args:
+        model: an ``LPTModel`` whose forward returns ``LPTOutput`` (``logits``, ``selected``).
+        loader: iterable of ``(images [B,3,H,W], labels [B])``.
+        device: torch device string.
+
+    Returns:
+        :class:`Predictions` as numpy arrays.
+    """
+    import torch
+
+    model.eval()
+    logits, labels, selected = [], [], []
+    with torch.inference_mode():
+        for x, y in loader:
+            out = model(x.to(device))
+            logits.append(out.logits.float().cpu().numpy())
+            labels.append(np.asarray(y, dtype=np.int64))
+            if out.selected is not None:
+                selected.append(out.selected.cpu().numpy().astype(np.int64))
+    num_classes = getattr(model, "num_classes", 0)
+    return Predictions(
+        cos_logits=np.concatenate(logits) if logits else np.zeros((0, num_classes), np.float32),
+        labels=np.concatenate(labels) if labels else np.zeros(0, np.int64),
+        selected=np.concatenate(selected) if selected and len(selected) == len(logits) else None,
+    )
+
+
+def _param_counts(model: Any) -> dict[str, int]:
+    """Tuned tensors over all phases (prompts, keys, adapters, head), the same without the head, and the backbone."""
+    report = model.parameter_report()
+    comps = report.get("components", {})
+    tuned = int(report["tuned_total"])
+    head = int(comps.get("head", {}).get("params", 0))
+    return {"trainable": tuned, "prompt": tuned - head, "backbone": int(report["backbone"])}
+
+
+def _fmt(v: Any, pct: bool = True) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{100 * v:.2f}" if pct else f"{v:.4f}"
+
+
+# ---------------------------------------------------------------------------------- plot data / figs
+def _plot_rows(preds: Predictions, counts: np.ndarray, class_names: list[str],
+               pool_size: int) -> dict[str, list[dict[str, Any]]]:
+    num_classes = len(counts)
+    pred = preds.cos_logits.argmax(axis=1) if len(preds.labels) else np.zeros(0, np.int64)
+    acc = M.per_class_accuracy(pred, preds.labels, num_classes)
+    groups = M.class_groups(counts, "standard")
+    per_class = [
+        {"class": class_names[c], "train_count": int(counts[c]),
+         "accuracy": None if math.isnan(acc[c]) else float(acc[c]), "group": str(groups[c])}
+        for c in range(num_classes)
+    ]
+    confusion = [{"actual": class_names[a], "predicted": class_names[p]} for a, p in zip(preds.labels, pred)]
+    usage = M.prompt_usage(preds.selected, preds.labels, counts, pool_size)
+    prompt_rows = [
+        {"prompt": f"p{p:02d}", "count": int(usage[g][p]), "group": g}
+        for p in range(pool_size) for g in M.GROUPS
+    ]
+    return {"per_class_accuracy": per_class, "confusion": confusion, "prompt_usage": prompt_rows}
+
+
+def _read_dvclive_curves(train_out: Path) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """``{metric name: {"phase1": (steps, values), ...}}`` from ``phase*/live/plots/metrics/**/*.tsv``."""
+    import csv
+
+    curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    for phase in (1, 2):
+        root = train_out / f"phase{phase}" / "live" / "plots" / "metrics"
+        if not root.is_dir():
+            continue
+        for tsv in sorted(root.rglob("*.tsv")):
+            name = tsv.relative_to(root).with_suffix("").as_posix()
+            try:
+                with open(tsv, newline="") as fh:
+                    rows = list(csv.DictReader(fh, delimiter="\t"))
+                col = next(k for k in rows[0] if k not in ("step", "timestamp"))
+                steps = np.array([float(r["step"]) for r in rows])
+                vals = np.array([float(r[col]) for r in rows])
+            except (StopIteration, IndexError, KeyError, ValueError):
+                continue
+            curves.setdefault(name, {})[f"phase{phase}"] = (steps, vals)
+    return curves
+
+
+def _write_figures(fig_dir: Path, rows: dict[str, list[dict[str, Any]]], cm: np.ndarray,
+                   usage: dict[str, np.ndarray], has_pool: bool, train_out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written: list[str] = []
+    colors = {"many": "tab:blue", "medium": "tab:orange", "few": "tab:red"}
+
+    # per-class accuracy vs training count (log x), coloured by group, boundaries at 20 and 100
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for g in M.GROUPS:
+        pts = [(r["train_count"], r["accuracy"]) for r in rows["per_class_accuracy"]
+               if r["group"] == g and r["accuracy"] is not None]
+        if pts:
+            x, y = zip(*pts)
+            ax.scatter(x, y, s=14, alpha=0.75, color=colors[g], label=g)
+    for b in (20, 100):
+        ax.axvline(b, color="gray", lw=0.8, ls="--")
+    ax.set_xscale("log")
+    ax.set_xlabel("training images of the class (log)")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_title("Per-class test accuracy vs training count")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)  # outside: the points fill the axes
+    fig.tight_layout()
+    fig.savefig(fig_dir / "per_class_accuracy.png", dpi=110)
+    plt.close(fig)
+    written.append("per_class_accuracy.png")
+
+    # confusion matrix, rows normalised (classes ordered by index = by training count)
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    im = ax.imshow(norm, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("actual class")
+    ax.set_title("Confusion matrix (test, row-normalised)")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(fig_dir / "confusion.png", dpi=110)
+    plt.close(fig)
+    written.append("confusion.png")
+
+    # prompt usage: stacked bars per pool prompt, split by the group of the image's class
+    pool = len(usage["all"])
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    if has_pool and pool:
+        bottom = np.zeros(pool)
+        for g in M.GROUPS:
+            ax.bar(np.arange(pool), usage[g], bottom=bottom, color=colors[g], label=g)
+            bottom += usage[g]
+        ax.set_xticks(np.arange(pool))
+        ax.set_xticklabels([f"p{p:02d}" for p in range(pool)], rotation=90, fontsize=7)
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "this model has no group-prompt pool", ha="center", va="center", transform=ax.transAxes)
+    ax.set_ylabel("selections (test)")
+    ax.set_title("Group-prompt selections per pool prompt")
+    fig.tight_layout()
+    fig.savefig(fig_dir / "prompt_usage.png", dpi=110)
+    plt.close(fig)
+    written.append("prompt_usage.png")
+
+    curves = _read_dvclive_curves(train_out)
+    if curves:
+        names = sorted(curves)
+        ncol = min(3, len(names))
+        nrow = math.ceil(len(names) / ncol)
+        fig, axes = plt.subplots(nrow, ncol, figsize=(4 * ncol, 2.8 * nrow), squeeze=False)
+        for ax, name in zip(axes.ravel(), names):
+            for phase, (s, v) in sorted(curves[name].items()):
+                ax.plot(s, v, label=phase, lw=1.2)
+            ax.set_title(name, fontsize=9)
+            ax.set_xlabel("step", fontsize=8)
+            ax.legend(fontsize=7)
+        for ax in axes.ravel()[len(names):]:
+            ax.axis("off")
+        fig.tight_layout()
+        fig.savefig(fig_dir / "training_curves.png", dpi=100)
+        plt.close(fig)
+        written.append("training_curves.png")
+    return written
+
+
+def _report_markdown(metrics: dict[str, Any], gate: dict[str, Any], context: dict[str, Any], counts: np.ndarray,
+                     figures: list[str], checkpoint: Path) -> str:
+    lines = [
+        f"# Evaluation report — {context['method']} on {context['source']} (test split)",
+        "",
+        f"Checkpoint: `{checkpoint}` (phase {context['phase']}); {metrics['num_samples']} test images, "
+        f"{len(counts)} classes. Model selection used the validation split only "
+        f"(best val acc {_fmt(metrics.get('val_acc'))}).",
+        "",
+        f"**Quality gate: {'PASSED' if gate['passed'] else 'FAILED'}**",
+        "",
+    ]
+    lines += [f"- {f}" for f in gate["failures"]] + ([""] if gate["failures"] else [])
+    lines += ["| metric | value (%) |", "|---|---|"]
+    for key in ("overall", "top5", "mean_per_class"):
+        lines.append(f"| {METRIC_LABELS[key]} | {_fmt(metrics.get(key))} |")
+    lines.append(f"| expected calibration error ({context['ece_bins']} bins, scale {context['ece_scale']:g}) "
+                 f"| {_fmt(metrics.get('ece'))} |")
+    lines += ["", "| group | standard (few < 20) | classes | authors' (few <= 20) | classes |", "|---|---|---|---|---|"]
+    std, auth = M.class_groups(counts, "standard"), M.class_groups(counts, "authors")
+    for g in M.GROUPS:
+        lines.append(f"| {g} | {_fmt(metrics.get(g))} | {int((std == g).sum())} | "
+                     f"{_fmt(metrics.get(g + '_authors'))} | {int((auth == g).sum())} |")
+    lines += [
+        "",
+        f"Trainable parameters (prompts, keys, adapters, head): {metrics['trainable_params']:,} = "
+        f"{100 * metrics['trainable_share']:.2f} % of the frozen backbone ({metrics['backbone_params']:,}); "
+        f"without the head {metrics['prompt_params']:,} = {100 * metrics['prompt_share']:.2f} %.",
+        "",
+    ]
+    titles = {"per_class_accuracy.png": "Per-class accuracy vs training count", "confusion.png": "Confusion matrix",
+              "prompt_usage.png": "Group-prompt usage", "training_curves.png": "Training curves (dvclive)"}
+    for f in figures:
+        lines += [f"## {titles.get(f, f)}", "", f"![{titles.get(f, f)}](figures/{f})", ""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- evaluate
+def run_evaluate(params: Params, phase_dir: Path | None = None) -> EvaluateResult:
+    """Evaluate the final model on the test split, write metrics/gate/plots/figures/report, apply the gate.
+
+    Args:
+        params: validated params (reads ``seed``, ``data.out_dir``, ``backbone.weights``, ``pretrain.out_dir``,
+            the test-time ``transforms``, ``loss.scale``, ``train.out_dir`` / ``device`` / ``threads`` /
+            ``num_workers`` and ``evaluate``).
+        phase_dir: checkpoint folder; default :func:`final_checkpoint_dir`.
+
+    Returns:
+        :class:`EvaluateResult`. ``metrics.json`` and ``gate.json`` are written even when the gate fails.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    from lpt.data.reader import ShardImages, TransformedDataset, build_transform, load_manifest
+    from lpt.model.backbone import resolve_transforms
+    from lpt.model.lpt import load_trained_model
+    from lpt.utils import resolve_device, seed_everything
+
+    if params.train.threads > 0:
+        torch.set_num_threads(params.train.threads)
+    device = resolve_device(params.train.device)
+    phase_dir = Path(phase_dir) if phase_dir is not None else final_checkpoint_dir(params)
+    # backbone.weights == "none" draws a random backbone: seed exactly as training did so it is the same one
+    seed_everything(params.seed)
+    model, meta = load_trained_model(params, phase_dir, device=device)
+    model.eval()
+
+    manifest = load_manifest(params.data.out_dir)
+    counts = np.asarray(manifest["train_counts"], dtype=np.int64)
+    class_names = [str(c) for c in manifest.get("class_names") or range(len(counts))]
+
+    test = ShardImages(Path(params.data.out_dir), "test", in_memory=True)
+    # params.transforms with its nulls (= from the model) filled from the trained model's backbone
+    transforms = resolve_transforms(params.transforms, model.backbone)
+    loader = DataLoader(TransformedDataset(test, build_transform(transforms, train=False)),
+                        batch_size=params.evaluate.batch_size, shuffle=False,
+                        num_workers=params.train.num_workers)
+    preds = collect_predictions(model, loader, device)
+    if preds.cos_logits.shape[1] != len(counts):
+        raise ValueError(f"model has {preds.cos_logits.shape[1]} classes but the manifest {len(counts)}")
+
+    scale, bins = params.loss.scale, params.evaluate.ece_bins
+    scalars = M.summarize(preds.cos_logits, preds.labels, counts, scale, bins)
+    pc = _param_counts(model)
+    metrics: dict[str, Any] = {
+        **scalars,
+        "val_acc": meta.get("best_val_acc"),
+        "trainable_params": pc["trainable"],
+        "backbone_params": pc["backbone"],
+        "trainable_share": M.trainable_share(pc["trainable"], pc["backbone"]) if pc["backbone"] else None,
+        "prompt_params": pc["prompt"],
+        "prompt_share": M.trainable_share(pc["prompt"], pc["backbone"]) if pc["backbone"] else None,
+    }
+    gate = gate_verdict(params, metrics, meta)
+    metrics["gate_passed"] = gate["passed"]
+
+    out = Path(params.evaluate.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pool_size = int(meta["model_config"].get("pool_size", 0))  # the checkpoint's own geometry
+    rows = _plot_rows(preds, counts, class_names, pool_size)
+    with atomic_dir(out / "plots") as tmp:
+        for name, data in rows.items():
+            (tmp / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
+    pred_top1 = preds.cos_logits.argmax(axis=1) if len(preds.labels) else np.zeros(0, np.int64)
+    cm = M.confusion_matrix(pred_top1, preds.labels, len(counts))
+    usage = M.prompt_usage(preds.selected, preds.labels, counts, pool_size)
+    with atomic_dir(out / "figures") as tmp:
+        figures = _write_figures(tmp, rows, cm, usage, preds.selected is not None, Path(params.train.out_dir))
+    report = out / "report.md"
+    context = {"method": meta["method"], "source": manifest.get("source", "?"), "phase": meta["phase"],
+               "ece_bins": bins, "ece_scale": scale}
+    with atomic_path(report) as tmp:
+        tmp.write_text(_report_markdown(metrics, gate, context, counts, figures, phase_dir))
+    write_json_atomic(out / GATE_FILE, gate)
+    metrics_path = write_json_atomic(out / METRICS_FILE, metrics)
+    return EvaluateResult(metrics_path=metrics_path, report_path=report, gate_passed=gate["passed"],
+                          gate_failures=gate["failures"], metrics=metrics)
+
+

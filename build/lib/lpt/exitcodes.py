@@ -1,0 +1,28 @@
+"""Exit codes of the ``lpt`` commands: deterministic verdicts get their own code, so callers (DVC, the
+Prefect flow, CI) can tell "the model/data is not good enough" from "something broke" without reading
+message text. A deterministic verdict is never worth a retry: re-running gives the same answer.
+"""
+
+from __future__ import annotations
+
+__all__ = ["OK", "ERROR", "BAD_PARAMS", "VALIDATION_FAILED", "GATE_FAILED", "PARITY_FAILED", "GATE_NOT_PASSED",
+           "DETERMINISTIC"]
+
+OK = 0
+ERROR = 1
+"""A library error: missing or damaged input, a bad checkpoint, a failed step (the message names it)."""
+BAD_PARAMS = 2
+"""params.yaml or an override is invalid, or a command-line usage error."""
+VALIDATION_FAILED = 3
+"""``lpt validate``: at least one data expectation failed."""
+GATE_FAILED = 4
+"""``lpt evaluate``: the quality gate (``evaluate.gate``) failed."""
+PARITY_FAILED = 5
+"""``lpt export``: the ORT-vs-torch parity gate or a variant's accuracy check failed; ``lpt pack``: the pack's
+parity gate (backbone graph + pack vs torch) failed."""
+GATE_NOT_PASSED = 6
+"""``lpt export`` / ``lpt pack``: the evaluated gate verdict for this checkpoint is missing or failed; nothing
+exported or packed."""
+
+DETERMINISTIC = frozenset({BAD_PARAMS, VALIDATION_FAILED, GATE_FAILED, PARITY_FAILED, GATE_NOT_PASSED})
+"""Codes that mean a verdict on the inputs, not a hiccup of the machine: never retry these."""

@@ -1,0 +1,111 @@
+"""The quality gate: thresholds on the test metrics, and the verdict file that ties them to a checkpoint.
+
+``lpt evaluate`` writes ``<evaluate.out_dir>/gate.json`` (passed, failures, thresholds, the judged
+checkpoint's sha256) and exits non-zero on a failure; ``lpt export`` reads it and refuses a checkpoint
+without a passed verdict of its own, so the gate holds whether the stages run under ``dvc repro`` or by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from lpt.config import Params
+
+__all__ = ["GATE_FILE", "check_gate", "gate_verdict", "probe_metrics_path", "read_gate_verdict", "compare_root",
+           "compare_cell_dir"]
+
+log = logging.getLogger(__name__)
+
+GATE_FILE = "gate.json"
+
+
+def read_gate_verdict(evaluate_out_dir: str | Path) -> dict[str, Any]:
+    """The gate verdict ``evaluate`` wrote (``gate.json``).
+
+    Raises:
+        lpt.utils.JsonFileError: missing or damaged (the message names the file).
+    """
+    from lpt.utils import read_json
+
+    return read_json(Path(evaluate_out_dir) / GATE_FILE, "quality-gate verdict")
+
+
+def probe_metrics_path(params: Params) -> Path:
+    """Linear-probe ``metrics.json`` the gate's ``max_drop_vs_probe`` compares against: ``probe_metrics``, or
+    the ``lpt compare`` probe of the same data source and seed."""
+    if params.evaluate.gate.probe_metrics is not None:
+        return Path(params.evaluate.gate.probe_metrics)
+    from lpt.methods import PROBE_METHOD
+
+    return compare_cell_dir(params, PROBE_METHOD, params.seed) / "eval" / "metrics.json"
+
+
+def compare_root(params: Params) -> Path:
+    """Where ``lpt compare`` trains and evaluates each method for ``data.source``."""
+    return Path(params.evaluate.out_dir) / "compare" / params.data.source
+
+
+def compare_cell_dir(params: Params, method: str, seed: int) -> Path:
+    """``<compare_root>/<method>/seed<seed>``: one method at one seed (``models/``, ``eval/``, ``cell.json``)."""
+    return compare_root(params) / method / f"seed{int(seed)}"
+
+
+def check_gate(metrics: dict[str, Any], params: Params, probe: dict[str, Any] | None = None,
+               probe_source: str | None = None) -> list[str]:
+    """Compare metrics with ``evaluate.gate``; return one message per missed threshold (empty: pass).
+
+    Args:
+        metrics: the scalar metrics (``overall``, ``few``, ...).
+        params: the params (``evaluate.gate``).
+        probe: the linear probe's metrics (for ``max_drop_vs_probe``), or None when unavailable.
+        probe_source: where ``probe`` came from (named in the message).
+
+    Returns:
+        Messages like ``"overall = 0.4120 < min_overall = 0.5000"``.
+    """
+    gate = params.evaluate.gate
+    failures: list[str] = []
+
+    def below(key: str, threshold: float, name: str) -> None:
+        value = metrics.get(key)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            if threshold > 0:
+                failures.append(f"{key} = n/a (no test images in that group) but {name} = {threshold:.4f} is required")
+        elif value < threshold:
+            failures.append(f"{key} = {value:.4f} < {name} = {threshold:.4f}")
+
+    below("overall", gate.min_overall, "min_overall")
+    below("few", gate.min_few, "min_few")
+    if gate.max_drop_vs_probe is not None and probe is not None and probe.get("overall") is not None:
+        drop = float(probe["overall"]) - float(metrics["overall"])
+        if drop > gate.max_drop_vs_probe:
+            failures.append(
+                f"overall drop vs linear probe = {drop:.4f} (probe {probe['overall']:.4f} -> {metrics['overall']:.4f}) "
+                f"> max_drop_vs_probe = {gate.max_drop_vs_probe:.4f} (probe metrics: {probe_source})"
+            )
+    return failures
+
+
+def gate_verdict(params: Params, metrics: dict[str, Any], checkpoint_meta: dict[str, Any]) -> dict[str, Any]:
+    """The gate (``evaluate.gate``) applied to ``metrics``, tied to the checkpoint it judged (``gate.json``)."""
+    gcfg = params.evaluate.gate
+    probe, probe_src = None, None
+    if gcfg.max_drop_vs_probe is not None:
+        path = probe_metrics_path(params)
+        if path.is_file():
+            probe, probe_src = json.loads(path.read_text()), str(path)
+        else:
+            log.warning("gate.max_drop_vs_probe set but no linear-probe metrics at %s: check skipped", path)
+    failures = check_gate(metrics, params, probe, probe_src)
+    return {
+        "passed": not failures,
+        "failures": failures,
+        "checkpoint_sha256": checkpoint_meta["weights_sha256"],
+        "thresholds": {"min_overall": gcfg.min_overall, "min_few": gcfg.min_few,
+                       "max_drop_vs_probe": gcfg.max_drop_vs_probe},
+        "probe_overall": None if probe is None else probe.get("overall"),
+    }

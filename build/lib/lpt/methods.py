@@ -1,0 +1,158 @@
+"""The registry of methods (``train.method``), like timm's model registry: one name -> what it builds and trains.
+
+===============  ====================  ===========================  ===============  =================================
+method           trains (phase 1)      loss                         sampling         phase 2
+===============  ====================  ===========================  ===============  =================================
+linear_probe     head                  CE                           instance (IB)    copies the phase-1 model (final)
+linear_probe_la  head                  logit-adjusted CE (tau)      instance (IB)    copies the phase-1 model (final)
+linear_probe_cb  head                  CE                           class (CB)       copies the phase-1 model (final)
+vpt_deep         shared prompt + head  CE                           instance (IB)    copies the phase-1 model (final)
+vpt_deep_la      shared prompt + head  logit-adjusted CE (tau)      instance (IB)    copies the phase-1 model (final)
+lift             adapters + head       logit-adjusted CE (tau)      instance (IB)    copies the phase-1 model (final)
+lpt_phase1       shared prompt + head  A-GCL                        dual (CB + IB)   copies the phase-1 model (final)
+lpt              shared prompt + head  A-GCL                        dual (CB + IB)   pool + keys + head, A-GCL, dual
+===============  ====================  ===========================  ===============  =================================
+
+Every head is the cosine classifier; ``lift`` starts it from the class means of the frozen features
+(LIFT's initialisation for a backbone without a text encoder) and trains AdaptFormer-style bottleneck
+adapters in parallel to every block's MLP (:mod:`lpt.model.adapters`). Logit adjustment (Menon et al.,
+ICLR 2021) trains on ``scale * cosine + tau * log(prior)`` and predicts with the raw cosine.
+
+Nothing else in the project compares method strings: code asks the :class:`MethodSpec` what to do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["MethodSpec", "PhasePlan", "METHODS", "get_method", "phase_plan", "MethodError", "Loss", "Sampling",
+           "HeadInit", "REFERENCE_METHOD", "PROBE_METHOD"]
+
+Loss = Literal["agcl", "ce", "la"]
+"""``agcl``: A-GCL (+ the key-matching term in phase 2); ``ce``: cross-entropy on the scaled cosine;
+``la``: logit-adjusted cross-entropy, ``scale * cosine + loss.la_tau * log(class prior)``."""
+Sampling = Literal["ib", "cb", "dual"]
+"""``ib``: instance-balanced batches; ``cb``: class-aware (class-balanced) batches; ``dual``: both streams
+per step with the IB weight decaying over the epochs (LPT)."""
+HeadInit = Literal["random", "class_mean"]
+"""``random``: truncated normal; ``class_mean``: the normalised mean frozen feature of each class."""
+
+
+class MethodError(ValueError):
+    """Unknown method or phase; the message lists what exists."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What one method is.
+
+    Attributes:
+        name: ``train.method``.
+        shared_prompt: the model has the VPT-deep shared prompt.
+        group_pool: the model gets the keyed group prompt pool in phase 2 (LPT).
+        sampling: ``ib``, ``cb`` or ``dual`` (:data:`Sampling`).
+        loss: ``agcl``, ``ce`` or ``la`` (:data:`Loss`).
+        adapter: bottleneck adapters in parallel to every block's MLP (LIFT).
+        head_init: how the cosine head starts (:data:`HeadInit`).
+        label: the name comparison tables print.
+    """
+
+    name: str
+    shared_prompt: bool
+    group_pool: bool
+    sampling: Sampling
+    loss: Loss
+    adapter: bool = False
+    head_init: HeadInit = "random"
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        assert not (self.group_pool and not self.shared_prompt), "the group pool builds on the shared prompt"
+        assert not (self.adapter and self.shared_prompt), "a model has prompts or adapters, not both"
+
+    @property
+    def trains_phase2(self) -> bool:
+        """Only a method with a group pool trains a second phase; the others copy phase 1 as final."""
+        return self.group_pool
+
+    @property
+    def dual_sampling(self) -> bool:
+        """CB + IB streams per step (LPT's dual sampling)."""
+        return self.sampling == "dual"
+
+
+@dataclass(frozen=True)
+class PhasePlan:
+    """What one phase of one method does.
+
+    Attributes:
+        method: ``train.method``.
+        phase: 1 or 2.
+        trains: False when the phase only copies the phase-1 model as the final one.
+        sampling: ``ib``, ``cb`` or ``dual``.
+        loss: ``agcl``, ``ce`` or ``la``.
+    """
+
+    method: str
+    phase: int
+    trains: bool
+    sampling: Sampling
+    loss: Loss
+
+    @property
+    def dual_sampling(self) -> bool:
+        """CB + IB streams per step."""
+        return self.sampling == "dual"
+
+    @property
+    def streams(self) -> tuple[str, ...]:
+        """The sampler streams a step draws from: ``("ib",)``, ``("cb",)`` or ``("cb", "ib")``."""
+        return {"ib": ("ib",), "cb": ("cb",), "dual": ("cb", "ib")}[self.sampling]
+
+
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in (
+        MethodSpec("linear_probe", False, False, "ib", "ce", label="linear probe (CE)"),
+        MethodSpec("linear_probe_la", False, False, "ib", "la", label="linear probe (LA)"),
+        MethodSpec("linear_probe_cb", False, False, "cb", "ce", label="linear probe (CB sampling)"),
+        MethodSpec("vpt_deep", True, False, "ib", "ce", label="VPT-deep (CE)"),
+        MethodSpec("vpt_deep_la", True, False, "ib", "la", label="VPT-deep (LA)"),
+        MethodSpec("lift", False, False, "ib", "la", adapter=True, head_init="class_mean", label="LIFT"),
+        MethodSpec("lpt_phase1", True, False, "dual", "agcl", label="LPT phase 1"),
+        MethodSpec("lpt", True, True, "dual", "agcl", label="LPT"),
+    )
+}
+"""Every method by name, in the order comparison tables list them (floors first, LPT last)."""
+
+REFERENCE_METHOD = "lpt"
+"""The method comparisons judge: every other row is called a win, tie or loss against it."""
+PROBE_METHOD = "linear_probe"
+"""The plain floor: one forward of the frozen backbone + a CE-trained head (the gate's probe, the inference
+cost unit, the project's original target)."""
+
+
+def get_method(name: str) -> MethodSpec:
+    """The :class:`MethodSpec` called ``name``.
+
+    Raises:
+        MethodError: no such method.
+    """
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise MethodError(f"train.method {name!r} is not one of {', '.join(METHODS)}") from None
+
+
+def phase_plan(method: str, phase: int) -> PhasePlan:
+    """The :class:`PhasePlan` of ``method`` in ``phase``.
+
+    Raises:
+        MethodError: unknown method or phase.
+    """
+    if phase not in (1, 2):
+        raise MethodError(f"phase must be 1 or 2, got {phase}")
+    spec = get_method(method)
+    trains = phase == 1 or spec.trains_phase2
+    return PhasePlan(method, phase, trains, spec.sampling, spec.loss)

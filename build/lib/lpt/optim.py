@@ -1,0 +1,77 @@
+"""Optimisation pieces shared by pretraining and the LPT phases: steps per epoch, lr scaling, warm-up +
+cosine schedule, SGD over the trainable parameters, autocast."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from lpt.config import PhaseConfig
+from lpt.losses import ib_stream_weight  # w(e) = max(0, ib_weight * (E - e) / E), re-exported
+from lpt.errors import TrainError
+
+__all__ = ["steps_per_epoch", "scaled_lr", "warmup_cosine_lr", "build_optimizer", "build_scheduler",
+           "ib_stream_weight", "autocast"]
+
+
+def steps_per_epoch(num_samples: int, batch_size: int) -> int:
+    """Optimizer steps per epoch, ``floor(N / B) + 1`` as in the authors' recipe."""
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError(f"need num_samples >= 1 and batch_size >= 1, got {num_samples}, {batch_size}")
+    return num_samples // batch_size + 1
+
+
+def scaled_lr(base_lr: float, batch_size: int) -> float:
+    """Linear scaling rule: ``base_lr`` is quoted for batch 256."""
+    return base_lr * batch_size / 256.0
+
+
+def warmup_cosine_lr(step: int, total_steps: int, warmup_steps: int, peak_lr: float, warmup_lr: float,
+                     min_lr: float = 0.0) -> float:
+    """Learning rate used for optimizer step ``step`` (0-based).
+
+    Linear warm-up from ``warmup_lr`` to ``peak_lr`` over ``warmup_steps`` steps, then a half cosine
+    from ``peak_lr`` down to ``min_lr`` at ``total_steps``.
+    """
+    if step < warmup_steps:
+        return warmup_lr + (peak_lr - warmup_lr) * step / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_lr + 0.5 * (peak_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, cfg: PhaseConfig) -> torch.optim.SGD:
+    """SGD with momentum over the parameters that require grad only.
+
+    Raises:
+        TrainError: the model has nothing to train.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise TrainError("the model has no trainable parameters (check train.method and the phase)")
+    return torch.optim.SGD(trainable, lr=scaled_lr(cfg.lr, cfg.batch_size), momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
+                    warmup_lr: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step warm-up + cosine schedule (:func:`warmup_cosine_lr`) relative to the optimizer's lr."""
+    peak = optimizer.param_groups[0]["lr"]
+
+    def factor(step: int) -> float:
+        return warmup_cosine_lr(step, total_steps, warmup_steps, peak, warmup_lr) / peak
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def autocast(device: str, amp: str) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on GPU for ``amp=auto``; nothing on CPU unless asked for."""
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    if amp == "off" or (amp == "auto" and device_type == "cpu"):
+        return contextlib.nullcontext()
+    dtype = torch.float16 if amp == "fp16" else torch.bfloat16
+    return torch.autocast(device_type=device_type, dtype=dtype)

@@ -1,0 +1,513 @@
+"""Task packs: one frozen backbone serves many long-tailed tasks (the ``lpt pack`` stage).
+
+Prompt tuning never changes the backbone: a task is only its shared prompt, group prompts, keys and head.
+A **pack** is exactly those tensors (the final model's trainable tensors) in a small safetensors file,
+with everything a consumer needs in one JSON header key (class names, preprocessing, the backbone's name
+and fingerprint, the geometry a backbone graph must fix, the recipe hash, the evaluated metrics and the
+gate verdict). A **backbone graph** is the whole LPT inference of :mod:`lpt.export` with the task tensors
+as graph inputs instead of constants::
+
+    image [B,3,S,S] ─┐
+    shared_prompt [L,T,D]  group_prompts [P,L-S,T,D]  keys [P,D]  head [C,D]   (graph inputs, one pack)
+                     └─► query pass, top-k key matching, prompted pass with block reuse, cosine head
+                         ─► logits [B,C], selected [B,k]
+
+so one ONNX Runtime session (one copy of the backbone weights) runs every pack of that backbone: the
+runtime feeds each pack's tensors with the image batch (:class:`lpt.runtime.Predictor` with ``packs``).
+What changes the graph's structure is fixed per graph (its ``geometry``: method family = which task
+tensors exist, depth L, width D, shared-only blocks S, top-k k, input size, LayerNorm eps); T (prompt
+length), P (pool size) and C (classes) are dynamic axes, so packs of one backbone may differ in them.
+
+Graph inputs were chosen over shared initializers (one session per task, the backbone weights shared across
+sessions with ``SessionOptions.add_external_initializers``) with ``python -m bench.packs``: every session
+keeps its own graph, kernels and state, so memory grew by ~8 MB per task even with one shared arena, against
+~0.5 MB per task with graph inputs; shared initializers were not faster (docs/export.md, "Task packs").
+
+``run_pack(params)`` (the DVC stage) honours the quality gate like the export (:func:`lpt.export.check_gate_verdict`),
+writes ``<pack.out_dir>/<pack.name>.pack``, ``backbone.onnx`` and ``pack.json`` atomically, and gates the pack
+on parity: the torch-free consumer (backbone graph + the pack as read back from disk) against the torch
+model over the test split, with the ``export.parity`` thresholds.
+
+Example:
+    >>> from lpt.config import load_params
+    >>> from lpt.pack import run_pack
+    >>> result = run_pack(load_params("params.yaml"))
+    >>> result.pack_path, result.backbone_path, result.max_abs_diff
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lpt.config import Params
+from lpt.export import (ExportError, ParityFailed, _check, _class_names, _compare_on_test, _export_rewrites,
+                        build_metadata, check_gate_verdict, optimize_graph, write_metadata)
+from lpt.model.backbone import BackboneError, ResolvedTransforms, resolve_transforms
+from lpt.model.lpt import CheckpointError, LPTModel, load_trained_model
+from lpt.runtime import (BACKBONE_KIND, INPUT_NAME, LOGITS_NAME, LPT_FORMAT, PACK_FORMAT, PACK_METADATA_KEY,
+                         PACK_SUFFIX, SELECTED_NAME, TASK_INPUTS, PredictError, Predictor)
+from lpt.utils import atomic_dir, atomic_path, read_json, seed_everything, sha256_file, write_json_atomic
+
+__all__ = [
+    "PackError",
+    "PackResult",
+    "PACK_TENSORS",
+    "BACKBONE_GRAPH_FILE",
+    "REPORT_FILE",
+    "PREPROCESSING_KEYS",
+    "pack_tensors",
+    "pack_geometry",
+    "BackboneGraph",
+    "export_backbone_graph",
+    "backbone_graph_metadata",
+    "build_pack_metadata",
+    "write_pack",
+    "run_pack",
+    "result_summary",
+]
+
+PACK_TENSORS: dict[str, str] = {
+    "shared_prompt.prompt": "shared_prompt",
+    "group_pool.prompts": "group_prompts",
+    "group_pool.keys": "keys",
+    "head.weight": "head",
+}
+"""Trainable tensor of :class:`~lpt.model.lpt.LPTModel` -> its name in a pack and as a backbone-graph input."""
+
+BACKBONE_GRAPH_FILE = "backbone.onnx"
+REPORT_FILE = "pack.json"
+
+PREPROCESSING_KEYS: tuple[str, ...] = ("input_size", "resize", "resize_mode", "interpolation", "antialias", "crop",
+                                       "color", "pixel_scale", "mean", "std", "layout")
+"""The single-task export's preprocessing metadata keys (:func:`lpt.export.build_metadata`) a pack carries."""
+
+# T, P and C may differ from pack to pack: dynamic axes of the backbone graph (L, D, S, k are fixed)
+_DYNAMIC_AXES: dict[str, dict[int, str]] = {
+    INPUT_NAME: {0: "batch"},
+    "shared_prompt": {1: "prompt_length"},
+    "group_prompts": {0: "pool_size", 2: "prompt_length"},
+    "keys": {0: "pool_size"},
+    "head": {0: "num_classes"},
+    LOGITS_NAME: {0: "batch", 1: "num_classes"},
+    SELECTED_NAME: {0: "batch"},
+}
+
+
+class PackError(ExportError):
+    """A pack cannot be made (unsupported method, missing inputs, foreign files in ``pack.out_dir``)."""
+
+
+@dataclass
+class PackResult:
+    """What :func:`run_pack` produced.
+
+    Attributes:
+        pack_path: ``<pack.out_dir>/<pack.name>.pack``.
+        backbone_path: ``<pack.out_dir>/backbone.onnx``, the graph every pack of this backbone runs on.
+        report_path: ``pack.json`` (parity figures, sizes, sha256s).
+        max_abs_diff: consumer-vs-torch max absolute logit difference over the test split.
+        top1_agreement: share of test images where the consumer and torch predict the same class.
+        num_images: test images compared.
+        torch_correct: correct top-1 predictions of the torch model.
+        pack_correct: correct top-1 predictions of backbone graph + pack.
+        pack_bytes: size of the pack file.
+        backbone_bytes: size of the backbone graph.
+    """
+
+    pack_path: Path
+    backbone_path: Path
+    report_path: Path
+    max_abs_diff: float
+    top1_agreement: float
+    num_images: int
+    torch_correct: int
+    pack_correct: int
+    pack_bytes: int
+    backbone_bytes: int
+
+
+# ------------------------------------------------------------------------------------------ tensors
+def pack_tensors(model: LPTModel) -> dict[str, torch.Tensor]:
+    """The model's trainable tensors under their pack names (:data:`PACK_TENSORS`), float32 CPU copies.
+
+    Raises:
+        PackError: the method trains tensors a backbone graph cannot take as inputs (the message names
+            the method and the tensors).
+    """
+    state = model.trainable_state_dict()
+    # also a trainable tensor living inside the backbone (an adapter wrapping a block): the graph would bake
+    # it in as a constant of the backbone, so no other task could run on that graph
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    unsupported = sorted((set(state) | trainable) - set(PACK_TENSORS))
+    if unsupported:
+        raise PackError(f"method {model.method!r} is not supported by task packs: its trainable tensors "
+                        f"{unsupported} have no backbone-graph input (supported: {sorted(PACK_TENSORS)})")
+    # graph-input order (TASK_INPUTS), so the pack, the graph and the geometry list them alike
+    order = {name: i for i, name in enumerate(TASK_INPUTS)}
+    return dict(sorted(((PACK_TENSORS[k], v.float().contiguous()) for k, v in state.items()),
+                       key=lambda kv: order[kv[0]]))
+
+
+def pack_geometry(model: LPTModel, input_size: int | None = None) -> dict[str, Any]:
+    """What a backbone graph fixes and a pack must match (T, P and C are free).
+
+    Returns:
+        ``task_inputs`` (graph inputs besides the image, i.e. the method family), ``outputs``, ``depth`` L,
+        ``embed_dim`` D, ``shared_blocks`` S and ``top_k`` k (``None`` without a group pool), ``input_size``
+        and ``ln_eps`` (the backbone's LayerNorm eps: not in its fingerprint, but in the computation).
+    """
+    if input_size is None:
+        input_size = int(model.backbone.patch_embed.img_size[0])
+    two_pass = model.group_pool is not None and model.phase == 2
+    eps = {float(m.eps) for m in model.backbone.modules() if isinstance(m, torch.nn.LayerNorm)}
+    return {
+        "task_inputs": list(pack_tensors(model)),
+        "outputs": [LOGITS_NAME, SELECTED_NAME] if two_pass else [LOGITS_NAME],
+        "depth": model.depth,
+        "embed_dim": model.embed_dim,
+        "shared_blocks": model.shared_blocks if two_pass else None,
+        "top_k": model.group_pool.top_k if two_pass else None,
+        "input_size": int(input_size),
+        "ln_eps": eps.pop() if len(eps) == 1 else sorted(eps),
+    }
+
+
+@contextlib.contextmanager
+def _task_tensors(model: LPTModel, tensors: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Let ``model`` compute with ``tensors`` (pack names) in place of its own task parameters, then restore.
+
+    The tracer then records every use of a task tensor as a use of the graph input it was given, so the
+    exported graph takes the task as inputs. (``torch.func.functional_call`` does the same swap but
+    refuses to run under the tracer.)
+    """
+    by_pack_name = {v: k for k, v in PACK_TENSORS.items()}
+    saved = []
+    try:
+        for name, value in tensors.items():
+            owner_name, _, attr = by_pack_name[name].rpartition(".")
+            owner = model.get_submodule(owner_name)
+            saved.append((owner, attr, owner._parameters[attr]))
+            owner._parameters[attr] = value  # a plain tensor where the Parameter was
+        yield
+    finally:
+        for owner, attr, param in reversed(saved):
+            owner._parameters[attr] = param
+
+
+class BackboneGraph(torch.nn.Module):
+    """Eval-mode LPT inference whose task tensors are forward arguments (what the backbone graph exports).
+
+    ``forward(image, *task)`` with the task tensors in :func:`pack_geometry` ``task_inputs`` order returns
+    the model's own :class:`~lpt.export.LPTInference` outputs: ``(logits, selected)`` or ``(logits,)``.
+
+    Args:
+        model: an :class:`~lpt.model.lpt.LPTModel` of the method family and geometry to export; its own
+            task tensors are only used as example shapes.
+    """
+
+    def __init__(self, model: LPTModel) -> None:
+        super().__init__()
+        self.model = model
+        self.task_inputs = list(pack_tensors(model))
+        self.has_selected = model.group_pool is not None and model.phase == 2
+        self.eval()
+
+    def forward(self, image: torch.Tensor, *task: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """[B, 3, S, S] normalised + the task tensors -> logits [B, C] (and selected [B, k] for LPT)."""
+        with _task_tensors(self.model, dict(zip(self.task_inputs, task, strict=True))):
+            out = self.model(image)
+        return (out.logits, out.selected) if self.has_selected else (out.logits,)
+
+
+def _canonical_task(model: LPTModel) -> list[torch.Tensor]:
+    """Example task tensors of fixed small sizes (T = 2, P = k + 1, C = 3): the traced graph then depends on
+    the backbone and the geometry only, so every task of one backbone exports byte-identical graphs."""
+    k = model.group_pool.top_k if model.group_pool is not None else 1
+    sizes = {"L": model.depth, "D": model.embed_dim, "L-S": model.depth - model.shared_blocks,
+             "T": 2, "P": k + 1, "C": 3}
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(*(sizes[d] for d in TASK_INPUTS[name]), generator=gen) for name in pack_tensors(model)]
+
+
+def export_backbone_graph(model: LPTModel, path: str | Path, *, opset: int = 18, optimize: bool = True,
+                          input_size: int | None = None) -> Path:
+    """Export the LPT inference of ``model``'s backbone and geometry with the task tensors as graph inputs.
+
+    Inputs ``image`` float32 ``[batch, 3, S, S]`` and the task tensors (:func:`pack_geometry`
+    ``task_inputs``; dynamic T, P, C); outputs as :func:`lpt.export.export_onnx`. Same export-time
+    rewrites and folding as the single-task export (``optimize``); TorchScript exporter; one file.
+
+    Args:
+        model: a model of the geometry to export (its task values are not used: any pack of the same
+            backbone and geometry runs on the graph).
+        path: destination ``.onnx``.
+        opset: ONNX opset (>= 17).
+        optimize: :func:`lpt.export._export_rewrites` + :func:`lpt.export.optimize_graph` (``export.optimize``).
+        input_size: image side; default the backbone's ``patch_embed.img_size``.
+
+    Returns:
+        ``path``.
+    """
+    path = Path(path)
+    wrapper = BackboneGraph(model.eval())
+    if input_size is None:
+        input_size = int(model.backbone.patch_embed.img_size[0])
+    example = (torch.randn(2, 3, input_size, input_size), *_canonical_task(model))
+    outputs = [LOGITS_NAME] + ([SELECTED_NAME] if wrapper.has_selected else [])
+    names = [INPUT_NAME, *wrapper.task_inputs, *outputs]
+    with warnings.catch_warnings(), torch.no_grad(), _export_rewrites(model, optimize):
+        warnings.simplefilter("ignore")  # tracer chatter about python ints
+        torch.onnx.export(wrapper, example, str(path), dynamo=False, input_names=[INPUT_NAME, *wrapper.task_inputs],
+                          output_names=outputs, opset_version=opset, do_constant_folding=True,
+                          dynamic_axes={n: _DYNAMIC_AXES[n] for n in names})
+    model.eval()
+    if optimize:
+        optimize_graph(path)
+    return path
+
+
+def backbone_graph_metadata(model: LPTModel, checkpoint_meta: dict[str, Any], geometry: dict[str, Any], *,
+                            opset: int, optimize: bool) -> dict[str, str]:
+    """The backbone graph's ``metadata_props``: what it is, which backbone, which geometry (all strings).
+
+    Nothing task-specific: graphs exported from two tasks of one backbone and geometry are the same file.
+    """
+    import lpt
+
+    backbone = checkpoint_meta.get("backbone") or {}
+    return {
+        "lpt_format": str(LPT_FORMAT),
+        "lpt_kind": BACKBONE_KIND,
+        "lpt_version": lpt.__version__,
+        "backbone": str(backbone.get("name") or type(model.backbone).__name__),
+        "backbone_fingerprint": model.backbone_fingerprint(),
+        "backbone_kwargs": json.dumps(backbone.get("timm_kwargs") or {}, sort_keys=True),
+        "geometry": json.dumps(geometry, sort_keys=True),
+        "dynamic_axes": json.dumps({"prompt_length": "T", "pool_size": "P", "num_classes": "C"}),
+        "outputs": json.dumps({LOGITS_NAME: "raw cosine [B, C]; scores = softmax(the pack's logit_scale * logits)",
+                               **({SELECTED_NAME: "group prompt indices [B, top_k]"}
+                                  if SELECTED_NAME in geometry["outputs"] else {})}),
+        "exporter": "torchscript",
+        "optimized": json.dumps(optimize),
+        "opset": str(opset),
+        "torch_version": torch.__version__,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- packs
+def build_pack_metadata(params: Params, model: LPTModel, class_names: list[str], checkpoint_meta: dict[str, Any],
+                        metrics: dict[str, Any], verdict: dict[str, Any], geometry: dict[str, Any],
+                        transforms: ResolvedTransforms | None = None) -> dict[str, Any]:
+    """The pack's JSON metadata (stored under :data:`lpt.runtime.PACK_METADATA_KEY`).
+
+    Args:
+        params: reads ``pack.name`` and what :func:`lpt.export.build_metadata` reads (preprocessing, scale).
+        model: the trained model.
+        class_names: from the data manifest.
+        checkpoint_meta: the checkpoint's ``model.json``.
+        metrics: the evaluated test metrics (scalars).
+        verdict: the passed gate verdict (``gate.json``).
+        geometry: :func:`pack_geometry`.
+        transforms: the preprocessing actually used (default: ``params.transforms`` resolved on the model).
+    """
+    import lpt
+
+    export_meta = build_metadata(params, model, class_names, checkpoint_meta, transforms=transforms)
+    backbone = checkpoint_meta.get("backbone") or {}
+    return {
+        "pack_format": PACK_FORMAT,
+        "lpt_version": lpt.__version__,
+        "name": params.pack.name,
+        "method": model.method,
+        "phase": model.phase,
+        "class_names": list(class_names),
+        "num_classes": len(class_names),
+        "preprocessing": {k: export_meta[k] for k in PREPROCESSING_KEYS},  # strings, as in an export's metadata
+        "logit_scale": float(json.loads(export_meta["logit_scale"])),
+        "backbone": {"name": export_meta["backbone"], "fingerprint": model.backbone_fingerprint(),
+                     "timm_kwargs": backbone.get("timm_kwargs") or {}, "ln_eps": backbone.get("ln_eps")},
+        "backbone_graph": BACKBONE_GRAPH_FILE,
+        "geometry": geometry,
+        "model_config": model.model_config(),
+        "recipe_sha256": str(checkpoint_meta.get("recipe_sha256", "")),
+        "checkpoint_sha256": str(checkpoint_meta.get("weights_sha256", "")),
+        "metrics": metrics,
+        "gate": {"passed": verdict.get("passed"), "failures": verdict.get("failures") or [],
+                 "thresholds": verdict.get("thresholds")},
+    }
+
+
+def write_pack(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
+    """Write a pack atomically: safetensors with the JSON metadata as ONE sorted header key.
+
+    Safetensors keeps header metadata in a hash map whose order changes per process; with a single key the
+    same pack gives the same bytes on every run (DVC output).
+
+    Returns:
+        ``path``.
+    """
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+    header = {PACK_METADATA_KEY: json.dumps(metadata, sort_keys=True, separators=(",", ":"))}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=header)
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------- run
+def _scalar_metrics(params: Params) -> dict[str, Any]:
+    """The evaluated test metrics (numbers and booleans only) from ``<evaluate.out_dir>/metrics.json``."""
+    from lpt.utils import JsonFileError
+
+    try:
+        metrics = read_json(Path(params.evaluate.out_dir) / "metrics.json", "evaluated metrics")
+    except JsonFileError as err:
+        raise PackError(f"{err}: run `lpt evaluate` (dvc stage evaluate) first") from None
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, bool)) or v is None}
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """The output folder is replaced whole on success: refuse one that holds anything but pack outputs."""
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise PackError(f"pack.out_dir {out_dir} is a file, not a folder")
+        foreign = sorted(p.name for p in out_dir.iterdir()
+                         if p.name not in (BACKBONE_GRAPH_FILE, REPORT_FILE) and p.suffix != PACK_SUFFIX)
+        if foreign:
+            raise PackError(f"pack.out_dir {out_dir} holds files that are not a pack's ({foreign[:5]}): the folder "
+                            "is replaced whole, so point pack.out_dir to a folder of its own")
+
+
+class _PackConsumer:
+    """The torch-free consumer (backbone graph + one pack as read from disk) with an ORT session's ``run``."""
+
+    def __init__(self, predictor: Predictor) -> None:
+        self.predictor = predictor
+
+    def run(self, output_names: Any, feed: dict[str, Any]) -> list[Any]:
+        logits, selected = self.predictor.run(feed[INPUT_NAME], task=0)
+        return [logits] if selected is None else [logits, selected]
+
+
+def run_pack(params: Params) -> PackResult:
+    """Write the task pack of the final trained model and its backbone graph, gated on parity (``lpt pack``).
+
+    Steps: load the trained model; refuse it without a passed gate verdict of its own
+    (:func:`lpt.export.check_gate_verdict`); export the backbone graph (``export.opset``, ``export.optimize``);
+    write ``<pack.name>.pack``; read both back through :class:`lpt.runtime.Predictor` and compare with the
+    torch model over the test split (``export.parity`` thresholds); write ``pack.json``; move the folder
+    into place.
+
+    Args:
+        params: validated params.
+
+    Returns:
+        :class:`PackResult`.
+
+    Raises:
+        GateNotPassed: no passed gate verdict for this checkpoint.
+        ParityFailed: the consumer disagrees with torch beyond ``export.parity`` (names both figures).
+        PackError: unsupported method, missing metrics, the model cannot be loaded, or ``pack.out_dir``
+            holds foreign files. In every case nothing is written to ``pack.out_dir``.
+    """
+    out_dir = Path(params.pack.out_dir)
+    _check_out_dir(out_dir)
+    if params.train.threads:
+        torch.set_num_threads(params.train.threads)
+    seed_everything(params.seed)  # backbone.weights=none rebuilds the same random backbone as training
+    started = time.time()
+    try:
+        model, ckpt = load_trained_model(params, device="cpu")
+    except (CheckpointError, BackboneError) as err:
+        raise PackError(f"cannot load the trained model: {err}") from None
+    model.eval()
+    verdict = check_gate_verdict(params, ckpt["weights_sha256"])
+    tensors = pack_tensors(model)  # refuses an unsupported method before any work
+    class_names = _class_names(params, model.num_classes)
+    metrics = _scalar_metrics(params)
+    try:  # the preprocessing actually used: params.transforms, nulls filled from the model (as lpt export)
+        transforms = resolve_transforms(params.transforms, model.backbone)
+    except BackboneError as err:
+        raise PackError(str(err)) from None
+    size = transforms.input_size
+    geometry = pack_geometry(model, size)
+    parity = params.export.parity
+    pack_file = f"{params.pack.name}{PACK_SUFFIX}"
+
+    with atomic_dir(out_dir) as tmp:
+        graph = export_backbone_graph(model, tmp / BACKBONE_GRAPH_FILE, opset=params.export.opset,
+                                      optimize=params.export.optimize, input_size=size)
+        doc = (f"LPT backbone graph for task packs ({model.backbone_cfg.name if model.backbone_cfg else 'ViT'}): image "
+               f"[B,3,{size},{size}] normalised + task tensors {geometry['task_inputs']} -> logits (cosine)"
+               + (" + selected (group prompts)" if SELECTED_NAME in geometry["outputs"] else "")
+               + ". See metadata_props.")
+        write_metadata(graph, backbone_graph_metadata(model, ckpt, geometry, opset=params.export.opset,
+                                                      optimize=params.export.optimize), doc)
+        _check(graph)
+        pack = write_pack(tmp / pack_file, tensors,
+                          build_pack_metadata(params, model, class_names, ckpt, metrics, verdict, geometry,
+                                              transforms))
+        try:  # the consumer reads what was written: the check covers the files, not just the tensors in memory
+            consumer = Predictor(graph, packs=[pack], providers=["CPUExecutionProvider"],
+                                 intra_op_num_threads=torch.get_num_threads())
+        except PredictError as err:
+            raise PackError(f"the written pack does not load in the runtime: {err}") from None
+        stats = _compare_on_test(model, {"pack": _PackConsumer(consumer)}, params, transforms)
+        got = stats["pack"]
+        failures = []
+        if not got["max_abs_diff"] <= parity.max_abs_diff:
+            failures.append(f"pack-vs-torch max abs logit diff {got['max_abs_diff']:.3g} > "
+                            f"export.parity.max_abs_diff {parity.max_abs_diff:g}")
+        if not got["top1_agreement"] >= parity.min_agreement:
+            failures.append(f"pack-vs-torch top-1 agreement {got['top1_agreement']:.4f} < "
+                            f"export.parity.min_agreement {parity.min_agreement:g}")
+        if failures:
+            raise ParityFailed(f"pack parity gate failed on the test split ({stats['num_images']} images); nothing "
+                               "written:\n" + "\n".join(f"  - {f}" for f in failures))
+        report = {
+            "pack_format": PACK_FORMAT,
+            "name": params.pack.name,
+            "method": model.method,
+            "phase": model.phase,
+            "geometry": geometry,
+            "parity": {"max_abs_diff": got["max_abs_diff"], "top1_agreement": got["top1_agreement"],
+                       "prompt_agreement": got["prompt_agreement"], "thresholds": parity.model_dump(mode="json")},
+            "test": {"num_images": stats["num_images"], "torch_correct": stats["torch_correct"],
+                     "pack_correct": got["correct"], "torch_accuracy": stats["torch_accuracy"],
+                     "pack_accuracy": got["accuracy"]},
+            "files": {name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                      for name, p in ((pack_file, pack), (BACKBONE_GRAPH_FILE, graph))},
+            "backbone_fingerprint": model.backbone_fingerprint(),
+            "recipe_sha256": str(ckpt.get("recipe_sha256", "")),
+            "checkpoint_sha256": ckpt["weights_sha256"],
+        }
+        write_json_atomic(tmp / REPORT_FILE, report)
+        pack_bytes, graph_bytes = pack.stat().st_size, graph.stat().st_size
+    print(f"[pack] done in {time.time() - started:.1f} s", flush=True)
+    return PackResult(pack_path=out_dir / pack_file, backbone_path=out_dir / BACKBONE_GRAPH_FILE,
+                      report_path=out_dir / REPORT_FILE, max_abs_diff=got["max_abs_diff"],
+                      top1_agreement=got["top1_agreement"], num_images=stats["num_images"],
+                      torch_correct=stats["torch_correct"], pack_correct=got["correct"],
+                      pack_bytes=pack_bytes, backbone_bytes=graph_bytes)
+
+
+def result_summary(result: PackResult) -> str:
+    """A few lines for the CLI."""
+    return "\n".join([
+        f"pack: {result.pack_path} ({result.pack_bytes / 1e3:.1f} kB)",
+        f"backbone graph: {result.backbone_path} ({result.backbone_bytes / 1e6:.2f} MB; shared by every pack of "
+        "this backbone and geometry)",
+        f"parity on {result.num_images} test images (backbone graph + pack vs torch): max |Δlogit| "
+        f"{result.max_abs_diff:.2e}, top-1 agreement {result.top1_agreement:.4f}, correct torch "
+        f"{result.torch_correct} / pack {result.pack_correct}",
+    ])

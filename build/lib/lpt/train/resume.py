@@ -1,0 +1,272 @@
+"""Resume state: data only (safetensors + JSON of plain values), kept outside the stage's outputs.
+
+A phase run keeps its resumable state in a scratch folder ``<train.out_dir>/.scratch/phase{N}-{fingerprint}``
+beside (never inside) the DVC output ``<train.out_dir>/phase{N}``. The fingerprint hashes the phase's
+recipe (every params value that shapes the trajectory: :func:`phase_recipe`) and its inputs (data
+manifest, backbone weights, phase-1 checkpoint), so a run only ever resumes its own state, several
+settings can each keep an interrupted run, and DVC's run cache is untouched (the outputs are not
+``persist``). The folder is removed when the phase finishes and its outputs are in place.
+
+``scratch/last/`` holds ``state.safetensors`` (trainable tensors, best-epoch tensors, optimizer buffers)
+and ``state.json`` (progress, optimizer/scheduler scalars, per-rank sampler and RNG states as ints and
+base64 bytes). Nothing in it is ever unpickled or executed: a damaged or malformed state is reported and
+ignored (training starts from the beginning), never fatal.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lpt.config import Params
+from lpt.methods import MethodSpec
+from lpt.utils import atomic_dir
+
+__all__ = ["RESUME_FORMAT", "phase_recipe", "fingerprint", "scratch_dir", "ResumeState", "save_resume_state",
+           "load_resume_state", "capture_rng_state", "restore_rng_state", "optimizer_to_flat", "optimizer_from_flat",
+           "ResumeStateError"]
+
+RESUME_FORMAT = 2
+"""Version of the ``last/`` layout; a different version is never resumed."""
+STATE_TENSORS = "state.safetensors"
+STATE_JSON = "state.json"
+
+
+class ResumeStateError(ValueError):
+    """A resume state is damaged or malformed (the message names the file and the field)."""
+
+
+# ============================================================================================ recipe
+_AGCL_PHASE1 = ("scale", "margin", "noise_mul", "noise_std", "label_smoothing", "gamma_pos_cb", "gamma_neg_cb",
+                "gamma_pos_ib", "gamma_neg_ib", "ib_weight")
+
+
+def phase_recipe(params: Params, phase: int, spec: MethodSpec) -> dict[str, Any]:
+    """Every params value that shapes phase ``phase``'s trajectory and result, and nothing else.
+
+    This is exactly what the phase reads besides paths and hardware knobs; ``dvc.yaml`` lists the same
+    keys for the phase stages (a test checks both against what the code reads). It is hashed into the
+    resume fingerprint and recorded in ``model.json``.
+    """
+    loss = params.loss
+    if spec.loss == "ce":
+        loss_keys: tuple[str, ...] = ("scale",)
+    elif spec.loss == "la":
+        loss_keys = ("scale", "la_tau")
+    else:
+        loss_keys = _AGCL_PHASE1 + (("key_weight",) if phase == 2 else ())
+    model = params.model
+    geometry: dict[str, Any] = {"prompt_length": model.prompt_length, "head_dropout": model.head_dropout}
+    if spec.adapter:
+        geometry["adapter_dim"] = model.adapter_dim
+    if phase == 2:
+        geometry.update(pool_size=model.pool_size, shared_blocks=model.shared_blocks, top_k=model.top_k,
+                        block_reuse=model.block_reuse)
+    bb, tf, tr = params.backbone, params.transforms, params.train
+    return {
+        "seed": params.seed,
+        "method": tr.method,
+        "phase": phase,
+        "backbone": {"name": bb.name, "weights": str(bb.weights), "timm_kwargs": dict(bb.timm_kwargs),
+                     "ln_eps": bb.ln_eps},
+        "transforms": {"input_size": tf.input_size, "resize": tf.resize, "train_scale_min": tf.train_scale_min,
+                       "hflip": tf.hflip, "mean": None if tf.mean is None else list(tf.mean),
+                       "std": None if tf.std is None else list(tf.std)},
+        "model": geometry,
+        "loss": {k: getattr(loss, k) for k in loss_keys},
+        "optim": getattr(tr, f"phase{phase}").model_dump(mode="json"),
+        "amp": tr.amp,
+        "compile": tr.compile,
+        "val_batch_size": params.evaluate.batch_size,
+    }
+
+
+def fingerprint(recipe: dict[str, Any], inputs: dict[str, Any]) -> str:
+    """Short hash of the recipe plus the input hashes (manifest, backbone, phase-1 weights, world size)."""
+    blob = json.dumps({"format": RESUME_FORMAT, "recipe": recipe, "inputs": inputs}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def scratch_dir(train_out_dir: str | Path, phase: int, key: str) -> Path:
+    """``<train.out_dir>/.scratch/phase{N}-{key}``: this run's resume state and live logs."""
+    return Path(train_out_dir) / ".scratch" / f"phase{phase}-{key}"
+
+
+# ============================================================================================ RNG
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Python, numpy, torch CPU and CUDA RNG states as JSON values (ints, lists of ints, base64 bytes)."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": _b64(torch.get_rng_state().numpy().tobytes()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [_b64(s.numpy().tobytes()) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def _bytes_tensor(text: Any, where: str) -> torch.Tensor:
+    if not isinstance(text, str):
+        raise ResumeStateError(f"{where}: expected base64 text")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except ValueError:
+        raise ResumeStateError(f"{where}: not valid base64") from None
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+
+
+def _int_list(value: Any, where: str) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ResumeStateError(f"{where}: expected a list of integers")
+    return value
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`; every value is type-checked first.
+
+    Raises:
+        ResumeStateError: a field has the wrong shape or type.
+    """
+    try:
+        py_version, py_state, py_gauss = state["python"]
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        torch_state = _bytes_tensor(state["torch"], "rng.torch")
+        cuda = [_bytes_tensor(s, "rng.cuda") for s in state.get("cuda", [])]
+    except (KeyError, TypeError, ValueError) as err:
+        if isinstance(err, ResumeStateError):
+            raise
+        raise ResumeStateError(f"rng state malformed ({err})") from None
+    if not (isinstance(py_version, int) and (py_gauss is None or isinstance(py_gauss, float))):
+        raise ResumeStateError("rng.python: expected [version, [ints], gauss]")
+    if not (name == "MT19937" and isinstance(pos, int) and isinstance(has_gauss, int) and isinstance(cached, float)):
+        raise ResumeStateError("rng.numpy: expected ['MT19937', [ints], pos, has_gauss, cached]")
+    random.setstate((py_version, tuple(_int_list(py_state, "rng.python")), py_gauss))
+    np.random.set_state((name, np.asarray(_int_list(keys, "rng.numpy"), dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch_state)
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# ============================================================================================ optimizer
+def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer state dict into safetensors-able tensors and a JSON-able rest."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, entry in sd["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                        meta: dict[str, Any]) -> None:
+    """Inverse of :func:`optimizer_to_flat`."""
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = value
+    for idx, entry in meta["scalars"].items():
+        state.setdefault(int(idx), {}).update(entry)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+# ============================================================================================ files
+@dataclass
+class ResumeState:
+    """One resumable snapshot: tensors (safetensors) and plain values (JSON)."""
+
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+
+
+def save_resume_state(last_dir: Path, state: ResumeState) -> None:
+    """Write ``last/state.safetensors`` + ``last/state.json`` as one atomic folder swap."""
+    from safetensors.torch import save_file
+
+    with atomic_dir(last_dir) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.tensors.items()}, str(tmp / STATE_TENSORS))
+        (tmp / STATE_JSON).write_text(json.dumps(state.meta, indent=1, allow_nan=False))
+
+
+_META_TYPES: dict[str, type] = {"format": int, "fingerprint": str, "progress": dict, "optimizer": dict,
+                                "scheduler": dict, "ranks": list}
+_PROGRESS_TYPES: dict[str, type | tuple[type, ...]] = {
+    "epoch": int, "step_in_epoch": int, "global_step": int, "loss_sum": (int, float), "best_val_acc": (int, float),
+    "best_epoch": int, "history": list}
+
+
+_SAMPLER_KEYS = frozenset({"kind", "epoch", "offset", "seed", "rank", "world_size", "num_samples"})
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_meta(meta: Any, path: Path) -> dict[str, Any]:
+    """The JSON half's shape, field by field (values are only ever used as numbers and lists)."""
+    if not isinstance(meta, dict):
+        raise ResumeStateError(f"{path}: expected a JSON object")
+    for key, kind in _META_TYPES.items():
+        if not isinstance(meta.get(key), kind):
+            raise ResumeStateError(f"{path}: field {key!r} missing or not a {kind.__name__}")
+    for key, kind in _PROGRESS_TYPES.items():
+        if not isinstance(meta["progress"].get(key), kind):
+            raise ResumeStateError(f"{path}: progress.{key} missing or of the wrong type")
+    for i, rank in enumerate(meta["ranks"]):
+        if not (isinstance(rank, dict) and isinstance(rank.get("rng"), dict) and isinstance(rank.get("samplers"), dict)):
+            raise ResumeStateError(f"{path}: ranks[{i}] must hold 'rng' and 'samplers' objects")
+        for name, sampler in rank["samplers"].items():
+            if not (isinstance(sampler, dict) and set(sampler) == _SAMPLER_KEYS and isinstance(sampler["kind"], str)
+                    and all(_is_int(sampler[k]) for k in _SAMPLER_KEYS - {"kind"})):
+                raise ResumeStateError(f"{path}: ranks[{i}].samplers.{name} must hold exactly "
+                                       f"{', '.join(sorted(_SAMPLER_KEYS))} (a string kind, integers otherwise)")
+    return meta
+
+
+def load_resume_state(scratch: Path) -> ResumeState | None:
+    """Read ``scratch/last`` (or the ``.last.old`` a kill between the two renames of a swap leaves).
+
+    Returns:
+        The state, or None when there is none or it is damaged (the reason is printed: a damaged state
+        means training starts from the beginning, never that it cannot start).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    for candidate in (scratch / "last", scratch / ".last.old"):
+        tensors_path, json_path = candidate / STATE_TENSORS, candidate / STATE_JSON
+        if not (tensors_path.is_file() and json_path.is_file()):
+            continue
+        try:
+            try:
+                meta = json.loads(json_path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise ResumeStateError(f"{json_path}: not valid JSON ({err})") from None
+            meta = _check_meta(meta, json_path)
+            try:
+                tensors = load_file(str(tensors_path))
+            except (SafetensorError, OSError, ValueError) as err:
+                raise ResumeStateError(f"{tensors_path}: not a readable safetensors file ({err})") from None
+            return ResumeState(tensors, meta)
+        except (ResumeStateError, OSError) as err:
+            print(f"[train] ignoring damaged resume state: {err}; training from the start", flush=True)
+    return None
