@@ -1,3 +1,0 @@
-from lpt.cli import app
-
-app()
