@@ -511,6 +511,42 @@ def _class_names(params: Params, num_classes: int) -> list[str]:
     return [str(n) for n in names]
 
 
+
+def load_gated_model(params: Params, error: type[Exception]
+                     ) -> tuple[LPTModel, dict[str, Any], dict[str, Any], ResolvedTransforms]:
+    """The trained model to ship (eval mode, CPU), its passed gate verdict and its resolved preprocessing.
+
+    Shared by ``lpt export`` and ``lpt pack``: sets ``train.threads``, seeds (``backbone.weights=none``
+    rebuilds the same random backbone as training), loads the checkpoint, checks the gate verdict for
+    exactly these weights and fills ``params.transforms``' nulls from the model.
+
+    Args:
+        params: validated params.
+        error: the caller's error class for a model that cannot be loaded or transforms that do not fit.
+
+    Returns:
+        ``(model, checkpoint model.json, gate verdict, transforms)``.
+
+    Raises:
+        GateNotPassed: no passed gate verdict for this checkpoint (:func:`check_gate_verdict`).
+        error: the model cannot be loaded, or its transforms cannot be resolved.
+    """
+    if params.train.threads:
+        torch.set_num_threads(params.train.threads)
+    seed_everything(params.seed)
+    try:
+        model, ckpt = load_trained_model(params, device="cpu")
+    except (CheckpointError, BackboneError) as err:
+        raise error(f"cannot load the trained model: {err}") from None
+    model.eval()
+    verdict = check_gate_verdict(params, ckpt["weights_sha256"])
+    try:  # the preprocessing actually used: params.transforms, nulls filled from the model
+        transforms = resolve_transforms(params.transforms, model.backbone)
+    except BackboneError as err:
+        raise error(str(err)) from None
+    return model, ckpt, verdict, transforms
+
+
 def run_export(params: Params) -> ExportResult:
     """Export the final trained model to ONNX and gate it on parity (the ``lpt export`` stage).
 
@@ -536,20 +572,8 @@ def run_export(params: Params) -> ExportResult:
     cfg = params.export
     out_dir = Path(cfg.out_dir)
     _check_out_dir(out_dir)
-    if params.train.threads:
-        torch.set_num_threads(params.train.threads)
-    seed_everything(params.seed)  # backbone.weights=none rebuilds the same random backbone as training
     started = time.time()
-    try:
-        model, ckpt = load_trained_model(params, device="cpu")
-    except (CheckpointError, BackboneError) as err:
-        raise ExportError(f"cannot load the trained model: {err}") from None
-    model.eval()
-    check_gate_verdict(params, ckpt["weights_sha256"])
-    try:  # the preprocessing actually used: params.transforms, nulls filled from the model
-        transforms = resolve_transforms(params.transforms, model.backbone)
-    except BackboneError as err:
-        raise ExportError(str(err)) from None
+    model, ckpt, _, transforms = load_gated_model(params, ExportError)
     class_names = _class_names(params, model.num_classes)
     notes: list[str] = []
     threads = torch.get_num_threads()

@@ -50,12 +50,12 @@ import torch
 
 from lpt.config import Params
 from lpt.export import (ExportError, ParityFailed, _check, _class_names, _compare_on_test, _export_rewrites,
-                        build_metadata, check_gate_verdict, optimize_graph, write_metadata)
-from lpt.model.backbone import BackboneError, ResolvedTransforms, resolve_transforms
-from lpt.model.lpt import CheckpointError, LPTModel, load_trained_model
+                        build_metadata, load_gated_model, optimize_graph, write_metadata)
+from lpt.model.backbone import ResolvedTransforms
+from lpt.model.lpt import LPTModel
 from lpt.runtime import (BACKBONE_KIND, INPUT_NAME, LOGITS_NAME, LPT_FORMAT, PACK_FORMAT, PACK_METADATA_KEY,
                          PACK_SUFFIX, SELECTED_NAME, TASK_INPUTS, PredictError, Predictor)
-from lpt.utils import atomic_dir, atomic_path, read_json, seed_everything, sha256_file, write_json_atomic
+from lpt.utils import atomic_dir, atomic_path, read_json, sha256_file, write_json_atomic
 
 __all__ = [
     "PackError",
@@ -422,23 +422,11 @@ def run_pack(params: Params) -> PackResult:
     """
     out_dir = Path(params.pack.out_dir)
     _check_out_dir(out_dir)
-    if params.train.threads:
-        torch.set_num_threads(params.train.threads)
-    seed_everything(params.seed)  # backbone.weights=none rebuilds the same random backbone as training
     started = time.time()
-    try:
-        model, ckpt = load_trained_model(params, device="cpu")
-    except (CheckpointError, BackboneError) as err:
-        raise PackError(f"cannot load the trained model: {err}") from None
-    model.eval()
-    verdict = check_gate_verdict(params, ckpt["weights_sha256"])
+    model, ckpt, verdict, transforms = load_gated_model(params, PackError)
     tensors = pack_tensors(model)  # refuses an unsupported method before any work
     class_names = _class_names(params, model.num_classes)
     metrics = _scalar_metrics(params)
-    try:  # the preprocessing actually used: params.transforms, nulls filled from the model (as lpt export)
-        transforms = resolve_transforms(params.transforms, model.backbone)
-    except BackboneError as err:
-        raise PackError(str(err)) from None
     size = transforms.input_size
     geometry = pack_geometry(model, size)
     parity = params.export.parity
