@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -249,41 +249,37 @@ def compare(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
     typer.echo(f"table: {path}")
 
 
-@app.command()
-def export(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
-    """Export the whole LPT inference to one ONNX graph and gate it on ORT-vs-torch parity."""
-    from lpt.export import ExportError, GateNotPassed, ParityFailed, result_summary, run_export
+def _ship(run: Callable[[Any], Any], summary: Callable[[Any], str], params: Path, set_: list[str] | None) -> None:
+    """Run ``lpt export`` / ``lpt pack``: gate not passed, parity failed and other refusals as exit codes."""
+    from lpt.export import ExportError, GateNotPassed, ParityFailed
 
     p = _load(params, set_)
     try:
         with _library_errors():
-            result = run_export(p)
+            result = run(p)
     except GateNotPassed as err:
         _fail(str(err), GATE_NOT_PASSED)
     except ParityFailed as err:
         _fail(str(err), PARITY_FAILED)
-    except ExportError as err:
+    except ExportError as err:  # PackError included
         _fail(str(err))
-    typer.echo(result_summary(result))
+    typer.echo(summary(result))
+
+
+@app.command()
+def export(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Export the whole LPT inference to one ONNX graph and gate it on ORT-vs-torch parity."""
+    from lpt.export import result_summary, run_export
+
+    _ship(run_export, result_summary, params, set_)
 
 
 @app.command()
 def pack(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Write the final model's task pack and the backbone graph it runs on, gated on parity with torch."""
-    from lpt.export import ExportError, GateNotPassed, ParityFailed
     from lpt.pack import result_summary, run_pack
 
-    p = _load(params, set_)
-    try:
-        with _library_errors():
-            result = run_pack(p)
-    except GateNotPassed as err:
-        _fail(str(err), GATE_NOT_PASSED)
-    except ParityFailed as err:
-        _fail(str(err), PARITY_FAILED)
-    except ExportError as err:
-        _fail(str(err))
-    typer.echo(result_summary(result))
+    _ship(run_pack, result_summary, params, set_)
 
 
 @app.command()
