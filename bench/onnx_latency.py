@@ -33,7 +33,6 @@ import json
 import os
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
+from bench.timing import round_robin  # noqa: E402
 from lpt.config import Params, load_params  # noqa: E402
 from lpt.export import export_onnx, quantize_int8  # noqa: E402
 from lpt.model.lpt import CheckpointError, LPTModel, create_lpt_model, load_trained_model  # noqa: E402
@@ -76,20 +76,6 @@ def ort_session(path: Path, threads: int, cse: bool = True) -> ort.InferenceSess
     options.log_severity_level = 3
     disabled = [] if cse else ["CommonSubexpressionElimination"]
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
-
-
-def round_robin(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 3) -> dict[str, list[float]]:
-    """Seconds of each call of each function, timed one call of each per round."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
 
 
 def run(params: Params, threads: int = 2, rounds: int = 30, batches: tuple[int, ...] = (1, 32),

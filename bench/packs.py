@@ -45,6 +45,8 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from bench.timing import round_robin  # noqa: E402  (torch-free: the memory children import this module)
+
 GOAL_MEMORY_16 = 1.2
 GOAL_LATENCY = 1.1
 CONFIGS = ("single", "packs", "shared_init")
@@ -221,20 +223,6 @@ def memory(folder: Path, task_counts: list[int], threads: int, batch: int) -> li
             raise RuntimeError(f"memory child {config} {n} failed:\n{proc.stderr[-2000:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     return rows
-
-
-def round_robin(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 3) -> dict[str, list[float]]:
-    """Seconds of each call of each function, timed one call of each per round."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
 
 
 def latency(folder: Path, tasks: int, threads: int, rounds: int, batches: tuple[int, ...]) -> dict[str, Any]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import REPO_ROOT, make_tiny_params
+from conftest import make_tiny_params
+from test_runtime import RUNTIME_BLOCKED, run_torch_free_cli
 from lpt.config import Params
 from lpt.data.ingest import run_ingest
 from lpt.data.reader import ShardImages, load_manifest
@@ -320,30 +320,12 @@ def test_write_pack_is_deterministic(tmp_path: Path, tiny_params: Params) -> Non
 
 
 # ------------------------------------------------------------------------------------------------ torch-free CLI
-PACK_CONSUMER = textwrap.dedent("""
-    import sys
-    # the torch-free consumer: safetensors' numpy reader is allowed, its torch binding is not
-    BLOCKED = {"torch", "torchvision", "timm", "onnx", "onnxscript", "webdataset", "safetensors.torch"}
-
-    class Blocker:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in BLOCKED or name in BLOCKED:
-                raise ImportError(f"{name} is blocked: the runtime must be torch-free")
-            return None
-
-    sys.meta_path.insert(0, Blocker())
-    from lpt.cli import app
-    try:
-        app(sys.argv[1:])
-    finally:
-        leaked = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED or m in BLOCKED)
-        print("LEAKED", leaked, file=sys.stderr)
-""")
+# the torch-free consumer with packs: safetensors' numpy reader is allowed, its torch binding is not
+PACK_BLOCKED = tuple(m for m in RUNTIME_BLOCKED if m != "safetensors") + ("safetensors.torch",)
 
 
 def run_pack_consumer(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", PACK_CONSUMER, *args], capture_output=True, text=True,
-                          cwd=REPO_ROOT, timeout=120)
+    return run_torch_free_cli(*args, blocked=PACK_BLOCKED)
 
 
 def test_lpt_predict_with_packs_without_torch(tasks, tmp_path: Path) -> None:

@@ -278,30 +278,36 @@ def test_format_predictions(predictor: Predictor, image_dir: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ torch-free
+RUNTIME_BLOCKED = ("torch", "torchvision", "timm", "onnx", "onnxscript", "webdataset", "safetensors")
+"""What the torch-free consumer must not import (a dotted name blocks just that submodule)."""
+
 TORCH_FREE = textwrap.dedent("""
     import sys
-    BLOCKED = {"torch", "torchvision", "timm", "onnx", "onnxscript", "webdataset", "safetensors"}
+    BLOCKED = set(sys.argv[1].split(","))
+
+    def blocked(name):
+        return name.split(".")[0] in BLOCKED or name in BLOCKED
 
     class Blocker:
         def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in BLOCKED:
+            if blocked(name):
                 raise ImportError(f"{name} is blocked: the runtime must be torch-free")
             return None
 
     sys.meta_path.insert(0, Blocker())
     from lpt.cli import app
     try:
-        app(sys.argv[1:])
+        app(sys.argv[2:])
     finally:
-        leaked = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+        leaked = sorted(m for m in sys.modules if blocked(m))
         print("LEAKED", leaked, file=sys.stderr)
 """)
 
 
-def run_torch_free_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    """``lpt ...`` in a fresh interpreter where torch, timm, onnx, ... cannot be imported."""
-    return subprocess.run([sys.executable, "-c", TORCH_FREE, *args], capture_output=True, text=True,
-                          cwd=REPO_ROOT, timeout=120)
+def run_torch_free_cli(*args: str, blocked: tuple[str, ...] = RUNTIME_BLOCKED) -> subprocess.CompletedProcess[str]:
+    """``lpt ...`` in a fresh interpreter where torch, timm, onnx, ... (``blocked``) cannot be imported."""
+    return subprocess.run([sys.executable, "-c", TORCH_FREE, ",".join(blocked), *args], capture_output=True,
+                          text=True, cwd=REPO_ROOT, timeout=120)
 
 
 def test_lpt_predict_works_without_torch(toy_model: Path, predictor: Predictor, image_dir: Path) -> None:
