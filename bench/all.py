@@ -18,6 +18,7 @@ BENCHES: list[tuple[str, list[str]]] = [
     ("onnx_latency", []),
     ("packs", []),
     ("pipeline_overhead", []),
+    ("inat_scale", []),
 ]
 
 

@@ -52,7 +52,11 @@ class _Strict(BaseModel):
 class SyntheticSource(_Strict):
     """The embedded default: procedural 32x32 RGB images, nothing to download."""
 
-    num_classes: int = Field(100, ge=2, le=480, description="target classes (long-tailed): the first of the 480")
+    num_classes: int = Field(100, ge=2, le=10000, description="target classes (long-tailed): the first of the 480 "
+                             "shape x palette x texture combinations not kept for pretraining, then hue variants")
+    profile: Literal["exponential", "inat2018"] = Field(
+        "exponential", description="train counts from data.max_per_class down to max / data.imbalance_ratio: "
+        "'exponential' (CIFAR-LT) or 'inat2018' (stretched so 8,142 classes, 1000 -> 2, hold iNat-2018's 437,513)")
     image_size: int = Field(32, ge=8, le=512)
     difficulty: float = Field(1.0, ge=0.0, le=4.0, description="scales pose/scale/noise jitter; 0 = trivial")
 
@@ -129,6 +133,7 @@ class ValidateConfig(_Strict):
     report_dir: Path = Path("data/validation")
     imbalance_tolerance: float = Field(0.05, ge=0.0, le=1.0, description="relative tolerance on the train imbalance ratio")
     check_test_overlap: bool = True
+    workers: int = Field(2, ge=1, description="processes reading and decoding shards (one shard per task)")
 
 
 # ------------------------------------------------------------------------------------------- model
@@ -238,6 +243,9 @@ class PhaseConfig(_Strict):
     warmup_lr: float = Field(1e-6, ge=0.0)
     samples_per_class: int = Field(4, ge=1, description="class-aware sampler: consecutive images per class")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    max_steps_per_epoch: int | None = Field(
+        None, ge=1, description="cap on optimizer steps per epoch (null = floor(N / batch) + 1, the recipe): a "
+        "bounded run at full data size; each epoch still draws from its own full index sequence")
 
 
 MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]  # the registry is the one list of names
@@ -277,12 +285,18 @@ class EvaluateConfig(_Strict):
     batch_size: int = Field(256, ge=1)
     out_dir: Path = Path("reports")
     ece_bins: int = Field(15, ge=1)
+    max_plot_classes: int = Field(
+        200, ge=1, description="per-class plots up to this many classes; above, plots and report summarise by "
+        "training-count bin and many/medium/few group (+ worst classes), so `dvc plots show` stays renderable")
     gate: GateConfig = GateConfig()
 
 
 class ParityConfig(_Strict):
     max_abs_diff: float = Field(1e-4, gt=0.0)
     min_agreement: float = Field(0.999, ge=0.0, le=1.0)
+    max_images: int | None = Field(
+        None, ge=1, description="compare ORT and torch on at most this many test images, a class-stratified "
+        "sample (every class before any class twice; seeded by `seed`); null = the whole test split")
 
 
 class ExportConfig(_Strict):
@@ -326,10 +340,11 @@ class Params(_Strict):
 
     @model_validator(mode="after")
     def _source_classes_disjoint(self) -> Params:
-        # synthetic targets are the first num_classes of the 480-class vocabulary, pretraining classes the
-        # last source_classes: together they must fit for the two sets to stay disjoint
+        # up to 480 synthetic targets are the first num_classes of the 480-class vocabulary, pretraining
+        # classes the last source_classes: together they must fit for the two sets to stay disjoint (more
+        # than 480 targets are all hue variants, never a plain combination: disjoint by construction)
         total = self.data.synthetic.num_classes + self.pretrain.source_classes
-        if total > 480:
+        if self.data.synthetic.num_classes <= 480 < total:
             raise ValueError(f"data.synthetic.num_classes + pretrain.source_classes = {total}: at most 480 (the "
                              "shape x palette x texture classes), so that pretraining never sees a target class")
         return self

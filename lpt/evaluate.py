@@ -44,6 +44,10 @@ __all__ = [
     "run_evaluate",
     "check_gate",
     "collect_predictions",
+    "collect_stats",
+    "PredictionStats",
+    "count_bins",
+    "worst_classes",
     "final_checkpoint_dir",
     "probe_metrics_path",
 ]
@@ -138,6 +142,67 @@ def collect_predictions(model: Any, loader: Any, device: str = "cpu") -> Predict
     )
 
 
+@dataclass
+class PredictionStats:
+    """Per-sample results over a split, without the [N, C] logits (:func:`lpt.metrics.sample_stats`).
+
+    Attributes:
+        labels: [N] true classes.
+        pred: [N] argmax of the cosine logits.
+        topk: [N] label among the 5 best.
+        confidence: [N] max softmax(scale * cosine).
+        calibrated_pred: [N] class of that confidence.
+        selected: [N, k] selected pool prompts (None when the model has no pool).
+    """
+
+    labels: np.ndarray
+    pred: np.ndarray
+    topk: np.ndarray
+    confidence: np.ndarray
+    calibrated_pred: np.ndarray
+    selected: np.ndarray | None
+
+    def as_stats(self) -> dict[str, np.ndarray]:
+        return {"pred": self.pred, "topk": self.topk, "confidence": self.confidence,
+                "calibrated_pred": self.calibrated_pred}
+
+
+def collect_stats(model: Any, loader: Any, scale: float, device: str = "cpu") -> PredictionStats:
+    """Run ``model`` (eval mode) over ``loader``, keeping per-sample results only.
+
+    Memory is O(N) small numbers whatever the number of classes: each batch's logits are reduced to
+    :func:`lpt.metrics.sample_stats` before the next one (the full logits of iNat's 24k test images over
+    8,142 classes would be 0.8 GB of float32).
+
+    Args:
+        model: an ``LPTModel`` whose forward returns ``LPTOutput`` (``logits``, ``selected``).
+        loader: iterable of ``(images [B,3,H,W], labels [B])``.
+        scale: ``loss.scale`` (softmax temperature of the confidence).
+        device: torch device string.
+    """
+    import torch
+
+    model.eval()
+    parts: dict[str, list[np.ndarray]] = {"labels": [], "pred": [], "topk": [], "confidence": [], "calibrated_pred": []}
+    selected: list[np.ndarray] = []
+    batches = 0
+    with torch.inference_mode():
+        for x, y in loader:
+            out = model(x.to(device))
+            labels = np.asarray(y, dtype=np.int64)
+            stats = M.sample_stats(out.logits.float().cpu().numpy(), labels, scale, 5)  # [B, C] -> [B] each
+            parts["labels"].append(labels)
+            for key, value in stats.items():
+                parts[key].append(value)
+            if out.selected is not None:
+                selected.append(out.selected.cpu().numpy().astype(np.int64))
+            batches += 1
+    empty = {"labels": np.zeros(0, np.int64), "pred": np.zeros(0, np.int64), "topk": np.zeros(0, bool),
+             "confidence": np.zeros(0), "calibrated_pred": np.zeros(0, np.int64)}
+    arrays = {k: np.concatenate(v) if v else empty[k] for k, v in parts.items()}
+    return PredictionStats(**arrays, selected=np.concatenate(selected) if selected and len(selected) == batches else None)
+
+
 def _param_counts(model: Any) -> dict[str, int]:
     """Tuned tensors over all phases (prompts, keys, adapters, head), the same without the head, and the backbone."""
     report = model.parameter_report()
@@ -154,24 +219,105 @@ def _fmt(v: Any, pct: bool = True) -> str:
 
 
 # ---------------------------------------------------------------------------------- plot data / figs
-def _plot_rows(preds: Predictions, counts: np.ndarray, class_names: list[str],
-               pool_size: int) -> dict[str, list[dict[str, Any]]]:
+def _plot_rows(pred: np.ndarray, labels: np.ndarray, selected: np.ndarray | None, counts: np.ndarray,
+               class_names: list[str], pool_size: int, max_classes: int) -> dict[str, list[dict[str, Any]]]:
+    """Rows of the three DVC plots. Up to ``max_classes`` classes: one per class (accuracy vs training
+    count) and one per test image with its class names (confusion). Above it (iNat: 8,142 classes) the
+    same files summarise, so ``dvc plots show`` stays renderable: one row per training-count bin (its
+    classes' mean accuracy at the bin's geometric-mean count, :func:`count_bins`) and the confusion between
+    many/medium/few groups (the group of the true vs the predicted class)."""
     num_classes = len(counts)
-    pred = preds.cos_logits.argmax(axis=1) if len(preds.labels) else np.zeros(0, np.int64)
-    acc = M.per_class_accuracy(pred, preds.labels, num_classes)
+    acc = M.per_class_accuracy(pred, labels, num_classes)
     groups = M.class_groups(counts, "standard")
-    per_class = [
-        {"class": class_names[c], "train_count": int(counts[c]),
-         "accuracy": None if math.isnan(acc[c]) else float(acc[c]), "group": str(groups[c])}
-        for c in range(num_classes)
-    ]
-    confusion = [{"actual": class_names[a], "predicted": class_names[p]} for a, p in zip(preds.labels, pred)]
-    usage = M.prompt_usage(preds.selected, preds.labels, counts, pool_size)
+    if num_classes <= max_classes:
+        per_class = [
+            {"class": class_names[c], "train_count": int(counts[c]),
+             "accuracy": None if math.isnan(acc[c]) else float(acc[c]), "group": str(groups[c])}
+            for c in range(num_classes)
+        ]
+        confusion = [{"actual": class_names[a], "predicted": class_names[p]} for a, p in zip(labels, pred)]
+    else:
+        per_class = [{"class": f"{b['low']}-{b['high']} images ({b['classes']} classes)", "train_count": b["count"],
+                      "accuracy": b["accuracy"], "group": b["group"], "classes": b["classes"]}
+                     for b in count_bins(counts, acc)]
+        confusion = [{"actual": str(groups[a]), "predicted": str(groups[p])} for a, p in zip(labels, pred)]
+    usage = M.prompt_usage(selected, labels, counts, pool_size)
     prompt_rows = [
         {"prompt": f"p{p:02d}", "count": int(usage[g][p]), "group": g}
         for p in range(pool_size) for g in M.GROUPS
     ]
     return {"per_class_accuracy": per_class, "confusion": confusion, "prompt_usage": prompt_rows}
+
+
+COUNT_BINS = 24
+"""Log-spaced training-count bins of the summarised per-class plot (plus the group boundaries 20 and 101)."""
+
+
+def count_bins(counts: np.ndarray, acc: np.ndarray, bins: int = COUNT_BINS) -> list[dict[str, Any]]:
+    """Classes grouped by training count: log-spaced bins that never straddle a group boundary.
+
+    Args:
+        counts: training images per class (group counts).
+        acc: per-class test accuracy (NaN for a class without test images).
+        bins: about how many log-spaced bins between the smallest and largest count.
+
+    Returns:
+        One dict per non-empty bin, in increasing count: ``low``/``high`` (counts covered, inclusive),
+        ``count`` (geometric mean of its classes' counts), ``accuracy`` (mean over its tested classes, None
+        if none), ``group`` (standard convention), ``classes``.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    lo, hi = max(1, int(counts.min())), int(counts.max()) + 1
+    edges = set(np.unique(np.round(np.geomspace(lo, hi, bins + 1)).astype(np.int64)).tolist()) | {lo, hi, 20, 101}
+    edges_arr = np.array(sorted(e for e in edges if lo <= e <= hi))
+    which = np.searchsorted(edges_arr, counts, side="right") - 1  # bin i covers [edges[i], edges[i+1])
+    groups = M.class_groups(counts, "standard")
+    out = []
+    for i in range(len(edges_arr) - 1):
+        members = np.flatnonzero(which == i)
+        if not len(members):
+            continue
+        tested = acc[members][~np.isnan(acc[members])]
+        out.append({"low": int(edges_arr[i]), "high": int(edges_arr[i + 1]) - 1,
+                    "count": float(np.exp(np.log(counts[members]).mean())),
+                    "accuracy": float(tested.mean()) if len(tested) else None, "group": str(groups[members[0]]),
+                    "classes": int(len(members))})
+    return out
+
+
+WORST_CLASSES = 20
+"""Classes listed in the report's worst-classes table (summarised reports)."""
+
+
+def worst_classes(pred: np.ndarray, labels: np.ndarray, counts: np.ndarray, class_names: list[str],
+                  limit: int = WORST_CLASSES) -> list[dict[str, Any]]:
+    """The ``limit`` tested classes with the lowest test accuracy (ties: fewer training images first), each
+    with the class its images are most often taken for.
+
+    Returns:
+        Dicts with ``class``, ``index``, ``train_count``, ``test_images``, ``accuracy``, ``confused_with``
+        (name or None) and ``confused_share`` (share of its test images predicted as that class).
+    """
+    num_classes = len(counts)
+    acc = M.per_class_accuracy(pred, labels, num_classes)
+    tested = np.flatnonzero(~np.isnan(acc))
+    order = tested[np.lexsort((tested, np.asarray(counts)[tested], acc[tested]))][:limit]
+    wrong = pred != labels
+    pairs, pair_counts = np.unique(labels[wrong] * num_classes + pred[wrong], return_counts=True)
+    top: dict[int, tuple[int, int]] = {}
+    for pair, n in zip(pairs.tolist(), pair_counts.tolist()):  # ascending pair: first max per class wins
+        actual, predicted = divmod(pair, num_classes)
+        if actual not in top or n > top[actual][1]:
+            top[actual] = (predicted, n)
+    test_images = np.bincount(labels, minlength=num_classes)
+    rows = []
+    for c in order.tolist():
+        other = top.get(c)
+        rows.append({"class": class_names[c], "index": c, "train_count": int(counts[c]),
+                     "test_images": int(test_images[c]), "accuracy": float(acc[c]),
+                     "confused_with": class_names[other[0]] if other else None,
+                     "confused_share": other[1] / int(test_images[c]) if other else 0.0})
+    return rows
 
 
 def _read_dvclive_curves(train_out: Path) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
@@ -198,7 +344,11 @@ def _read_dvclive_curves(train_out: Path) -> dict[str, dict[str, tuple[np.ndarra
 
 
 def _write_figures(fig_dir: Path, rows: dict[str, list[dict[str, Any]]], cm: np.ndarray,
-                   usage: dict[str, np.ndarray], has_pool: bool, train_out: Path) -> list[str]:
+                   usage: dict[str, np.ndarray], has_pool: bool, train_out: Path,
+                   summary: tuple[np.ndarray, np.ndarray] | None = None) -> list[str]:
+    """PNG renderings. ``summary`` = (per-class accuracy, per-class group) when the plots are summarised
+    (many classes): the accuracy figure gets a per-group histogram panel and ``cm`` is the 3 x 3 group
+    confusion."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -207,34 +357,64 @@ def _write_figures(fig_dir: Path, rows: dict[str, list[dict[str, Any]]], cm: np.
     written: list[str] = []
     colors = {"many": "tab:blue", "medium": "tab:orange", "few": "tab:red"}
 
-    # per-class accuracy vs training count (log x), coloured by group, boundaries at 20 and 100
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    # per-class accuracy vs training count (log x), coloured by group, boundaries at 20 and 100; summarised:
+    # one point per count bin (size ~ its classes) and the distribution of per-class accuracy per group
+    if summary is None:
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        hist_ax = None
+    else:
+        fig, (ax, hist_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for g in M.GROUPS:
-        pts = [(r["train_count"], r["accuracy"]) for r in rows["per_class_accuracy"]
+        pts = [(r["train_count"], r["accuracy"], r.get("classes", 1)) for r in rows["per_class_accuracy"]
                if r["group"] == g and r["accuracy"] is not None]
         if pts:
-            x, y = zip(*pts)
-            ax.scatter(x, y, s=14, alpha=0.75, color=colors[g], label=g)
+            x, y, n = zip(*pts)
+            size = 14 if summary is None else 10 + 140 * np.sqrt(np.asarray(n) / max(n))
+            ax.scatter(x, y, s=size, alpha=0.75, color=colors[g], label=g)
     for b in (20, 100):
         ax.axvline(b, color="gray", lw=0.8, ls="--")
     ax.set_xscale("log")
     ax.set_xlabel("training images of the class (log)")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel("test accuracy" if summary is None else "mean test accuracy of the bin's classes")
     ax.set_ylim(-0.03, 1.03)
-    ax.set_title("Per-class test accuracy vs training count")
+    ax.set_title("Per-class test accuracy vs training count" if summary is None else
+                 f"Accuracy by training-count bin ({sum(r['classes'] for r in rows['per_class_accuracy'])} classes)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)  # outside: the points fill the axes
+    if hist_ax is not None:
+        acc, groups = summary
+        edges = np.linspace(0.0, 1.0, 11)
+        for g in M.GROUPS:
+            values = acc[(groups == g) & ~np.isnan(acc)]
+            if len(values):
+                hist_ax.hist(values, bins=edges, histtype="step", lw=1.5, color=colors[g], label=f"{g} ({len(values)})")
+        hist_ax.set_xlabel("per-class test accuracy")
+        hist_ax.set_ylabel("classes")
+        hist_ax.set_title("Distribution of per-class accuracy")
+        hist_ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(fig_dir / "per_class_accuracy.png", dpi=110)
     plt.close(fig)
     written.append("per_class_accuracy.png")
 
-    # confusion matrix, rows normalised (classes ordered by index = by training count)
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+    # confusion matrix, rows normalised (classes ordered by index = by training count); summarised: groups
+    fig, ax = plt.subplots(figsize=(5.5, 5) if summary is None else (4.5, 4))
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     im = ax.imshow(norm, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("actual class")
-    ax.set_title("Confusion matrix (test, row-normalised)")
+    if summary is None:
+        ax.set_xlabel("predicted class")
+        ax.set_ylabel("actual class")
+        ax.set_title("Confusion matrix (test, row-normalised)")
+    else:
+        ticks = np.arange(len(M.GROUPS))
+        ax.set_xticks(ticks, M.GROUPS)
+        ax.set_yticks(ticks, M.GROUPS)
+        for i in ticks:
+            for j in ticks:
+                ax.text(j, i, f"{norm[i, j]:.2f}\n({cm[i, j]})", ha="center", va="center", fontsize=8,
+                        color="white" if norm[i, j] < 0.5 else "black")
+        ax.set_xlabel("group of the predicted class")
+        ax.set_ylabel("group of the actual class")
+        ax.set_title("Group confusion (test, row-normalised)")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(fig_dir / "confusion.png", dpi=110)
@@ -282,8 +462,37 @@ def _write_figures(fig_dir: Path, rows: dict[str, list[dict[str, Any]]], cm: np.
     return written
 
 
+def _summary_markdown(rows: dict[str, list[dict[str, Any]]], acc: np.ndarray, groups: np.ndarray,
+                      worst: list[dict[str, Any]]) -> list[str]:
+    """The report's class-level section when plots are summarised: accuracy per training-count bin, the
+    distribution of per-class accuracy per group, and the worst classes."""
+    lines = ["## Classes by training count", "",
+             f"{len(acc)} classes: the plots summarise them by training-count bin and by group "
+             "(`evaluate.max_plot_classes`).", "",
+             "| training images | group | classes | mean accuracy (%) |", "|---|---|---|---|"]
+    for b in rows["per_class_accuracy"]:
+        low, high = b["class"].split(" ", 1)[0].split("-")
+        lines.append(f"| {low}–{high} | {b['group']} | {b['classes']} | {_fmt(b['accuracy'])} |")
+    edges = np.linspace(0.0, 1.0, 6)
+    lines += ["", "Per-class accuracy, classes per range:", "",
+              "| group | " + " | ".join(f"{100 * a:.0f}–{100 * b:.0f} %" for a, b in zip(edges, edges[1:]))
+              + " | untested |", "|---|" + "---|" * (len(edges) + 0)]
+    for g in M.GROUPS:
+        values = acc[groups == g]
+        tested = values[~np.isnan(values)]
+        hist = np.histogram(tested, bins=edges)[0] if len(tested) else np.zeros(len(edges) - 1, np.int64)
+        lines.append(f"| {g} | " + " | ".join(str(int(h)) for h in hist) + f" | {int(np.isnan(values).sum())} |")
+    lines += ["", f"The {len(worst)} classes with the lowest test accuracy (ties: fewer training images first):", "",
+              "| class | training images | test images | accuracy (%) | most often taken for | share (%) |",
+              "|---|---|---|---|---|---|"]
+    for w in worst:
+        lines.append(f"| {w['class']} | {w['train_count']} | {w['test_images']} | {_fmt(w['accuracy'])} | "
+                     f"{w['confused_with'] or '–'} | {_fmt(w['confused_share'])} |")
+    return lines + [""]
+
+
 def _report_markdown(metrics: dict[str, Any], gate: dict[str, Any], context: dict[str, Any], counts: np.ndarray,
-                     figures: list[str], checkpoint: Path) -> str:
+                     figures: list[str], checkpoint: Path, summary: list[str] | None = None) -> str:
     lines = [
         f"# Evaluation report — {context['method']} on {context['source']} (test split)",
         "",
@@ -312,6 +521,7 @@ def _report_markdown(metrics: dict[str, Any], gate: dict[str, Any], context: dic
         f"without the head {metrics['prompt_params']:,} = {100 * metrics['prompt_share']:.2f} %.",
         "",
     ]
+    lines += summary or []
     titles = {"per_class_accuracy.png": "Per-class accuracy vs training count", "confusion.png": "Confusion matrix",
               "prompt_usage.png": "Group-prompt usage", "training_curves.png": "Training curves (dvclive)"}
     for f in figures:
@@ -335,7 +545,7 @@ def run_evaluate(params: Params, phase_dir: Path | None = None) -> EvaluateResul
     import torch
     from torch.utils.data import DataLoader
 
-    from lpt.data.reader import ShardImages, TransformedDataset, build_transform, load_manifest
+    from lpt.data.reader import ShardImages, TransformedDataset, build_transform, group_counts, load_manifest
     from lpt.model.backbone import resolve_transforms
     from lpt.model.lpt import load_trained_model
     from lpt.utils import resolve_device, seed_everything
@@ -350,8 +560,10 @@ def run_evaluate(params: Params, phase_dir: Path | None = None) -> EvaluateResul
     model.eval()
 
     manifest = load_manifest(params.data.out_dir)
-    counts = np.asarray(manifest["train_counts"], dtype=np.int64)
+    counts = np.asarray(group_counts(manifest), dtype=np.int64)  # the groups' counts (uncarved, docs/data.md)
     class_names = [str(c) for c in manifest.get("class_names") or range(len(counts))]
+    if model.num_classes != len(counts):
+        raise ValueError(f"model has {model.num_classes} classes but the manifest {len(counts)}")
 
     test = ShardImages(Path(params.data.out_dir), "test", in_memory=True)
     # params.transforms with its nulls (= from the model) filled from the trained model's backbone
@@ -359,12 +571,9 @@ def run_evaluate(params: Params, phase_dir: Path | None = None) -> EvaluateResul
     loader = DataLoader(TransformedDataset(test, build_transform(transforms, train=False)),
                         batch_size=params.evaluate.batch_size, shuffle=False,
                         num_workers=params.train.num_workers)
-    preds = collect_predictions(model, loader, device)
-    if preds.cos_logits.shape[1] != len(counts):
-        raise ValueError(f"model has {preds.cos_logits.shape[1]} classes but the manifest {len(counts)}")
-
     scale, bins = params.loss.scale, params.evaluate.ece_bins
-    scalars = M.summarize(preds.cos_logits, preds.labels, counts, scale, bins)
+    preds = collect_stats(model, loader, scale, device)
+    scalars = M.summarize_stats(preds.as_stats(), preds.labels, counts, bins)
     pc = _param_counts(model)
     metrics: dict[str, Any] = {
         **scalars,
@@ -381,20 +590,30 @@ def run_evaluate(params: Params, phase_dir: Path | None = None) -> EvaluateResul
     out = Path(params.evaluate.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pool_size = int(meta["model_config"].get("pool_size", 0))  # the checkpoint's own geometry
-    rows = _plot_rows(preds, counts, class_names, pool_size)
+    summarised = len(counts) > params.evaluate.max_plot_classes
+    rows = _plot_rows(preds.pred, preds.labels, preds.selected, counts, class_names, pool_size,
+                      params.evaluate.max_plot_classes)
     with atomic_dir(out / "plots") as tmp:
         for name, data in rows.items():
             (tmp / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
-    pred_top1 = preds.cos_logits.argmax(axis=1) if len(preds.labels) else np.zeros(0, np.int64)
-    cm = M.confusion_matrix(pred_top1, preds.labels, len(counts))
     usage = M.prompt_usage(preds.selected, preds.labels, counts, pool_size)
+    summary_lines, summary = None, None
+    if summarised:  # a C x C matrix at 8,142 classes is 0.5 GB of int64 and an unreadable figure
+        cm = M.group_confusion(preds.pred, preds.labels, counts)
+        acc, groups = M.per_class_accuracy(preds.pred, preds.labels, len(counts)), M.class_groups(counts)
+        summary = (acc, groups)
+        summary_lines = _summary_markdown(rows, acc, groups,
+                                          worst_classes(preds.pred, preds.labels, counts, class_names))
+    else:
+        cm = M.confusion_matrix(preds.pred, preds.labels, len(counts))
     with atomic_dir(out / "figures") as tmp:
-        figures = _write_figures(tmp, rows, cm, usage, preds.selected is not None, Path(params.train.out_dir))
+        figures = _write_figures(tmp, rows, cm, usage, preds.selected is not None, Path(params.train.out_dir),
+                                 summary)
     report = out / "report.md"
     context = {"method": meta["method"], "source": manifest.get("source", "?"), "phase": meta["phase"],
                "ece_bins": bins, "ece_scale": scale}
     with atomic_path(report) as tmp:
-        tmp.write_text(_report_markdown(metrics, gate, context, counts, figures, phase_dir))
+        tmp.write_text(_report_markdown(metrics, gate, context, counts, figures, phase_dir, summary_lines))
     write_json_atomic(out / GATE_FILE, gate)
     metrics_path = write_json_atomic(out / METRICS_FILE, metrics)
     return EvaluateResult(metrics_path=metrics_path, report_path=report, gate_passed=gate["passed"],

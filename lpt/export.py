@@ -63,6 +63,7 @@ __all__ = [
     "build_metadata",
     "write_metadata",
     "check_gate_verdict",
+    "parity_sample",
     "result_summary",
     "quantize_int8",
     "convert_fp16",
@@ -414,18 +415,49 @@ def _session(path: Path, threads: int) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def parity_sample(labels: np.ndarray, max_images: int | None, seed: int) -> np.ndarray:
+    """Indices of the test images the parity check runs on: all of them, or a class-stratified sample.
+
+    Each class's images are taken in a seeded random order, one per class per round (the classes of a
+    round also in a seeded order), so the first ``C`` images cover every class once before any class
+    gets a second, and a cap below ``C`` takes one image of ``max_images`` different classes.
+
+    Args:
+        labels: test labels.
+        max_images: the cap (``export.parity.max_images``); None = every image.
+        seed: ``params.seed``.
+
+    Returns:
+        Sorted int64 indices into the test split.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if max_images is None or max_images >= len(labels):
+        return np.arange(len(labels), dtype=np.int64)
+    rng = np.random.default_rng([seed, 5])  # its own stream: the sample does not depend on anything else
+    order = rng.permutation(len(labels))  # images in random order ...
+    order = order[np.argsort(labels[order], kind="stable")]  # ... grouped by class
+    cls = labels[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(cls)) + 1]
+    rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))  # position in its class
+    class_key = rng.permutation(int(cls.max()) + 1)[cls]  # classes in random order within a round
+    pick = order[np.lexsort((class_key, rank))[:max_images]]  # round by round
+    return np.sort(pick)
+
+
 def _compare_on_test(model: LPTModel, sessions: dict[str, Any], params: Params,
                      transforms: ResolvedTransforms) -> dict[str, Any]:
-    """Run torch and every ORT session over the test split; logits, top-1 and prompt agreement."""
+    """Run torch and every ORT session over the test split (or its ``export.parity.max_images`` sample);
+    logits, top-1 and prompt agreement."""
     from lpt.data.reader import ShardImages, build_transform
 
     dataset = ShardImages(Path(params.data.out_dir), "test")
     transform = build_transform(transforms, train=False)
-    n = len(dataset)
-    if n == 0:
+    if len(dataset) == 0:
         raise ExportError(f"{params.data.out_dir}: the test split is empty; nothing to check parity on")
+    sample = parity_sample(dataset.labels, params.export.parity.max_images, params.seed)
+    n = len(sample)
     batch_size = params.evaluate.batch_size
-    labels = np.asarray(dataset.labels, dtype=np.int64)
+    labels = np.asarray(dataset.labels, dtype=np.int64)[sample]
     preds = {name: np.empty(n, np.int64) for name in ["torch", *sessions]}
     max_diff = {name: 0.0 for name in sessions}
     prompts_same = {name: 0 for name in sessions}
@@ -434,7 +466,7 @@ def _compare_on_test(model: LPTModel, sessions: dict[str, Any], params: Params,
     with torch.inference_mode():
         for start in range(0, n, batch_size):
             idx = range(start, min(start + batch_size, n))
-            x = torch.stack([transform(dataset[i][0]) for i in idx])  # [b, 3, S, S]
+            x = torch.stack([transform(dataset[int(sample[i])][0]) for i in idx])  # [b, 3, S, S]
             out = model(x)
             ref = out.logits.float().numpy()
             preds["torch"][start:start + len(idx)] = ref.argmax(1)
@@ -446,7 +478,8 @@ def _compare_on_test(model: LPTModel, sessions: dict[str, Any], params: Params,
                 if has_selected:  # order of equal-score keys may differ: compare as sets
                     same = np.sort(got[1], 1) == np.sort(out.selected.numpy(), 1)
                     prompts_same[name] += int(same.all(1).sum())
-    stats: dict[str, Any] = {"num_images": n, "torch_correct": int((preds["torch"] == labels).sum())}
+    stats: dict[str, Any] = {"num_images": n, "test_images": len(dataset), "classes": int(len(np.unique(labels))),
+                             "torch_correct": int((preds["torch"] == labels).sum())}
     for name in sessions:
         stats[name] = {
             "max_abs_diff": max_diff[name],
@@ -628,6 +661,8 @@ def run_export(params: Params) -> ExportResult:
             "optimize": cfg.optimize,
             "parity": {"max_abs_diff": fp["max_abs_diff"], "top1_agreement": fp["top1_agreement"],
                        "prompt_agreement": fp["prompt_agreement"],
+                       "images": stats["num_images"], "of_test_images": stats["test_images"],
+                       "classes": stats["classes"],
                        "thresholds": cfg.parity.model_dump(mode="json")},
             "test": {"num_images": stats["num_images"], "torch_correct": stats["torch_correct"],
                      "ort_correct": fp["correct"], "torch_accuracy": stats["torch_accuracy"],

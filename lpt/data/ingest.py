@@ -15,18 +15,21 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from lpt.data.longtail import group_labels
 from lpt.data.layout import MANIFEST_FILE
-from lpt.data.shards import SplitWriteResult, encoded_stream, write_split
+from lpt.data.shards import SplitWriteResult, encoded_items, write_split
 from lpt.data.sources import MODULES
 from lpt.data.sources.base import BadItems, IngestError, SourceData
 from lpt.utils import atomic_dir, write_json_atomic
 
-__all__ = ["IngestError", "IngestResult", "run_ingest", "load_source", "build_manifest"]
+__all__ = ["IngestError", "IngestResult", "run_ingest", "load_source", "build_manifest", "full_train_counts"]
 
 SPLITS = ("train", "val", "test")
 MANIFEST_VERSION = 1
@@ -47,20 +50,37 @@ def load_source(params, bad: BadItems) -> SourceData:
     return module.load(params.data, params.seed, bad)
 
 
+def _class_counts(labels, num_classes: int) -> list[int]:
+    return [int(n) for n in np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)]
+
+
 def _check_classes(data: SourceData, written: dict[str, SplitWriteResult]) -> list[int]:
     """Per-class train counts; an empty train class is an error naming it."""
-    counts = [0] * len(data.class_names)
-    for label in written["train"].labels:
-        counts[label] += 1
+    counts = _class_counts(written["train"].labels, len(data.class_names))
     empty = [f"{i} ({data.class_names[i]})" for i, n in enumerate(counts) if n == 0]
     if empty:
         raise IngestError(f"data.source {len(empty)} class(es) have no train image: {', '.join(empty[:10])}")
     return counts
 
 
+def full_train_counts(data: SourceData, written: dict[str, SplitWriteResult], train_counts: list[int]) -> list[int]:
+    """Per-class counts of the source's train list before the val carve: train + val when the source carved
+    val out of train (``SourceData.val_from_train``), else the train counts themselves.
+
+    These define the A-GCL cloud size and the many/medium/few groups (the benchmark's own class
+    frequencies: a carve of one image must not turn iNat's 2-image classes into 1-image ones for the loss,
+    nor move a 20-image class from medium to few). The model still trains on ``train_counts`` images.
+    """
+    if not data.val_from_train or "val" not in written:
+        return list(train_counts)
+    val = _class_counts(written["val"].labels, len(data.class_names))
+    return [t + v for t, v in zip(train_counts, val)]
+
+
 def build_manifest(params, data: SourceData, written: dict[str, SplitWriteResult], train_counts: list[int],
                    bad: BadItems) -> dict:
     """The manifest dict (format in docs/interfaces.md and docs/data.md)."""
+    full_counts = full_train_counts(data, written, train_counts)
     splits = {}
     for name, res in written.items():
         splits[name] = {"count": res.count, "shards": res.shards, "num_classes": len(data.class_names)}
@@ -71,7 +91,10 @@ def build_manifest(params, data: SourceData, written: dict[str, SplitWriteResult
         "num_classes": len(data.class_names),
         "class_names": list(data.class_names),
         "train_counts": train_counts,
-        "groups": {"standard": group_labels(train_counts, "standard"), "authors": group_labels(train_counts, "authors")},
+        # the counts ε and the groups come from (= train_counts unless val was carved out of train)
+        "full_train_counts": full_counts,
+        "val_from_train": bool(data.val_from_train),
+        "groups": {"standard": group_labels(full_counts, "standard"), "authors": group_labels(full_counts, "authors")},
         "image_size": list(data.image_size) if data.image_size else None,
         "splits": splits,
         "skipped": {"count": bad.count, "items": bad.items},
@@ -86,8 +109,13 @@ def _write_all(params, data: SourceData, bad: BadItems, out: Path) -> dict[str, 
         items = data.splits.get(split)
         if items is None:
             continue
-        with contextlib.closing(encoded_stream(items, params.data.workers)) as encoded:
-            written[split] = write_split(out / split, split, items, encoded, bad, params.data.shard_maxcount)
+        # one pass over the split (a synthetic split renders while it is iterated): the pairs are split
+        # into the items and their encodings in step, so tee buffers at most one pair
+        with contextlib.closing(encoded_items(items, params.data.workers)) as pairs:
+            for_items, for_encoded = itertools.tee(pairs)
+            written[split] = write_split(out / split, split, (item for item, _ in for_items),
+                                         (enc for _, enc in for_encoded), bad, params.data.shard_maxcount,
+                                         total=len(items))
     return written
 
 

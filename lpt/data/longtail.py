@@ -1,18 +1,37 @@
-"""The exponential long-tail profile (CIFAR-100-LT protocol), pool splitting and many/medium/few groups.
+"""Long-tail count profiles, pool splitting and many/medium/few groups.
 
-Class ``i`` of ``C`` keeps ``int(max_per_class * (1 / IR) ** (i / (C - 1)))`` training images
-(Cao et al., LDAM; 500 -> 5 and 10,847 images in total for C = 100, IR = 100).
+``exponential`` (CIFAR-100-LT protocol): class ``i`` of ``C`` keeps
+``int(max_per_class * (1 / IR) ** (i / (C - 1)))`` training images (Cao et al., LDAM; 500 -> 5 and 10,847
+images in total for C = 100, IR = 100).
+
+``inat2018`` (the synthetic iNaturalist stand-in): the same two ends, ``max_per_class`` down to
+``max_per_class / IR``, on a *stretched* exponential ``floor(max_per_class * (1 / IR) ** ((i / (C - 1)) ** p))``.
+``p = 1`` is the exponential profile; with iNat-2018's ends (1,000 -> 2 over 8,142 classes) it gives
+1,303,811 images, three times iNat's 437,513, because the real counts fall much faster from the head.
+The shape ``p`` is therefore solved so that 8,142 classes from 1,000 to 2 hold exactly iNat-2018's
+437,513 training images (``p`` ~ 0.516, :func:`inat2018_shape`), and that shape is kept for any other
+``C``/ends. It matches iNat's class count, ends and total; it is *not* iNat's per-class histogram (that
+cannot be reconstructed from published figures here), so its many/medium/few class counts
+(1,181 / 2,141 / 4,820) are a property of the curve, not of iNat (docs/data.md compares them).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import numpy as np
 
-__all__ = ["longtail_counts", "carve_pool", "holdout", "group_labels", "imbalance_ratio", "profile_applies"]
+__all__ = ["PROFILES", "INAT2018", "longtail_counts", "stretched_counts", "solve_shape", "inat2018_shape",
+           "profile_counts", "carve_pool", "holdout", "group_labels", "imbalance_ratio", "profile_applies"]
 
 Convention = Literal["standard", "authors"]
+Profile = Literal["exponential", "inat2018"]
+PROFILES: tuple[str, ...] = ("exponential", "inat2018")
+
+INAT2018 = {"classes": 8142, "train": 437_513, "val": 24_426, "max_per_class": 1000, "min_per_class": 2}
+"""iNaturalist 2018's shape (the competition's published figures): classes, train and val images, the
+largest and smallest class. Its val set (3 images per class) is the usual test split."""
 
 
 def longtail_counts(num_classes: int, max_per_class: int, imbalance_ratio: float) -> list[int]:
@@ -30,6 +49,86 @@ def longtail_counts(num_classes: int, max_per_class: int, imbalance_ratio: float
         return [max_per_class]
     factor = 1.0 / imbalance_ratio
     return [max(1, int(max_per_class * factor ** (i / (num_classes - 1)))) for i in range(num_classes)]
+
+
+def stretched_counts(num_classes: int, max_per_class: int, imbalance_ratio: float, shape: float) -> list[int]:
+    """Per-class counts ``floor(max_per_class * (1 / IR) ** ((i / (C - 1)) ** shape))``, each at least 1.
+
+    Args:
+        num_classes: C.
+        max_per_class: count of class 0 (the head).
+        imbalance_ratio: ``n_0 / n_{C-1}`` (the tail class keeps ``max_per_class / IR``).
+        shape: the stretch ``p`` (> 0); 1 is the exponential profile, smaller falls faster from the head.
+
+    Returns:
+        ``[n_0, ..., n_{C-1}]``, non-increasing.
+    """
+    if num_classes == 1:
+        return [max_per_class]
+    x = np.arange(num_classes, dtype=np.float64) / (num_classes - 1)  # rank in [0, 1]
+    counts = np.floor(max_per_class * (1.0 / imbalance_ratio) ** (x ** shape))
+    return [int(c) for c in np.maximum(counts, 1)]
+
+
+def solve_shape(num_classes: int, max_per_class: int, imbalance_ratio: float, total: int) -> float:
+    """The stretch ``p`` for which :func:`stretched_counts` holds exactly ``total`` images.
+
+    The total is a step function of ``p`` (non-decreasing); the result is the middle of the interval of
+    ``p`` where it equals ``total``, so floating-point differences between machines cannot move a class
+    across a step.
+
+    Raises:
+        ValueError: ``total`` is out of reach for these ends, or no ``p`` gives it exactly (a step of the
+            total jumps over it).
+    """
+    def total_at(p: float) -> int:
+        return sum(stretched_counts(num_classes, max_per_class, imbalance_ratio, p))
+
+    lo_p, hi_p = 1e-4, 1e4
+    if not total_at(lo_p) <= total <= total_at(hi_p):
+        raise ValueError(f"{total} images cannot be spread over {num_classes} classes from {max_per_class} down to "
+                         f"{max_per_class / imbalance_ratio:g} (reachable: {total_at(lo_p)}..{total_at(hi_p)})")
+
+    def edge(below: bool) -> float:
+        """Geometric bisection for the first p whose total is >= total (below) or > total (not below)."""
+        a, b = lo_p, hi_p
+        for _ in range(200):
+            mid = (a * b) ** 0.5
+            n = total_at(mid)
+            if n > total or (below and n == total):
+                b = mid
+            else:
+                a = mid
+        return b
+
+    start, end = edge(True), edge(False)
+    p = (start * end) ** 0.5
+    if total_at(p) != total:
+        raise ValueError(f"no stretch gives exactly {total} images over {num_classes} classes "
+                         f"({max_per_class} -> {max_per_class / imbalance_ratio:g})")
+    return p
+
+
+@functools.cache
+def inat2018_shape() -> float:
+    """The stretch that puts iNat-2018's 437,513 images on 8,142 classes from 1,000 down to 2 (~0.516)."""
+    i = INAT2018
+    return solve_shape(i["classes"], i["max_per_class"], i["max_per_class"] / i["min_per_class"], i["train"])
+
+
+def profile_counts(profile: Profile, num_classes: int, max_per_class: int, imbalance_ratio: float) -> list[int]:
+    """Per-class train counts of a named profile (see the module docstring).
+
+    ``inat2018`` with 8,142 classes, 1,000 per head class and ratio 500 is iNat-2018's 437,513 images.
+
+    Raises:
+        ValueError: an unknown profile.
+    """
+    if profile == "exponential":
+        return longtail_counts(num_classes, max_per_class, imbalance_ratio)
+    if profile == "inat2018":
+        return stretched_counts(num_classes, max_per_class, imbalance_ratio, inat2018_shape())
+    raise ValueError(f"unknown long-tail profile {profile!r}; expected one of {PROFILES}")
 
 
 def carve_pool(labels: np.ndarray, num_classes: int, train_counts: list[int], val_per_class: int,

@@ -1,8 +1,8 @@
 """Reading shards: the manifest, random access (:class:`ShardImages`), streaming, and transforms.
 
-Random access scans each shard's tar headers once into an index; with ``in_memory`` the encoded image
-bytes are kept in RAM (32 px PNGs: ~3 KB each), otherwise each access seeks into the shard file. Images
-are decoded on access, so a DataLoader's workers share the decoding.
+Random access scans each shard's tar headers once into an index of numpy arrays; with ``in_memory`` the
+encoded image bytes are kept in RAM (32 px PNGs: ~3 KB each), otherwise each access reads the image from
+its shard file (``os.pread``). Images are decoded on access, so a DataLoader's workers share the decoding.
 
 Nothing read from disk is trusted. Every reader checks each shard against the manifest *before any of its
 samples is used*: the sha256 of the shard's bytes, its sample count, and that the per-shard counts add up
@@ -22,7 +22,7 @@ import mmap
 import os
 import re
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +31,9 @@ from PIL import Image
 
 from lpt.data.layout import MANIFEST_FILE
 
-__all__ = ["ShardError", "load_manifest", "split_records", "shard_paths", "verify_shard", "verify_split",
+__all__ = ["ShardError", "load_manifest", "group_counts", "split_records", "shard_paths", "verify_shard", "verify_split",
            "decode_image", "parse_shard", "iter_shard_samples", "ShardImages", "build_transform",
-           "TransformedDataset", "stream_loader"]
+           "TransformedDataset", "stream_samples", "stream_loader"]
 
 IMAGE_EXTS = ("png", "jpg", "jpeg")
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -93,6 +93,23 @@ def _check_manifest(manifest: Any, path: Path) -> None:
             raise ShardError(f"{where}: count and num_classes must be integers")
         if not isinstance(info.get("shards"), list):
             raise ShardError(f"{where}.shards must be a list")
+
+
+def group_counts(manifest: dict, where: str | Path = MANIFEST_FILE) -> list[int]:
+    """Per-class counts that define the A-GCL cloud size and the many/medium/few groups.
+
+    ``full_train_counts`` (the source's train counts before a val carve; equal to ``train_counts`` when val
+    was not carved out of train), or ``train_counts`` for a manifest written before that key existed.
+
+    Raises:
+        ShardError: the counts are not ``num_classes`` non-negative integers.
+    """
+    key = "full_train_counts" if "full_train_counts" in manifest else "train_counts"
+    counts = manifest.get(key)
+    if not isinstance(counts, list) or len(counts) != manifest["num_classes"] or not all(_is_int(c) for c in counts):
+        raise ShardError(f"{where}: {key} must be a list of num_classes ({manifest['num_classes']}) non-negative "
+                         "integers; run `lpt ingest` again")
+    return [int(c) for c in counts]
 
 
 def split_records(manifest: dict, split: str, where: str | Path = MANIFEST_FILE) -> list[dict]:
@@ -296,6 +313,28 @@ def _label(parts: dict, num_classes: int, where: str) -> int:
     return label
 
 
+class SampleKeys(Sequence[str]):
+    """Sample keys held as one numpy bytes array (a few bytes a key, no Python string each); a read-only
+    sequence of ``str``."""
+
+    def __init__(self, raw: np.ndarray) -> None:
+        self.raw = raw
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [k.decode("utf-8", "replace") for k in self.raw[index]]
+        return self.raw[index].decode("utf-8", "replace")
+
+    def index(self, key: str, start: int = 0, stop: int | None = None) -> int:  # type: ignore[override]
+        hits = np.flatnonzero(self.raw[start:stop] == key.encode("utf-8"))
+        if not len(hits):
+            raise ValueError(f"{key!r} is not a sample key of this split")
+        return int(hits[0]) + start
+
+
 class ShardImages:
     """Random access over one split: ``ds[i] -> (PIL RGB image, label)``.
 
@@ -303,14 +342,22 @@ class ShardImages:
     total, every ``.cls`` a class index) before the dataset can be used; a broken image is found when it
     is decoded.
 
+    The index is a handful of numpy arrays (shard, offset and size of each image, label, key), about 40
+    bytes a sample whatever the split's size: no Python object per sample. With ``in_memory`` the encoded
+    images are kept in RAM (small datasets); otherwise each access reads the image's bytes from its shard
+    with ``os.pread`` (one system call, served by the page cache): nothing of the split is mapped into the
+    process, so its resident memory does not grow with the samples it has read (a memory map would count
+    every page touched in the process's RSS).
+
     Args:
         shards_dir: folder with ``manifest.json`` and one sub-folder per split.
-        split: ``train``, ``val`` or ``test``.
-        in_memory: keep the encoded bytes in RAM (else seek into the shard files on each access).
+        split: ``train``, ``val``, or ``test``.
+        in_memory: keep the encoded bytes in RAM (else read them from the shard files on each access).
 
     Attributes:
         labels: int64 labels, aligned with indices.
-        keys: sample keys, aligned with indices.
+        keys: sample keys (:class:`SampleKeys`: a sequence of str over one numpy bytes array), aligned
+            with indices.
         num_classes: classes of this split per the manifest.
 
     Raises:
@@ -325,48 +372,65 @@ class ShardImages:
         records = split_records(manifest, split)
         self.num_classes = int(manifest["splits"][split]["num_classes"])
         self.class_names = manifest["splits"][split].get("class_names", manifest["class_names"])
-        self.keys: list[str] = []
-        self._data: list[bytes] = []
-        self._loc: list[tuple[int, int, int]] = []  # (shard index, offset, size)
-        labels, shard_of = [], []
+        self._data: list[bytes] = []  # in_memory only
+        labels, keys, shard_of, offsets, sizes = [], [], [], [], []  # one small array per shard
         for shard_idx, (path, record) in enumerate(zip(self.paths, records)):
-            for key, parts in _read_checked(path, record, split, image_bytes=in_memory):
+            samples = _read_checked(path, record, split, image_bytes=in_memory)
+            lab = np.empty(len(samples), np.int64)
+            off = np.zeros(len(samples), np.int64)
+            size = np.zeros(len(samples), np.int64)
+            for j, (key, parts) in enumerate(samples):
                 where = f"{path}: sample {key} (split {split})"
                 ext = _image_ext(parts, where)
-                labels.append(_label(parts, self.num_classes, where))
-                shard_of.append(shard_idx)
-                self.keys.append(key)
+                lab[j] = _label(parts, self.num_classes, where)
                 if in_memory:
                     self._data.append(parts[ext])
                 else:
-                    self._loc.append((shard_idx, *parts[ext]))
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self._shard_of = np.asarray(shard_of, dtype=np.int32)
-        self._files: dict[int, Any] = {}
+                    off[j], size[j] = parts[ext]
+            labels.append(lab)
+            keys.append(np.array([key.encode("utf-8") for key, _ in samples], dtype=np.bytes_))
+            shard_of.append(np.full(len(samples), shard_idx, np.int32))
+            offsets.append(off)
+            sizes.append(size)
+        self.labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+        self.keys = SampleKeys(np.concatenate(keys) if keys else np.zeros(0, dtype="S1"))
+        self._shard_of = np.concatenate(shard_of) if shard_of else np.zeros(0, np.int32)
+        self._offset = np.concatenate(offsets) if offsets else np.zeros(0, np.int64)
+        self._size = np.concatenate(sizes) if sizes else np.zeros(0, np.int64)
+        self._files: dict[int, int] = {}  # shard index -> file descriptor (this process's)
         self._pid = os.getpid()
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def key(self, index: int) -> str:
+        """The key of sample ``index``."""
+        return self.keys[index]
+
     def _read_at(self, shard_idx: int, offset: int, size: int) -> bytes:
-        if self._pid != os.getpid():  # forked DataLoader worker: open its own maps
+        if self._pid != os.getpid():  # forked DataLoader worker: open its own descriptors
             self._files, self._pid = {}, os.getpid()
-        view = self._files.get(shard_idx)
-        if view is None:
-            with open(self.paths[shard_idx], "rb") as fh:
-                view = self._files[shard_idx] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        return view[offset: offset + size]
+        fd = self._files.get(shard_idx)
+        if fd is None:
+            fd = self._files[shard_idx] = os.open(self.paths[shard_idx], os.O_RDONLY)
+        data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise ShardError(f"{self.paths[shard_idx]}: sample at byte {offset} is cut short (the shard changed "
+                             f"after it was verified; run `lpt ingest` again)")
+        return data
 
     def image_bytes(self, index: int) -> bytes:
         """The encoded image of sample ``index``."""
-        return self._data[index] if self.in_memory else self._read_at(*self._loc[index])
+        if self.in_memory:
+            return self._data[index]
+        return self._read_at(int(self._shard_of[index]), int(self._offset[index]), int(self._size[index]))
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         try:
             image = decode_image(self.image_bytes(index))
         except DECODE_ERRORS as err:
             path = self.paths[int(self._shard_of[index])]
-            raise ShardError(f"{path}: sample {self.keys[index]} (split {self.split}): image does not decode "
+            raise ShardError(f"{path}: sample {self.key(index)} (split {self.split}): image does not decode "
                              f"({type(err).__name__}: {err})") from None
         return image, int(self.labels[index])
 
@@ -376,10 +440,17 @@ class ShardImages:
         return state
 
     def close(self) -> None:
-        """Unmap shard files (only used when not in memory)."""
-        for fh in self._files.values():
-            fh.close()
+        """Close the shard files (only opened when not in memory)."""
+        if self._pid == os.getpid():
+            for fd in self._files.values():
+                os.close(fd)
         self._files = {}
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: nothing left to do
+            pass
 
 
 def build_transform(cfg, train: bool) -> Callable[[Image.Image], "torch.Tensor"]:  # noqa: F821
@@ -433,13 +504,35 @@ class TransformedDataset:
         return self.base.labels
 
 
+def stream_samples(shards_dir: str | Path, split: str, shuffle_buffer: int = 1000, seed: int = 0):
+    """A WebDataset pipeline of the raw samples of ``split`` (dicts with ``__key__``, ``cls``, the image).
+
+    Shards are split across DDP ranks (``split_by_node``: rank ``r`` of ``W`` takes shards ``r, r + W, ...``)
+    and then across DataLoader workers (``split_by_worker``), so over all ranks and workers every sample
+    comes exactly once per pass (tests/test_scale.py checks it with two processes as two nodes). With
+    ``shuffle_buffer > 0`` shard order and samples are shuffled (seeded). Every shard is checked against the
+    manifest before any sample is read.
+
+    Args:
+        shards_dir: folder with the manifest.
+        split: split to stream.
+        shuffle_buffer: sample shuffle buffer; 0 streams in shard order.
+        seed: shuffle seed.
+    """
+    import webdataset as wds
+
+    manifest = load_manifest(shards_dir)
+    urls = [str(p) for p in verify_split(shards_dir, split, manifest)]  # every shard, before any sample
+    shuffle = shuffle_buffer > 0
+    return (wds.WebDataset(urls, shardshuffle=len(urls) if shuffle else False, seed=seed, detshuffle=shuffle,
+                           nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker, empty_check=False)
+            .shuffle(shuffle_buffer, seed=seed))
+
+
 def stream_loader(shards_dir: str | Path, split: str, transform: Callable, batch_size: int,
                   shuffle_buffer: int = 1000, num_workers: int = 0, seed: int = 0):
-    """A WebDataset streaming loader yielding ``(images [B, C, H, W], labels [B])`` batches.
-
-    Shards are split across DDP ranks (``split_by_node``) and then across DataLoader workers
-    (``split_by_worker``); with ``shuffle_buffer > 0`` shard order and samples are shuffled (seeded).
-    The last partial batch is kept.
+    """A WebDataset streaming loader yielding ``(images [B, C, H, W], labels [B])`` batches of
+    :func:`stream_samples` (split across ranks and workers). The last partial batch is kept.
 
     Args:
         shards_dir: folder with the manifest.
@@ -452,16 +545,10 @@ def stream_loader(shards_dir: str | Path, split: str, transform: Callable, batch
     """
     import webdataset as wds
 
-    manifest = load_manifest(shards_dir)
-    urls = [str(p) for p in verify_split(shards_dir, split, manifest)]  # every shard, before any sample
-    shuffle = shuffle_buffer > 0
-    dataset = (
-        wds.WebDataset(urls, shardshuffle=len(urls) if shuffle else False, seed=seed, detshuffle=shuffle,
-                       nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker, empty_check=False)
-        .shuffle(shuffle_buffer, seed=seed)
-        .map(_StreamSample(transform, split, int(manifest["splits"][split]["num_classes"])))
-        .batched(batch_size, partial=True)
-    )
+    num_classes = int(load_manifest(shards_dir)["splits"][split]["num_classes"])
+    dataset = (stream_samples(shards_dir, split, shuffle_buffer, seed)
+               .map(_StreamSample(transform, split, num_classes))
+               .batched(batch_size, partial=True))
     return wds.WebLoader(dataset, batch_size=None, num_workers=num_workers)
 
 

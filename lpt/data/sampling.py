@@ -62,6 +62,17 @@ class _ResumableSampler:
             yield index
         self._offset = 0  # a full pass: iterating again replays this epoch unless set_epoch moves on
 
+    def take(self, count: int) -> np.ndarray:
+        """The next ``count`` indices of this rank's epoch (fewer at its end) as one int64 array.
+
+        The same indices, and the same state afterwards, as taking ``count`` items from ``iter(self)``,
+        without a Python int per index (an epoch at iNat scale is 437k of them per stream).
+        """
+        indices = self._rank_indices()
+        out = indices[self._offset: self._offset + count].astype(np.int64, copy=False)
+        self._offset += len(out)
+        return out
+
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch's sequence; a new epoch starts from its beginning (same epoch: keeps the offset)."""
         if epoch != self.epoch:
@@ -112,7 +123,11 @@ class ClassAwareSampler(_ResumableSampler):
         assert labels.ndim == 1 and len(labels) > 0, "labels must be a non-empty 1-D array"
         assert samples_per_class >= 1, "samples_per_class must be >= 1"
         self.samples_per_class = samples_per_class
-        self.class_indices = [np.where(labels == c)[0] for c in np.unique(labels)]
+        # each class's indices in ascending order (what np.where per class gives) from one stable sort:
+        # O(N log N) instead of O(N x C), which at 8,142 classes is seconds per sampler
+        order = np.argsort(labels, kind="stable")
+        bounds = np.flatnonzero(np.diff(labels[order])) + 1
+        self.class_indices = np.split(order, bounds)
         super().__init__(num_samples or len(labels), seed, rank, world_size, group=samples_per_class)
 
     def _global_indices(self, rng: np.random.Generator, total: int) -> np.ndarray:

@@ -18,9 +18,12 @@ import io
 import json
 import multiprocessing as mp
 import os
-from collections.abc import Iterable, Iterator
+from array import array
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from PIL import Image
@@ -30,10 +33,20 @@ from lpt.data.layout import shard_name
 from lpt.data.sources.base import BadItems, Item, Payload
 from lpt.utils import sha256_file
 
-__all__ = ["Encoded", "encode_payload", "SplitWriteResult", "write_split", "encoded_stream"]
+__all__ = ["Encoded", "encode_payload", "SplitWriteResult", "write_split", "encoded_items", "encoded_stream"]
 
 KEEP_FORMATS = {"PNG": "png", "JPEG": "jpg"}
 POOL_MIN_ITEMS = 2000  # below this a process pool costs more than it saves
+WINDOW_PER_WORKER = 512  # items handed to the pool at once, per worker
+WINDOWS_IN_FLIGHT = 3  # windows submitted and not yet written: bounds ingest memory, keeps workers busy
+
+
+class SizedItems(Protocol):
+    """A split as sources hand it over: a list, or anything with ``len()`` that yields items in order."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[Item]: ...
 
 
 @dataclass
@@ -124,23 +137,62 @@ def encode_payload(payload: Payload) -> Encoded:
         return Encoded(error=f"not a readable image ({type(err).__name__}: {err})")
 
 
-def encoded_stream(items: list[Item], workers: int) -> Iterator[Encoded]:
-    """Encode items in order, with a process pool when there are enough of them."""
-    payloads = (item.payload for item in items)
+def encoded_items(items: SizedItems, workers: int) -> Iterator[tuple[Item, Encoded]]:
+    """``(item, encoded)`` in order, from one pass over ``items``; a process pool encodes when there are
+    enough of them.
+
+    Memory stays bounded whatever the split's size: items are handed to the pool in windows of
+    ``WINDOW_PER_WORKER * workers``, and at most ``WINDOWS_IN_FLIGHT`` windows are submitted and not yet
+    consumed (``Pool.imap`` would instead read the whole input ahead of the workers). While the workers
+    encode, this process produces the next window (for the synthetic source: renders it).
+
+    Args:
+        items: a split (a list or any sized iterable of :class:`Item`, e.g. a lazily rendered split).
+        workers: encoding processes; 1 encodes here.
+    """
     if workers <= 1 or len(items) < POOL_MIN_ITEMS:
-        yield from map(encode_payload, payloads)
+        for item in items:
+            yield item, encode_payload(item.payload)
         return
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+    window = WINDOW_PER_WORKER * workers
     with ctx.Pool(workers) as pool:
-        yield from pool.imap(encode_payload, payloads, chunksize=128)
+        pending: deque = deque()
+        for chunk in _windows(items, window):
+            pending.append((chunk, pool.map_async(encode_payload, [item.payload for item in chunk],
+                                                  chunksize=max(1, window // (4 * workers)))))
+            if len(pending) >= WINDOWS_IN_FLIGHT:
+                done, result = pending.popleft()
+                yield from zip(done, result.get())
+        while pending:
+            done, result = pending.popleft()
+            yield from zip(done, result.get())
+
+
+def _windows(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
+    chunk: list[Item] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def encoded_stream(items: SizedItems, workers: int) -> Iterator[Encoded]:
+    """Encode items in order (:func:`encoded_items` without the items)."""
+    for _, encoded in encoded_items(items, workers):
+        yield encoded
 
 
 @dataclass
 class SplitWriteResult:
-    """What was written for one split (feeds the manifest)."""
+    """What was written for one split (feeds the manifest). ``labels`` is a compact int64 array
+    (``array('q')``, 8 bytes a sample, not a Python int object each)."""
 
     shards: list[dict] = field(default_factory=list)
-    labels: list[int] = field(default_factory=list)
+    labels: Sequence[int] = field(default_factory=lambda: array("q"))
 
     @property
     def count(self) -> int:
@@ -232,25 +284,27 @@ class _ShardSink:
             self._writer = None
 
 
-def write_split(folder: Path, split: str, items: list[Item], encoded: Iterable[Encoded], bad: BadItems,
-                maxcount: int) -> SplitWriteResult:
+def write_split(folder: Path, split: str, items: Iterable[Item], encoded: Iterable[Encoded], bad: BadItems,
+                maxcount: int, total: int | None = None) -> SplitWriteResult:
     """Write one split's encoded items to shards; unreadable items go through ``bad`` (raise or skip).
 
     Args:
         folder: the split's folder (created).
         split: split name (shard and key prefix).
-        items: the split's items, in the order they are written.
+        items: the split's items, in the order they are written (iterated once, in step with ``encoded``).
         encoded: ``encode_payload`` results aligned with ``items``.
         bad: bad-item policy.
         maxcount: samples per shard at most.
+        total: number of items, for the progress bar (default ``len(items)``).
 
     Returns:
         Shard records (name, sha256, count) and the labels written, in order.
     """
     folder.mkdir(parents=True, exist_ok=True)
     sink, result = _ShardSink(folder, split, maxcount), SplitWriteResult()
+    total = len(items) if total is None else total  # type: ignore[arg-type]
     try:
-        for item, enc in tqdm(zip(items, encoded), total=len(items), desc=f"ingest {split}", unit="img",
+        for item, enc in tqdm(zip(items, encoded), total=total, desc=f"ingest {split}", unit="img",
                               leave=False, mininterval=1.0, disable=None):
             if enc.error is not None:
                 bad(item.source_id, enc.error)

@@ -1,10 +1,15 @@
 """``lpt validate``: Great Expectations checks over tables of the shards.
 
-Tables are built from the shards (never from the source): one row per image (key, split, shard, label,
-width, height, channels, bytes, decodes_ok, meta_ok, pixel_range, content hash, shared_with_train), one
-row per (split, class) with observed and manifest counts, one row per shard with its actual and manifest
-sha256 and sample count, and one row per split with its image count. Each table is a dataframe asset of an
-ephemeral GX context, validated whole with ``batch.validate(suite)``. Results go to
+Tables are built from the shards (never from the source): one row per image (key id, split, label,
+width, height, channels, bytes, decodes_ok, meta_ok, pixel_range, shared_with_train), one row per (split,
+class) with observed and manifest counts, one row per shard with its actual and manifest sha256 and sample
+count, and one row per split with its image count. Each table is a dataframe asset of an ephemeral GX
+context, validated whole with ``batch.validate(suite)``.
+
+The image table scales with the dataset (iNat: ~490k rows): it is columnar from the start (numpy arrays
+filled shard by shard, then numeric/categorical pandas columns, ~70 bytes an image), never a dict or a
+string per image; keys and pixel hashes stay in numpy bytes arrays, and a failing row is named from them
+only when it is reported. ``validate.workers`` processes read and decode shards in parallel. Results go to
 ``validate.report_dir``: ``report.md`` for people and ``summary.json`` (a flat list of ``{expectation,
 column, success, unexpected_count, details}``) for tools.
 
@@ -21,6 +26,7 @@ import hashlib
 import io
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,8 +40,8 @@ from lpt.data.reader import (DECODE_ERRORS, IMAGE_EXTS, MANIFEST_FILE, ShardErro
                              split_records)
 from lpt.utils import atomic_path, sha256_file, write_json_atomic
 
-__all__ = ["ValidationResult", "run_validation", "read_shards", "image_table", "class_table", "shard_table",
-           "split_table"]
+__all__ = ["ValidationResult", "run_validation", "read_shards", "image_table", "image_where", "class_table",
+           "shard_table", "split_table", "split_counts", "IMAGE_COLUMNS"]
 
 TARGET_SPLITS = ("train", "val", "test")
 EXAMPLES = 5
@@ -54,69 +60,135 @@ class ValidationResult:
 
 
 # ------------------------------------------------------------------------------------------ tables
+IMAGE_COLUMNS = ("split", "shard", "key", "label", "width", "height", "channels", "bytes", "decodes_ok", "meta_ok",
+                 "pixel_range", "digest")
+"""The per-image columns :func:`read_shards` computes: numpy arrays, one entry per image (``split`` and
+``shard`` are indices into the split and shard names, ``key`` a bytes array, ``digest`` the sha256 of the
+decoded RGB pixels as 32 bytes, zero for an image that does not decode)."""
+
+
 def _class_name(manifest: dict, split: str, label: int) -> str:
     names = manifest["splits"][split].get("class_names", manifest["class_names"]) if split in manifest["splits"] \
         else manifest["class_names"]
     return repr(names[label]) if 0 <= label < len(names) else "(no such class)"
 
 
-def _image_row(key: str, split: str, shard: str, parts: dict[str, bytes]) -> dict[str, Any]:
+def _image_values(parts: dict[str, bytes]) -> tuple:
+    """One image's column values (without split/shard/key): label, width, height, channels, bytes,
+    decodes_ok, meta_ok, pixel_range, digest."""
     ext = next((e for e in IMAGE_EXTS if e in parts), None)
     data = parts.get(ext, b"") if ext else b""
-    row = {"key": key, "split": split, "shard": shard, "label": -1, "width": 0, "height": 0, "channels": 0,
-           "bytes": len(data), "decodes_ok": False, "meta_ok": False, "pixel_range": -1,
-           "content_hash": f"undecodable:{split}:{key}"}
+    label, meta_ok, width, height, channels, decodes_ok, pixel_range, digest = -1, False, 0, 0, 0, False, -1, bytes(32)
     try:
-        row["label"] = int(parts["cls"])
-        row["meta_ok"] = json.loads(parts["json"])["label"] == row["label"]
+        label = int(parts["cls"])
+        meta_ok = json.loads(parts["json"])["label"] == label
     except (KeyError, ValueError, TypeError):
         pass
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            row.update(width=im.width, height=im.height, channels=len(im.getbands()), decodes_ok=True)
+            width, height, channels, decodes_ok = im.width, im.height, len(im.getbands()), True
             pixels = im.convert("RGB").tobytes()
         rgb = np.frombuffer(pixels, dtype=np.uint8).reshape(-1, 3)
-        row["pixel_range"] = int((rgb.max(axis=0) - rgb.min(axis=0)).max()) if len(rgb) else 0
-        row["content_hash"] = hashlib.sha256(pixels).hexdigest()
+        pixel_range = int((rgb.max(axis=0) - rgb.min(axis=0)).max()) if len(rgb) else 0
+        digest = hashlib.sha256(pixels).digest()
     except DECODE_ERRORS:
         pass
-    return row
+    return label, width, height, channels, len(data), decodes_ok, meta_ok, pixel_range, digest
 
 
-def read_shards(shards_dir: Path, manifest: dict) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Read every listed shard once and verify it; return ``(shard rows, image rows)``.
+def _shard_task(task: tuple[Path, dict]) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
+    """Read one listed shard once: its row (actual vs manifest sha256 and count) and, when it matches the
+    manifest, its images' columns (arrays of this shard only). Runs in a worker process."""
+    path, row = task
+    columns = None
+    if path.is_file():
+        row["sha256"], samples = _read_unverified(path)
+        row["count"] = len(samples) if samples is not None else -1
+        row["verified"] = row["sha256"] == row["manifest_sha256"] and row["count"] == row["manifest_count"]
+        if row["verified"]:
+            values = [_image_values(parts) for _, parts in samples]
+            n = len(values)
+            columns = {
+                "key": np.array([key.encode("utf-8") for key, _ in samples], dtype=np.bytes_) if n else
+                np.zeros(0, "S1"),
+                "label": np.fromiter((v[0] for v in values), np.int64, n),
+                "width": np.fromiter((v[1] for v in values), np.int32, n),
+                "height": np.fromiter((v[2] for v in values), np.int32, n),
+                "channels": np.fromiter((v[3] for v in values), np.int8, n),
+                "bytes": np.fromiter((v[4] for v in values), np.int64, n),
+                "decodes_ok": np.fromiter((v[5] for v in values), bool, n),
+                "meta_ok": np.fromiter((v[6] for v in values), bool, n),
+                "pixel_range": np.fromiter((v[7] for v in values), np.int16, n),
+                "digest": np.array([v[8] for v in values], dtype="S32") if n else np.zeros(0, "S32"),
+            }
+    return row, columns
+
+
+def read_shards(shards_dir: Path, manifest: dict, workers: int = 1) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Read every listed shard once and verify it; return ``(shard rows, image columns)``.
 
     A shard row holds the actual and manifest sha256 and sample count (``missing``/``unreadable`` when the
-    file cannot be read); only shards whose sha256 and count match the manifest contribute image rows.
-    Shard files present on disk but not listed get a row with ``manifest_sha256`` ``unlisted``.
+    file cannot be read); only shards whose sha256 and count match the manifest contribute images. Shard
+    files present on disk but not listed get a row with ``manifest_sha256`` ``unlisted``.
+
+    The image table is columnar (:data:`IMAGE_COLUMNS`: numpy arrays, about 70 bytes an image, no Python
+    object per image), built shard by shard, so memory follows the image count only through those arrays;
+    ``workers`` processes read and decode shards in parallel (results in manifest order either way).
+
+    Returns:
+        The shard rows, and ``{"splits": [names], "shards": [split/name], **IMAGE_COLUMNS arrays}``.
 
     Raises:
         ShardError: a malformed shard record in the manifest.
     """
-    shard_rows, image_rows = [], []
+    tasks, unlisted = [], []
     for split in manifest["splits"]:
         records = split_records(manifest, split, shards_dir / MANIFEST_FILE)
         listed = set()
         for record in records:
             path = shards_dir / split / record["name"]
             listed.add(path.name)
-            row = {"shard": f"{split}/{record['name']}", "sha256": "missing", "manifest_sha256": record["sha256"],
-                   "count": -1, "manifest_count": record["count"], "verified": False}
-            if path.is_file():
-                row["sha256"], samples = _read_unverified(path)
-                row["count"] = len(samples) if samples is not None else -1
-                row["verified"] = row["sha256"] == record["sha256"] and row["count"] == record["count"]
-                if row["verified"]:
-                    image_rows += [_image_row(k, split, row["shard"], parts) for k, parts in
-                                   tqdm(samples, desc=f"validate {path.name}", leave=False, disable=None,
-                                        mininterval=1.0)]
-            shard_rows.append(row)
+            tasks.append((path, {"shard": f"{split}/{record['name']}", "sha256": "missing",
+                                 "manifest_sha256": record["sha256"], "count": -1, "manifest_count": record["count"],
+                                 "verified": False}))
         for path in sorted((shards_dir / split).glob("*.tar")):
             if path.name not in listed:
-                shard_rows.append({"shard": f"{split}/{path.name}", "sha256": sha256_file(path),
-                                   "manifest_sha256": "unlisted", "count": -1, "manifest_count": -1, "verified": False})
-    return shard_rows, image_rows
+                unlisted.append((len(tasks), {"shard": f"{split}/{path.name}", "sha256": sha256_file(path),
+                                              "manifest_sha256": "unlisted", "count": -1, "manifest_count": -1,
+                                              "verified": False}))
+    split_names = list(manifest["splits"])
+    shard_rows, parts = [], []
+    for i, (row, columns) in enumerate(tqdm(_map(_shard_task, tasks, workers), total=len(tasks), desc="validate",
+                                            leave=False, disable=None, mininterval=1.0, unit="shard")):
+        shard_rows.append(row)
+        if columns is not None:
+            n = len(columns["label"])
+            columns["split"] = np.full(n, split_names.index(row["shard"].split("/", 1)[0]), np.int8)
+            columns["shard"] = np.full(n, i, np.int32)
+            parts.append(columns)
+    for position, row in reversed(unlisted):  # after the listed shards of their split, as before
+        shard_rows.insert(position, row)
+    images: dict[str, Any] = {"splits": split_names, "shards": [row["shard"] for _, row in tasks]}
+    for name in IMAGE_COLUMNS:
+        if parts:
+            images[name] = np.concatenate([p[name] for p in parts])
+        else:  # nothing verified: empty columns of the right kinds
+            images[name] = np.zeros(0, {"key": "S1", "digest": "S32", "decodes_ok": bool, "meta_ok": bool,
+                                        "split": np.int8, "shard": np.int32}.get(name, np.int64))
+    return shard_rows, images
+
+
+def _map(fn, tasks: list, workers: int):
+    """``map`` in order, over a process pool when ``workers > 1`` and there is more than one task."""
+    if workers <= 1 or len(tasks) < 2:
+        yield from map(fn, tasks)
+        return
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+    with ctx.Pool(min(workers, len(tasks))) as pool:
+        yield from pool.imap(fn, tasks)  # one shard per task: a few MB in flight per worker
 
 
 def _read_unverified(path: Path) -> tuple[str, list | None]:
@@ -132,21 +204,44 @@ def _read_unverified(path: Path) -> tuple[str, list | None]:
     return hashlib.sha256(raw).hexdigest(), samples
 
 
-def image_table(shards_dir: Path, manifest: dict, image_rows: list[dict] | None = None):
-    """One row per image of the verified shards (see :func:`read_shards`)."""
+def image_table(images: dict[str, Any], params_check_overlap: bool = True):
+    """The GX image table: one row per image of the verified shards, numeric columns only.
+
+    ``key`` is replaced by ``key_id`` (equal ids = equal keys: the position of the key among the sorted
+    distinct keys), ``split`` is categorical, and ``shared_with_train`` marks a non-train image whose decoded
+    pixels equal a train image's (sha256). Rows are named on failure by :func:`image_where`, not by a
+    string column.
+    """
     import pandas as pd
 
-    rows = image_rows if image_rows is not None else read_shards(shards_dir, manifest)[1]
-    table = pd.DataFrame(rows, columns=["key", "split", "shard", "label", "width", "height", "channels", "bytes",
-                                        "decodes_ok", "meta_ok", "pixel_range", "content_hash"])
-    train_hashes = set(table.loc[table["split"] == "train", "content_hash"])
-    table["shared_with_train"] = (table["split"] != "train") & table["content_hash"].isin(train_hashes)
-    table["where"] = [f"{shard}:{key} (class {label} {_class_name(manifest, split, label)})"
-                      for shard, key, split, label in zip(table["shard"], table["key"], table["split"], table["label"])]
-    return table
+    n = len(images["label"])
+    _, key_id = np.unique(images["key"], return_inverse=True) if n else (None, np.zeros(0, np.int64))
+    split_codes = images["split"]
+    train_code = images["splits"].index("train") if "train" in images["splits"] else -1
+    shared = np.zeros(n, bool)
+    if params_check_overlap and n:
+        is_train = split_codes == train_code
+        ok = images["decodes_ok"]
+        train_digests = np.unique(images["digest"][is_train & ok])
+        shared = ~is_train & ok & np.isin(images["digest"], train_digests)
+    return pd.DataFrame({
+        "key_id": np.asarray(key_id, np.int64),
+        "split": pd.Categorical.from_codes(split_codes.astype(np.int64), categories=images["splits"]),
+        "label": images["label"], "width": images["width"], "height": images["height"],
+        "channels": images["channels"], "bytes": images["bytes"], "decodes_ok": images["decodes_ok"],
+        "meta_ok": images["meta_ok"], "pixel_range": images["pixel_range"], "shared_with_train": shared,
+    })
 
 
-def class_table(images, manifest: dict):
+def image_where(images: dict[str, Any], manifest: dict, index: int) -> str:
+    """``split/shard.tar:key (class 3 'name')`` for image row ``index``."""
+    split = images["splits"][int(images["split"][index])]
+    label = int(images["label"][index])
+    key = images["key"][index].decode("utf-8", "replace")
+    return f"{images['shards'][int(images['shard'][index])]}:{key} (class {label} {_class_name(manifest, split, label)})"
+
+
+def class_table(images: dict[str, Any], manifest: dict):
     """One row per (target split, class): observed count and, for train, the manifest count."""
     import pandas as pd
 
@@ -155,21 +250,22 @@ def class_table(images, manifest: dict):
     for split in TARGET_SPLITS:
         if split not in manifest["splits"]:
             continue
-        observed = images.loc[images["split"] == split, "label"].value_counts()
+        code = images["splits"].index(split)
+        labels = images["label"][(images["split"] == code) & (images["label"] >= 0) & (images["label"] < num_classes)]
+        observed = np.bincount(labels, minlength=num_classes)
         for c in range(num_classes):
-            expected = manifest["train_counts"][c] if split == "train" else int(observed.get(c, 0))
-            rows.append({"split": split, "label": c, "count": int(observed.get(c, 0)), "expected": int(expected),
+            expected = manifest["train_counts"][c] if split == "train" else int(observed[c])
+            rows.append({"split": split, "label": c, "count": int(observed[c]), "expected": int(expected),
                          "where": f"{split} class {c} {_class_name(manifest, split, c)}"})
     return pd.DataFrame(rows, columns=["split", "label", "count", "expected", "where"])
 
 
-def shard_table(shards_dir: Path, manifest: dict, images, shard_rows: list[dict] | None = None):
+def shard_table(shards_dir: Path, manifest: dict, shard_rows: list[dict]):
     """One row per shard listed in the manifest or present on disk: actual vs manifest sha256 and count."""
     import pandas as pd
 
-    rows = shard_rows if shard_rows is not None else read_shards(shards_dir, manifest)[0]
     out = []
-    for row in rows:
+    for row in shard_rows:
         split = row["shard"].split("/", 1)[0]
         note = "" if row["verified"] else " (not read: does not match the manifest)"
         if row["manifest_sha256"] == "unlisted":
@@ -179,17 +275,23 @@ def shard_table(shards_dir: Path, manifest: dict, images, shard_rows: list[dict]
                                       "where"])
 
 
-def split_table(images, shards, manifest: dict):
+def split_counts(images: dict[str, Any]) -> dict[str, int]:
+    """Images read from verified shards per split (splits with none left out), by split name."""
+    counts = np.bincount(images["split"].astype(np.int64), minlength=len(images["splits"]))
+    return {name: int(counts[i]) for i, name in sorted(enumerate(images["splits"]), key=lambda t: t[1]) if counts[i]}
+
+
+def split_table(images: dict[str, Any], shards, manifest: dict):
     """One row per split: images read from its verified shards vs the manifest's count."""
     import pandas as pd
 
-    observed = images["split"].value_counts()
+    observed = split_counts(images)
     rows = []
     for split, info in manifest["splits"].items():
         listed = shards[shards["shard"].str.startswith(f"{split}/") & (shards["manifest_sha256"] != "unlisted")]
         unread = int((~listed["verified"]).sum())
         note = f" ({unread} of {len(listed)} shard(s) not read: they do not match the manifest)" if unread else ""
-        rows.append({"split": split, "count": int(observed.get(split, 0)), "manifest_count": int(info["count"]),
+        rows.append({"split": split, "count": observed.get(split, 0), "manifest_count": int(info["count"]),
                      "where": f"split {split}{note}"})
     return pd.DataFrame(rows, columns=["split", "count", "manifest_count", "where"])
 
@@ -202,7 +304,7 @@ def _suites(params, manifest: dict) -> dict[str, list]:
     E = gx.expectations
     C = manifest["num_classes"]
     images = [
-        E.ExpectColumnValuesToBeUnique(column="key", description="sample keys are unique"),
+        E.ExpectColumnValuesToBeUnique(column="key_id", description="sample keys are unique"),
         E.ExpectColumnValuesToBeBetween(column="label", min_value=0, max_value=C - 1,
                                         description=f"labels within [0, {C})"),
         E.ExpectColumnValuesToBeInSet(column="decodes_ok", value_set=[True], description="every image decodes"),
@@ -257,7 +359,9 @@ def _stats_table(classes, manifest: dict):
     return pd.DataFrame([{"imbalance_ratio": ratio, "skipped": int(manifest.get("skipped", {}).get("count", 0))}])
 
 
-def _run_suites(tables: dict, suites: dict) -> list[dict[str, Any]]:
+def _run_suites(tables: dict, suites: dict, wheres: dict[str, Callable[[int], str]] | None = None) -> list[dict[str, Any]]:
+    """Validate each table with its suite; ``wheres`` names a failing row of a table without a ``where``
+    column (the image table: naming strings per image would be an object per image)."""
     import great_expectations as gx
 
     context = gx.get_context(mode="ephemeral")
@@ -274,17 +378,17 @@ def _run_suites(tables: dict, suites: dict) -> list[dict[str, Any]]:
             batch_parameters={"dataframe": tables[name]})
         result = batch.validate(gx.ExpectationSuite(name=f"lpt_{name}", expectations=expectations),
                                 result_format={"result_format": "SUMMARY", "partial_unexpected_count": EXAMPLES})
-        checks += [_check_row(name, r, tables[name]) for r in result.results]
+        checks += [_check_row(name, r, tables[name], (wheres or {}).get(name)) for r in result.results]
     return checks
 
 
-def _check_row(table: str, r, frame) -> dict[str, Any]:
+def _check_row(table: str, r, frame, where: Callable[[int], str] | None = None) -> dict[str, Any]:
     cfg = r.expectation_config
     res = r.result or {}
     column = cfg.kwargs.get("column") or f"{cfg.kwargs.get('column_A')}={cfg.kwargs.get('column_B')}"
     details = cfg.description or cfg.type
     if not r.success:
-        named = _unexpected_rows(res, frame, column)
+        named = _unexpected_rows(res, frame, column, where)
         if named:
             details += f"; {'e.g. ' if int(res.get('unexpected_count') or 0) > len(named) else ''}{'; '.join(named)}"
     if r.exception_info and r.exception_info.get("raised_exception"):
@@ -294,11 +398,14 @@ def _check_row(table: str, r, frame) -> dict[str, Any]:
             "unexpected_count": int(res.get("unexpected_count") or 0), "details": details, "warn_only": warn_only}
 
 
-def _unexpected_rows(res: dict, frame, column: str) -> list[str]:
-    """The failing rows named by their ``where`` column (shard file and key, split and class), with the
-    value that failed; tables without ``where`` (one-row stats) show the observed value."""
+def _unexpected_rows(res: dict, frame, column: str, where: Callable[[int], str] | None = None) -> list[str]:
+    """The failing rows named by ``where(index)`` or the table's ``where`` column (shard file and key, split
+    and class), with the value that failed; tables without either (one-row stats) show the observed value."""
     values = [_plain(v) for v in res.get("partial_unexpected_list") or []]
     indices = res.get("partial_unexpected_index_list") or []
+    if where is not None and indices:
+        return [f"{where(int(index))}{_value_text(column, values[i]) if i < len(values) else ''}"
+                for i, index in enumerate(indices[:EXAMPLES])]
     if "where" not in frame.columns or not indices:
         if "observed_value" in res:
             return [f"observed {_plain(res['observed_value'])}"]
@@ -355,18 +462,19 @@ def run_validation(params) -> ValidationResult:
     report_path, summary_path = report_dir / "report.md", report_dir / "summary.json"
     try:
         manifest = load_manifest(params.data.out_dir)
-        shard_rows, image_rows = read_shards(shards_dir, manifest)
+        shard_rows, columns = read_shards(shards_dir, manifest, params.validate_.workers)
     except (FileNotFoundError, ShardError) as err:
         return _write_outcome([], {"images": 0, "shards": 0, "classes": 0, "splits": {}}, [f"manifest: {err}"],
                               shards_dir, report_path, summary_path)
-    images = image_table(shards_dir, manifest, image_rows)
-    classes = class_table(images, manifest)
-    shards = shard_table(shards_dir, manifest, images, shard_rows)
-    tables = {"images": images, "classes": classes, "shards": shards, "splits": split_table(images, shards, manifest),
+    images = image_table(columns, params.validate_.check_test_overlap)
+    classes = class_table(columns, manifest)
+    shards = shard_table(shards_dir, manifest, shard_rows)
+    tables = {"images": images, "classes": classes, "shards": shards, "splits": split_table(columns, shards, manifest),
               "stats": _stats_table(classes, manifest)}
-    checks = _run_suites(tables, _suites(params, manifest))
+    checks = _run_suites(tables, _suites(params, manifest),
+                         {"images": lambda index: image_where(columns, manifest, index)})
     counts = {"images": len(images), "shards": len(tables["shards"]), "classes": manifest["num_classes"],
-              "splits": {k: int(v) for k, v in images["split"].value_counts().sort_index().items()}}
+              "splits": split_counts(columns)}
     failures = [f"{c['details']} ({c['table']}.{c['column']}: {c['unexpected_count']} unexpected)"
                 for c in checks if not c["success"] and not c["warn_only"]]
     return _write_outcome(checks, counts, failures, shards_dir, report_path, summary_path)

@@ -6,7 +6,6 @@ DataLoader workers, resumes and re-runs all see the same pixels.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +45,7 @@ def load_phase_data(params: Params, transforms: Any = None) -> PhaseData:
     Raises:
         TrainError: shards/manifest missing or no validation split.
     """
-    from lpt.data.reader import MANIFEST_FILE, ShardImages, build_transform, load_manifest
+    from lpt.data.reader import MANIFEST_FILE, ShardImages, build_transform, group_counts, load_manifest
 
     shards = Path(params.data.out_dir)
     manifest_path = shards / MANIFEST_FILE
@@ -61,7 +60,7 @@ def load_phase_data(params: Params, transforms: Any = None) -> PhaseData:
                      val=ShardImages(shards, "val", in_memory=in_memory),
                      train_transform=build_transform(transforms, train=True),
                      val_transform=build_transform(transforms, train=False),
-                     class_counts=[int(c) for c in manifest["train_counts"]],
+                     class_counts=group_counts(manifest, manifest_path),
                      num_classes=int(manifest["num_classes"]), manifest_sha=sha256_file(manifest_path))
 
 
@@ -91,8 +90,8 @@ def build_samplers(labels: np.ndarray, *, per_rank_epoch: int, seed: int, rank: 
     return samplers
 
 
-def epoch_indices(samplers: dict[str, Any], states: dict[str, Any], epoch: int, need: int) -> dict[str, list[int]]:
-    """This rank's index list per stream for ``epoch``.
+def epoch_indices(samplers: dict[str, Any], states: dict[str, Any], epoch: int, need: int) -> dict[str, np.ndarray]:
+    """This rank's index array per stream for ``epoch`` (int64: 8 bytes an index, not a Python int).
 
     ``states`` holds each sampler's state *before* ``set_epoch(epoch)``: recorded here at the epoch start on
     a fresh run (the dict is filled in place), restored from it on a resume, so both draw the same indices.
@@ -107,7 +106,7 @@ def epoch_indices(samplers: dict[str, Any], states: dict[str, Any], epoch: int, 
         else:
             states[name] = sampler.state_dict()
         sampler.set_epoch(epoch)
-        indices = [int(i) for i in itertools.islice(iter(sampler), need)]
+        indices = sampler.take(need)
         if len(indices) < need:
             raise TrainError(f"sampler {name!r} yielded {len(indices)} indices for epoch {epoch}, expected {need}")
         streams[name] = indices
@@ -119,7 +118,7 @@ def _sample_seeds(*key: int, count: int) -> np.ndarray:
     return np.random.SeedSequence([int(k) for k in key]).generate_state(count)
 
 
-def _load_batch(images: Any, transform: Callable[[Any], torch.Tensor], indices: list[int],
+def _load_batch(images: Any, transform: Callable[[Any], torch.Tensor], indices: np.ndarray,
                 seeds: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode + augment ``indices``, each image under its own seed; the global RNG is left untouched."""
     xs, ys = [], []
@@ -140,7 +139,7 @@ class EpochBatches(torch.utils.data.Dataset):
     """
 
     def __init__(self, images: Any, transform: Callable[[Any], torch.Tensor],
-                 streams: dict[str, list[int]], batch: int, key: tuple[int, ...]) -> None:
+                 streams: dict[str, np.ndarray], batch: int, key: tuple[int, ...]) -> None:
         self.images, self.transform, self.streams, self.batch, self.key = images, transform, streams, batch, key
 
     def __len__(self) -> int:

@@ -1,7 +1,8 @@
 """This process's place in a torchrun launch, and the few collectives training needs.
 
 Launching several processes is the pipeline layer's job (``python -m pipelines.launch --nproc N -- lpt
-train ...``, what dvc.yaml runs); the library only reads ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``.
+train ...``, what dvc.yaml runs; ``--nnodes``/``--node-rank`` across machines); the library only reads
+``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` / ``LOCAL_WORLD_SIZE``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1  # processes on this node (torchrun's --nproc_per_node); world_size over all nodes
 
     @property
     def is_main(self) -> bool:
@@ -33,9 +35,11 @@ class DistInfo:
 
 
 def dist_from_env() -> DistInfo:
-    """Read ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` as set by torchrun."""
-    return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                    int(os.environ.get("LOCAL_RANK", 0)))
+    """Read ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` / ``LOCAL_WORLD_SIZE`` as set by torchrun (on every
+    node of a multi-node launch; ``LOCAL_WORLD_SIZE`` defaults to ``WORLD_SIZE``, a single node)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    return DistInfo(int(os.environ.get("RANK", 0)), world, int(os.environ.get("LOCAL_RANK", 0)),
+                    int(os.environ.get("LOCAL_WORLD_SIZE", world)))
 
 
 def init_distributed(dist_info: DistInfo, device: str) -> str:

@@ -79,10 +79,11 @@ class _PhaseRun:
     # ------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
         tcfg = self.params.train
-        if tcfg.nproc != self.dist.world_size:
-            raise TrainError(f"train.nproc is {tcfg.nproc} but this process is one of {self.dist.world_size}: "
-                             f"launch it with `python -m pipelines.launch --nproc {tcfg.nproc} -- lpt train --phase "
-                             f"{self.phase}` (what `dvc repro` runs)")
+        # train.nproc is the processes per node; the node count is the launch's (pipelines.launch --nnodes)
+        if tcfg.nproc != self.dist.local_world_size or self.dist.world_size % tcfg.nproc:
+            raise TrainError(f"train.nproc is {tcfg.nproc} but this process is one of {self.dist.local_world_size} "
+                             f"on its node ({self.dist.world_size} in all): launch it with `python -m pipelines.launch "
+                             f"--nproc {tcfg.nproc} -- lpt train --phase {self.phase}` (what `dvc repro` runs)")
         if tcfg.threads > 0:
             torch.set_num_threads(tcfg.threads)
         self.device = D.init_distributed(self.dist, resolve_device(tcfg.device))
@@ -96,7 +97,11 @@ class _PhaseRun:
         # transforms left null in params come from the backbone (its input size, pretrained mean/std/crop)
         self.transforms = resolve_transforms(self.params.transforms, build_architecture(self.params.backbone))
         self.data = load_phase_data(self.params, self.transforms)
-        self.steps_per_epoch = steps_per_epoch(len(self.data.train), batch)
+        # the recipe's floor(N / B) + 1, or fewer (train.phaseN.max_steps_per_epoch: a bounded run); the
+        # warm-up, the cosine schedule and the IB weight w(e) all count these epochs
+        self.full_steps_per_epoch = steps_per_epoch(len(self.data.train), batch)
+        cap = self.cfg.max_steps_per_epoch
+        self.steps_per_epoch = self.full_steps_per_epoch if cap is None else min(cap, self.full_steps_per_epoch)
         total_steps = self.steps_per_epoch * self.cfg.epochs
         model = self._build_model().to(self.device)
         optimizer = build_optimizer(model, self.cfg)
@@ -324,11 +329,16 @@ class _PhaseRun:
                    "ib": "instance-balanced (IB)"}[self.plan.sampling]
         print(f"[train] method {self.plan.method}, phase {self.phase}: {len(self.data.train)} train / "
               f"{len(self.data.val)} val images, {self.data.num_classes} classes; {self.cfg.epochs} epochs x "
-              f"{self.steps_per_epoch} steps, global batch {self.cfg.batch_size} ({streams}), "
+              f"{self.steps_per_epoch} steps{self._cap_note()}, global batch {self.cfg.batch_size} ({streams}), "
               f"world size {self.dist.world_size}, grad accum {self.cfg.grad_accum}, device {self.device}, "
               f"amp {self.params.train.amp}, lr {scaled_lr(self.cfg.lr, self.cfg.batch_size):.4g}"
               f"{' (resumed)' if resumed else ''}; resume state: {self.scratch}", flush=True)
         print(format_parameter_report(self.model.parameter_report()), flush=True)
+
+    def _cap_note(self) -> str:
+        if self.steps_per_epoch == self.full_steps_per_epoch:
+            return ""
+        return f" (of {self.full_steps_per_epoch}: train.phase{self.phase}.max_steps_per_epoch)"
 
     def _publish(self) -> dict[str, Any]:
         """Write the best-validation model + curves into a temp folder that replaces ``phase{N}/`` whole,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -41,11 +42,17 @@ class SourceData:
         class_names: the C target class names, index = label.
         splits: ``train``/``val``/``test`` -> items.
         image_size: ``(H, W)`` when every image has that size, else None.
+        val_from_train: the val split was carved out of the source's train list (so each class trains on
+            fewer images than the source has): the manifest then keeps the uncarved counts too, and the
+            A-GCL cloud size and the many/medium/few groups come from those (docs/data.md).
+
+    A split is any sized iterable of items (a list, or a lazily rendered split); ingest iterates it once.
     """
 
     class_names: list[str]
-    splits: dict[str, list[Item]]
+    splits: dict[str, Sequence[Item]]
     image_size: tuple[int, int] | None = None
+    val_from_train: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -59,13 +59,16 @@ def load(cfg, seed: int, bad: BadItems) -> SourceData:
     train = scan_split(train_dir, class_names, bad, guard)
     val = scan_split(root / "val", class_names, bad, guard) if (root / "val").is_dir() else None
     test = scan_split(test_dir, class_names, bad, guard)
+    carved = False  # val held out of an (already long-tailed) train folder
     if cfg.imagefolder.longtail:
         labels = np.array([e.label for e in train], dtype=np.int64)
         counts = longtail_counts(len(class_names), cfg.max_per_class, cfg.imbalance_ratio)
         tr, va = carve_pool(labels, len(class_names), counts, 0 if val is not None else cfg.val_per_class, seed)
         train, val = [train[i] for i in tr], (val if val is not None else [train[i] for i in va])
     else:
+        carved = val is None
         train, val = train_val(train, val, len(class_names), cfg.val_per_class, seed)
     splits = {name: to_items(entries, seed, code) for code, (name, entries) in
               enumerate((("train", train), ("val", val), ("test", test)))}
-    return SourceData(class_names=class_names, splits=splits, image_size=None)
+    return SourceData(class_names=class_names, splits=splits, image_size=None,
+                      val_from_train=carved)

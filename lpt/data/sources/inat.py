@@ -164,4 +164,4 @@ def load(cfg, seed: int, bad: BadItems) -> SourceData:
         test = parse_json(ic.test_json, root, label_of, bad, guard)
     splits = {name: to_items(entries, seed, code) for code, (name, entries) in
               enumerate((("train", train), ("val", val), ("test", test)))}
-    return SourceData(class_names=names, splits=splits, image_size=None)
+    return SourceData(class_names=names, splits=splits, image_size=None, val_from_train=ic.test_json is None)

@@ -1,28 +1,36 @@
 """The embedded default: procedural 32x32 RGB images, generated deterministically, nothing to download.
 
 A class is a combination of a *shape* (10), a colour *palette* (8) and a *texture* (6): 480 possible
-classes in one fixed pseudo-random order (:func:`class_vocabulary`). The target classes of
-``data.source: synthetic`` are the first ``num_classes`` of that order; the pretrain stage's *source*
-classes (:func:`render_source_classes`) are the last ones, so the two never share a class whatever either
-count is (up to 480 together, checked by the params schema).
+classes. The target classes and the disjoint ``source`` classes (used to pretrain the backbone) are drawn
+from the same vocabulary in different combinations, so features learnt on the source classes transfer.
 Classes that share two of the three attributes differ only in the third, and every image gets a random
 pose (position, rotation, scale, aspect), colour jitter, a gradient background with clutter blobs drawn
 from the same palettes, and pixel noise, so the task is not trivial; ``difficulty`` scales the nuisance.
 
-Rendering is vectorised with numpy over chunks of images.
+More classes than the 480 combinations (the iNat stand-in has 8,142) are *hue variants* of the
+combinations: identity ``k`` is combination ``k mod 480`` with its palette's hues rotated by
+``1 + k // 480`` golden angles (:func:`class_identities`). Up to 480 classes, the targets are the plain
+combinations, the first ones of the vocabulary; the backbone's pretraining classes are the last plain
+ones (:func:`render_source_classes`), so with more than 480 targets, none is a plain combination and the
+two sets stay disjoint whatever ``pretrain.source_classes`` is.
+
+Rendering is vectorised with numpy over chunks of images. A split is rendered lazily, one chunk at a time
+as ingest iterates it (:class:`RenderedSplit`), so ingest's memory does not grow with the split's size;
+the images are the same as rendering the split at once (one generator per split, drawn in order).
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 
 import numpy as np
 
-from lpt.data.longtail import longtail_counts
+from lpt.data.longtail import profile_counts
 from lpt.data.sources.base import BadItems, IngestError, Item, SourceData
 
-__all__ = ["load", "class_vocabulary", "class_name", "render", "render_source_classes", "source_class_combos",
-           "SHAPES", "PALETTES", "TEXTURES", "VOCABULARY_SIZE"]
+__all__ = ["load", "class_vocabulary", "class_identities", "class_name", "render", "RenderedSplit",
+           "render_source_classes", "source_class_combos", "SHAPES", "PALETTES", "TEXTURES", "VOCABULARY_SIZE"]
 
 SHAPES = ("disk", "square", "triangle", "ring", "plus", "diamond", "star", "bar", "crescent", "pair")
 TEXTURES = ("solid", "stripes", "checker", "dots", "rings", "gradient")
@@ -41,6 +49,7 @@ _PAL = np.array(list(PALETTES.values()), dtype=np.float32)  # (P, 3 roles, 3 cha
 VOCAB_SEED = 20230501  # fixed: class identities do not change with params.seed
 VOCABULARY_SIZE = len(SHAPES) * len(PALETTES) * len(TEXTURES)
 CHUNK = 2048
+HUE_STEP = 137.50776405  # degrees, the golden angle: variant v rotates hues by v steps, never landing on an earlier one
 
 
 def class_vocabulary() -> list[tuple[int, int, int]]:
@@ -50,10 +59,24 @@ def class_vocabulary() -> list[tuple[int, int, int]]:
     return [combos[i] for i in order]
 
 
-def class_name(combo: tuple[int, int, int]) -> str:
-    """``shape-palette-texture``, e.g. ``star-ocean-checker``."""
-    s, p, t = combo
-    return f"{SHAPES[s]}-{list(PALETTES)[p]}-{TEXTURES[t]}"
+def class_identities(count: int) -> np.ndarray:
+    """The ``count`` target class identities: (shape, palette, texture, hue variant) rows, (count, 4) int.
+
+    Up to :data:`VOCABULARY_SIZE`, the first ``count`` combinations of the vocabulary, plain (variant 0).
+    More: every identity a hue variant (``k mod 480`` with variant ``1 + k // 480``), so identities never
+    repeat and none is a plain combination (the pretraining classes are plain ones).
+    """
+    vocab = np.asarray(class_vocabulary(), dtype=np.int64)
+    index = np.arange(count)
+    variant = index // len(vocab) + (1 if count > len(vocab) else 0)
+    return np.column_stack([vocab[index % len(vocab)], variant])
+
+
+def class_name(combo: tuple[int, ...]) -> str:
+    """``shape-palette-texture``, e.g. ``star-ocean-checker``; a hue variant adds ``-hue<v>``."""
+    s, p, t = combo[:3]
+    variant = int(combo[3]) if len(combo) > 3 else 0
+    return f"{SHAPES[s]}-{list(PALETTES)[p]}-{TEXTURES[t]}" + (f"-hue{variant}" if variant else "")
 
 
 # ------------------------------------------------------------------------------------------ shapes
@@ -105,7 +128,8 @@ def render(combos: np.ndarray, size: int, difficulty: float, rng: np.random.Gene
     """Render one image per row of ``combos``.
 
     Args:
-        combos: (N, 3) int array of (shape, palette, texture).
+        combos: (N, 3) int array of (shape, palette, texture), or (N, 4) with a hue variant
+            (:func:`class_identities`; variant 0 renders exactly as the 3-column form).
         size: image side in pixels.
         difficulty: nuisance scale; 0 renders every class at a canonical pose without noise.
         rng: source of all randomness (the images are a pure function of its state).
@@ -144,6 +168,8 @@ def render(combos: np.ndarray, size: int, difficulty: float, rng: np.random.Gene
     alpha = np.clip(0.5 + shape_f * (scale * size / 2.0)[:, None, None], 0.0, 1.0)[..., None]
 
     pal = _PAL[combos[:, 1]]  # (N, 3 roles, 3 ch)
+    if combos.shape[1] > 3:
+        pal = _rotate_hue(pal, combos[:, 3])  # draws nothing from rng: variant 0 images are unchanged
     pal = pal * np.exp(rng.normal(0, 0.12 * d, (n, 3, 3))).astype(np.float32)
     pal = np.clip(pal + rng.normal(0, 0.06 * d, (n, 1, 1)).astype(np.float32), 0.0, 1.0)
     fg = pal[:, None, None, 0] * (1 - tex[..., None]) + pal[:, None, None, 1] * tex[..., None]
@@ -151,6 +177,24 @@ def render(combos: np.ndarray, size: int, difficulty: float, rng: np.random.Gene
     img = bg * (1 - alpha) + fg * alpha
     img += rng.normal(0, 0.05 * d, img.shape).astype(np.float32)
     return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def _rotate_hue(pal: np.ndarray, variant: np.ndarray) -> np.ndarray:
+    """Rotate each colour of rows with ``variant > 0`` about the grey axis by ``variant * HUE_STEP`` degrees.
+
+    Rodrigues' rotation about (1, 1, 1) / sqrt(3) keeps a colour's grey level and saturation and turns its
+    hue; results are clipped to [0, 1].
+    """
+    out = pal.copy()
+    rows = np.where(variant > 0)[0]
+    if len(rows):
+        theta = np.deg2rad(variant[rows].astype(np.float64) * HUE_STEP)
+        c, s = np.cos(theta)[:, None, None], np.sin(theta)[:, None, None]
+        k = np.full(3, 1.0 / np.sqrt(3.0))
+        kx = np.array([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]])
+        rot = c * np.eye(3) + s * kx + (1.0 - c) * np.outer(k, k)  # (R, 3, 3)
+        out[rows] = np.clip(np.einsum("rij,rcj->rci", rot, pal[rows].astype(np.float64)), 0.0, 1.0)
+    return out.astype(np.float32)
 
 
 def _background(colour: np.ndarray, x: np.ndarray, y: np.ndarray, size: int, d: float,
@@ -170,14 +214,41 @@ def _background(colour: np.ndarray, x: np.ndarray, y: np.ndarray, size: int, d: 
 
 
 # ------------------------------------------------------------------------------------------ splits
-def _split_items(name: str, labels: np.ndarray, class_combos: np.ndarray, size: int, difficulty: float,
-                 rng: np.random.Generator) -> list[Item]:
-    items: list[Item] = []
-    for start in range(0, len(labels), CHUNK):
-        lab = labels[start: start + CHUNK]
-        images = render(class_combos[lab], size, difficulty, rng)
-        items.extend(Item(f"synthetic/{name}[{start + i}]", int(c), images[i]) for i, c in enumerate(lab))
-    return items
+class RenderedSplit:
+    """One split's items, rendered ``CHUNK`` images at a time while they are iterated.
+
+    Ingest holds one chunk (plus what its encoders have in flight) instead of the whole split. The
+    generator state at the start is kept, so every iteration renders the same images, in the same order,
+    as rendering the split in one go would.
+
+    Args:
+        name: split name (in each item's ``source_id``).
+        labels: the split's labels in item order.
+        class_combos: (C, 3 or 4) identity rows per label.
+        size: image side.
+        difficulty: nuisance scale.
+        rng: the split's generator, positioned where rendering starts (it is not advanced here).
+    """
+
+    def __init__(self, name: str, labels: np.ndarray, class_combos: np.ndarray, size: int, difficulty: float,
+                 rng: np.random.Generator) -> None:
+        self.name, self.labels, self.class_combos = name, labels, class_combos
+        self.size, self.difficulty = size, difficulty
+        self._state = rng.bit_generator.state  # a copy (a dict of ints)
+        self._bit_generator = type(rng.bit_generator)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __iter__(self) -> Iterator[Item]:
+        bit_generator = self._bit_generator()
+        bit_generator.state = self._state
+        rng = np.random.Generator(bit_generator)
+        for start in range(0, len(self.labels), CHUNK):
+            lab = self.labels[start: start + CHUNK]
+            images = render(self.class_combos[lab], self.size, self.difficulty, rng)  # (n, S, S, 3)
+            for i, c in enumerate(lab):
+                yield Item(f"synthetic/{self.name}[{start + i}]", int(c), images[i])
 
 
 def load(cfg, seed: int, bad: BadItems) -> SourceData:  # noqa: ARG001 - generated data is never bad
@@ -189,14 +260,14 @@ def load(cfg, seed: int, bad: BadItems) -> SourceData:  # noqa: ARG001 - generat
         bad: unused (generated images are always valid).
 
     Returns:
-        train (long-tailed), val and test (balanced) over the first ``synthetic.num_classes`` classes of
-        the vocabulary. (The backbone's pretraining classes are made by the pretrain stage itself:
-        :func:`render_source_classes`.)
+        train (long-tailed with ``synthetic.profile``), val and test (balanced) over
+        ``synthetic.num_classes`` classes (:func:`class_identities`), each split a :class:`RenderedSplit`
+        (rendered while ingest iterates it). (The backbone's pretraining classes are made by the pretrain
+        stage itself: :func:`render_source_classes`.)
     """
     syn = cfg.synthetic
-    vocab = class_vocabulary()
-    target = np.array(vocab[: syn.num_classes])
-    counts = longtail_counts(syn.num_classes, cfg.max_per_class, cfg.imbalance_ratio)
+    target = class_identities(syn.num_classes)  # (C, 4)
+    counts = profile_counts(syn.profile, syn.num_classes, cfg.max_per_class, cfg.imbalance_ratio)
     label_sets = {
         "train": np.repeat(np.arange(syn.num_classes), counts),
         "val": np.repeat(np.arange(syn.num_classes), cfg.val_per_class),
@@ -206,7 +277,7 @@ def load(cfg, seed: int, bad: BadItems) -> SourceData:  # noqa: ARG001 - generat
     for code, (name, labels) in enumerate(label_sets.items()):
         rng = np.random.default_rng([seed, code])
         labels = labels[rng.permutation(len(labels))]  # shards mix classes (streaming shuffles locally)
-        splits[name] = _split_items(name, labels, target, syn.image_size, syn.difficulty, rng)
+        splits[name] = RenderedSplit(name, labels, target, syn.image_size, syn.difficulty, rng)
     return SourceData(class_names=[class_name(tuple(c)) for c in target], splits=splits,
                       image_size=(syn.image_size, syn.image_size))
 
