@@ -29,6 +29,10 @@ def main(params_file: str, out: str) -> None:
 
     params = load_params(params_file)
     info = dist_from_env()
+    # the stream first: its DataLoader workers fork before gloo starts its threads (webdataset's
+    # split_by_node reads RANK / WORLD_SIZE from the environment torchrun set)
+    keys = list(wds.WebLoader(stream_samples(params.data.out_dir, "train", shuffle_buffer=16, seed=params.seed)
+                              .map(lambda sample: sample["__key__"]), batch_size=None, num_workers=2))
     init_distributed(info, "cpu")
     labels = ShardImages(Path(params.data.out_dir), "train").labels
     batch = params.train.phase2.batch_size
@@ -38,10 +42,8 @@ def main(params_file: str, out: str) -> None:
                               world_size=info.world_size, streams=("ib", "cb"),
                               samples_per_class=params.train.phase2.samples_per_class)
     streams = epoch_indices(samplers, {}, epoch=0, need=need)
-    keys = wds.WebLoader(stream_samples(params.data.out_dir, "train", shuffle_buffer=16, seed=params.seed)
-                         .map(lambda sample: sample["__key__"]), batch_size=None, num_workers=2)
     mine = {"rank": info.rank, "world_size": info.world_size, "local_world_size": info.local_world_size,
-            "ib": streams["ib"].tolist(), "cb": streams["cb"].tolist(), "keys": list(keys)}
+            "ib": streams["ib"].tolist(), "cb": streams["cb"].tolist(), "keys": keys}
     gathered = all_gather(info, mine)
     if info.is_main:
         Path(out).write_text(json.dumps({"num_samples": len(labels), "batch": batch, "ranks": gathered}))

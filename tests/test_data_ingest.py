@@ -133,7 +133,7 @@ def test_bad_item_mid_shard_leaves_no_partial_file(tmp_path: Path) -> None:
     good = np.zeros((8, 8, 3), np.uint8)
     items = [Item("ok0", 0, good), Item("ok1", 0, good), Item("broken", 0, b"not an image"), Item("ok3", 0, good)]
     with pytest.raises(IngestError, match="broken"):
-        write_split(tmp_path / "train", "train", items, map(encode_payload, (i.payload for i in items)),
+        write_split(tmp_path / "train", "train", ((i, encode_payload(i.payload)) for i in items),
                     BadItems(skip=False), maxcount=10)
     assert not list((tmp_path / "train").iterdir()), "the half-written shard must be removed"
 

@@ -280,7 +280,7 @@ def test_two_nodes_see_every_train_sample_exactly_once_per_epoch(tiny_shards: Pa
         assert f"--node_rank={node_rank}" in cmd and "--nnodes=2" in cmd and "--standalone" not in cmd
         return cmd[: cmd.index("-m", 3)] + [str(REPO_ROOT / "tests/ddp_epoch_probe.py"), str(params_file), str(out)]
 
-    runs = _two_nodes(command, tmp_path)
+    runs = _two_nodes(command, tmp_path, timeout=120)
     assert all(r.returncode == 0 for r in runs), "\n".join(r.stdout[-2000:] for r in runs)
     probe = json.loads(out.read_text())
     ranks, n, batch = probe["ranks"], probe["num_samples"], probe["batch"]
@@ -315,7 +315,7 @@ def test_lpt_train_runs_on_two_nodes_of_one_process(tiny_shards: Params, tmp_pat
                 str(node_rank), "--master-addr", "127.0.0.1", "--master-port", str(port), "--", "lpt", "train",
                 "--phase", "1", "--params", str(params_file)]
 
-    runs = _two_nodes(command, tmp_path, timeout=600)
+    runs = _two_nodes(command, tmp_path, timeout=300)
     assert all(r.returncode == 0 for r in runs), "\n".join(r.stdout[-2000:] for r in runs)
     meta = json.loads((tmp_path / "models/phase1/model.json").read_text())
     assert meta["world_size"] == 2  # one process on each of two nodes; rank 0 (node 0) wrote the model

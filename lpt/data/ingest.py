@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,12 +108,9 @@ def _write_all(params, data: SourceData, bad: BadItems, out: Path) -> dict[str, 
         items = data.splits.get(split)
         if items is None:
             continue
-        # one pass over the split (a synthetic split renders while it is iterated): the pairs are split
-        # into the items and their encodings in step, so tee buffers at most one pair
+        # one pass over the split (a synthetic split renders while it is iterated)
         with contextlib.closing(encoded_items(items, params.data.workers)) as pairs:
-            for_items, for_encoded = itertools.tee(pairs)
-            written[split] = write_split(out / split, split, (item for item, _ in for_items),
-                                         (enc for _, enc in for_encoded), bad, params.data.shard_maxcount,
+            written[split] = write_split(out / split, split, pairs, bad, params.data.shard_maxcount,
                                          total=len(items))
     return written
 

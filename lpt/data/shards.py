@@ -33,7 +33,7 @@ from lpt.data.layout import shard_name
 from lpt.data.sources.base import BadItems, Item, Payload
 from lpt.utils import sha256_file
 
-__all__ = ["Encoded", "encode_payload", "SplitWriteResult", "write_split", "encoded_items", "encoded_stream"]
+__all__ = ["Encoded", "encode_payload", "SplitWriteResult", "write_split", "encoded_items"]
 
 KEEP_FORMATS = {"PNG": "png", "JPEG": "jpg"}
 POOL_MIN_ITEMS = 2000  # below this a process pool costs more than it saves
@@ -180,12 +180,6 @@ def _windows(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
         yield chunk
 
 
-def encoded_stream(items: SizedItems, workers: int) -> Iterator[Encoded]:
-    """Encode items in order (:func:`encoded_items` without the items)."""
-    for _, encoded in encoded_items(items, workers):
-        yield encoded
-
-
 @dataclass
 class SplitWriteResult:
     """What was written for one split (feeds the manifest). ``labels`` is a compact int64 array
@@ -284,27 +278,26 @@ class _ShardSink:
             self._writer = None
 
 
-def write_split(folder: Path, split: str, items: Iterable[Item], encoded: Iterable[Encoded], bad: BadItems,
-                maxcount: int, total: int | None = None) -> SplitWriteResult:
+def write_split(folder: Path, split: str, pairs: Iterable[tuple[Item, Encoded]], bad: BadItems, maxcount: int,
+                total: int | None = None) -> SplitWriteResult:
     """Write one split's encoded items to shards; unreadable items go through ``bad`` (raise or skip).
 
     Args:
         folder: the split's folder (created).
         split: split name (shard and key prefix).
-        items: the split's items, in the order they are written (iterated once, in step with ``encoded``).
-        encoded: ``encode_payload`` results aligned with ``items``.
+        pairs: ``(item, encode_payload(item.payload))`` in the order they are written, iterated once
+            (:func:`encoded_items`).
         bad: bad-item policy.
         maxcount: samples per shard at most.
-        total: number of items, for the progress bar (default ``len(items)``).
+        total: number of items, for the progress bar (None: no total).
 
     Returns:
         Shard records (name, sha256, count) and the labels written, in order.
     """
     folder.mkdir(parents=True, exist_ok=True)
     sink, result = _ShardSink(folder, split, maxcount), SplitWriteResult()
-    total = len(items) if total is None else total  # type: ignore[arg-type]
     try:
-        for item, enc in tqdm(zip(items, encoded), total=total, desc=f"ingest {split}", unit="img",
+        for item, enc in tqdm(pairs, total=total, desc=f"ingest {split}", unit="img",
                               leave=False, mininterval=1.0, disable=None):
             if enc.error is not None:
                 bad(item.source_id, enc.error)
