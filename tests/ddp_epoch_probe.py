@@ -22,10 +22,8 @@ def main(params_file: str, out: str) -> None:
     import webdataset as wds
 
     from lpt.config import load_params
-    from lpt.data.reader import ShardImages, stream_samples
-    from lpt.optim import steps_per_epoch
-    from lpt.train.batches import build_samplers, epoch_indices
-    from lpt.train.distributed import all_gather, dist_from_env, init_distributed
+    from lpt.data.reader import stream_samples
+    from lpt.train.distributed import dist_from_env, init_distributed, shutdown
 
     params = load_params(params_file)
     info = dist_from_env()
@@ -34,6 +32,18 @@ def main(params_file: str, out: str) -> None:
     keys = list(wds.WebLoader(stream_samples(params.data.out_dir, "train", shuffle_buffer=16, seed=params.seed)
                               .map(lambda sample: sample["__key__"]), batch_size=None, num_workers=2))
     init_distributed(info, "cpu")
+    try:
+        _draw_and_gather(params, info, keys, out)
+    finally:
+        shutdown(info)  # leave the group before exit: gloo's threads must not outlive it (SIGABRT)
+
+
+def _draw_and_gather(params, info, keys: list[str], out: str) -> None:
+    from lpt.data.reader import ShardImages
+    from lpt.optim import steps_per_epoch
+    from lpt.train.batches import build_samplers, epoch_indices
+    from lpt.train.distributed import all_gather
+
     labels = ShardImages(Path(params.data.out_dir), "train").labels
     batch = params.train.phase2.batch_size
     rank_batch = batch // info.world_size
