@@ -37,13 +37,11 @@ from lpt.utils import atomic_dir, atomic_path, write_json_atomic
 
 __all__ = [
     "EvaluateResult",
-    "Predictions",
     "GATE_FILE",
     "METRICS_FILE",
     "read_gate_verdict",
     "run_evaluate",
     "check_gate",
-    "collect_predictions",
     "collect_stats",
     "PredictionStats",
     "count_bins",
@@ -88,21 +86,6 @@ class EvaluateResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class Predictions:
-    """Raw model outputs over a split.
-
-    Attributes:
-        cos_logits: [N, C] raw cosine logits.
-        labels: [N] true classes.
-        selected: [N, k] selected pool prompts (None when the model has no pool).
-    """
-
-    cos_logits: np.ndarray
-    labels: np.ndarray
-    selected: np.ndarray | None
-
-
 # ------------------------------------------------------------------------------------------ helpers
 def final_checkpoint_dir(params: Params) -> Path:
     """The checkpoint folder to evaluate: ``<train.out_dir>/phase2``, the final model of every method (the
@@ -110,36 +93,6 @@ def final_checkpoint_dir(params: Params) -> Path:
     from lpt.model.lpt import final_model_dir
 
     return final_model_dir(params.train.out_dir)
-
-
-def collect_predictions(model: Any, loader: Any, device: str = "cpu") -> Predictions:
-    """Run ``model`` (eval mode) over ``loader`` and stack cosine logits, labels and selected prompts.
-
-    Args:
-        model: an ``LPTModel`` whose forward returns ``LPTOutput`` (``logits``, ``selected``).
-        loader: iterable of ``(images [B,3,H,W], labels [B])``.
-        device: torch device string.
-
-    Returns:
-        :class:`Predictions` as numpy arrays.
-    """
-    import torch
-
-    model.eval()
-    logits, labels, selected = [], [], []
-    with torch.inference_mode():
-        for x, y in loader:
-            out = model(x.to(device))
-            logits.append(out.logits.float().cpu().numpy())
-            labels.append(np.asarray(y, dtype=np.int64))
-            if out.selected is not None:
-                selected.append(out.selected.cpu().numpy().astype(np.int64))
-    num_classes = getattr(model, "num_classes", 0)
-    return Predictions(
-        cos_logits=np.concatenate(logits) if logits else np.zeros((0, num_classes), np.float32),
-        labels=np.concatenate(labels) if labels else np.zeros(0, np.int64),
-        selected=np.concatenate(selected) if selected and len(selected) == len(logits) else None,
-    )
 
 
 @dataclass
@@ -219,7 +172,7 @@ def _fmt(v: Any, pct: bool = True) -> str:
 
 
 # ---------------------------------------------------------------------------------- plot data / figs
-def _plot_rows(pred: np.ndarray, labels: np.ndarray, selected: np.ndarray | None, counts: np.ndarray,
+def _plot_rows(pred: np.ndarray, labels: np.ndarray, usage: dict[str, np.ndarray], counts: np.ndarray,
                class_names: list[str], pool_size: int, max_classes: int) -> dict[str, list[dict[str, Any]]]:
     """Rows of the three DVC plots. Up to ``max_classes`` classes: one per class (accuracy vs training
     count) and one per test image with its class names (confusion). Above it (iNat: 8,142 classes) the
@@ -241,7 +194,6 @@ def _plot_rows(pred: np.ndarray, labels: np.ndarray, selected: np.ndarray | None
                       "accuracy": b["accuracy"], "group": b["group"], "classes": b["classes"]}
                      for b in count_bins(counts, acc)]
         confusion = [{"actual": str(groups[a]), "predicted": str(groups[p])} for a, p in zip(labels, pred)]
-    usage = M.prompt_usage(selected, labels, counts, pool_size)
     prompt_rows = [
         {"prompt": f"p{p:02d}", "count": int(usage[g][p]), "group": g}
         for p in range(pool_size) for g in M.GROUPS
@@ -591,12 +543,12 @@ def run_evaluate(params: Params, phase_dir: Path | None = None) -> EvaluateResul
     out.mkdir(parents=True, exist_ok=True)
     pool_size = int(meta["model_config"].get("pool_size", 0))  # the checkpoint's own geometry
     summarised = len(counts) > params.evaluate.max_plot_classes
-    rows = _plot_rows(preds.pred, preds.labels, preds.selected, counts, class_names, pool_size,
+    usage = M.prompt_usage(preds.selected, preds.labels, counts, pool_size)
+    rows = _plot_rows(preds.pred, preds.labels, usage, counts, class_names, pool_size,
                       params.evaluate.max_plot_classes)
     with atomic_dir(out / "plots") as tmp:
         for name, data in rows.items():
             (tmp / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
-    usage = M.prompt_usage(preds.selected, preds.labels, counts, pool_size)
     summary_lines, summary = None, None
     if summarised:  # a C x C matrix at 8,142 classes is 0.5 GB of int64 and an unreadable figure
         cm = M.group_confusion(preds.pred, preds.labels, counts)

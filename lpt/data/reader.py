@@ -504,7 +504,8 @@ class TransformedDataset:
         return self.base.labels
 
 
-def stream_samples(shards_dir: str | Path, split: str, shuffle_buffer: int = 1000, seed: int = 0):
+def stream_samples(shards_dir: str | Path, split: str, shuffle_buffer: int = 1000, seed: int = 0,
+                   manifest: dict | None = None):
     """A WebDataset pipeline of the raw samples of ``split`` (dicts with ``__key__``, ``cls``, the image).
 
     Shards are split across DDP ranks (``split_by_node``: rank ``r`` of ``W`` takes shards ``r, r + W, ...``)
@@ -518,10 +519,11 @@ def stream_samples(shards_dir: str | Path, split: str, shuffle_buffer: int = 100
         split: split to stream.
         shuffle_buffer: sample shuffle buffer; 0 streams in shard order.
         seed: shuffle seed.
+        manifest: the split's manifest if the caller already loaded it (default: read it here).
     """
     import webdataset as wds
 
-    manifest = load_manifest(shards_dir)
+    manifest = manifest if manifest is not None else load_manifest(shards_dir)
     urls = [str(p) for p in verify_split(shards_dir, split, manifest)]  # every shard, before any sample
     shuffle = shuffle_buffer > 0
     return (wds.WebDataset(urls, shardshuffle=len(urls) if shuffle else False, seed=seed, detshuffle=shuffle,
@@ -545,8 +547,9 @@ def stream_loader(shards_dir: str | Path, split: str, transform: Callable, batch
     """
     import webdataset as wds
 
-    num_classes = int(load_manifest(shards_dir)["splits"][split]["num_classes"])
-    dataset = (stream_samples(shards_dir, split, shuffle_buffer, seed)
+    manifest = load_manifest(shards_dir)
+    num_classes = int(manifest["splits"][split]["num_classes"])
+    dataset = (stream_samples(shards_dir, split, shuffle_buffer, seed, manifest)
                .map(_StreamSample(transform, split, num_classes))
                .batched(batch_size, partial=True))
     return wds.WebLoader(dataset, batch_size=None, num_workers=num_workers)
