@@ -66,8 +66,11 @@ class BaselineResult:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
-def load_pixels(params: Params) -> PixelData:
+def load_pixels(params: Params, transforms: Any = None) -> PixelData:
     """Every split of ``data.out_dir`` through the test-time transform, flattened.
+
+    ``transforms``: the resolved transforms (:func:`lpt.model.backbone.resolve_transforms`) when
+    ``params.transforms`` has nulls (= from the model); default ``params.transforms``.
 
     Raises:
         FileNotFoundError: no manifest (run ``lpt ingest``).
@@ -75,7 +78,7 @@ def load_pixels(params: Params) -> PixelData:
     from lpt.data.reader import ShardImages, build_transform, load_manifest
 
     manifest = load_manifest(params.data.out_dir)
-    transform = build_transform(params.transforms, train=False)
+    transform = build_transform(params.transforms if transforms is None else transforms, train=False)
     xs, ys = {}, {}
     for split in ("train", "val", "test"):
         images = ShardImages(Path(params.data.out_dir), split, in_memory=True)

@@ -162,6 +162,7 @@ def ingest(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None
     p = _load(params, set_)
     with _library_errors():
         result = run_ingest(p)
+    typer.echo(f"images: {result.summary()}")
     typer.echo(f"shards: {p.data.out_dir}  manifest: {result.manifest_path}")
 
 
@@ -212,6 +213,8 @@ def evaluate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> No
     with _library_errors():
         result = run_evaluate(p)
     typer.echo(f"metrics: {result.metrics_path}  report: {result.report_path}")
+    for note in result.gate_notes:
+        typer.echo(f"note: {note}")
     if not result.gate_passed:
         _fail("quality gate failed:\n" + "\n".join(f"  - {f}" for f in result.gate_failures), GATE_FAILED)
 

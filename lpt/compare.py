@@ -10,8 +10,9 @@ What stays fixed and what a seed changes:
 - per seed (``--seeds``): the training trajectory — initial prompts/adapters/head, sampler order and
   augmentation draws. (With ``backbone.weights: none`` the random backbone is drawn from the seed too.)
 
-Epoch budget: ``train.phase1.epochs + train.phase2.epochs`` for every method. LPT spends it as phase 1 +
-phase 2; a one-phase method (everything else) trains its single phase for the whole budget.
+Epoch budget: ``train.phase1.epochs + train.phase2.epochs`` for every method, and likewise the step floor
+``train.phase1.min_steps + train.phase2.min_steps``. LPT spends it as phase 1 + phase 2; a one-phase method
+(everything else) trains its single phase for the whole budget (the phase-1 warm-up and patience apply).
 
 Layout: ``<evaluate.out_dir>/compare/<source>/<method>/seed<k>/`` holds ``models/``, ``eval/`` and
 ``cell.json`` (metrics, train wall time, inference cost, and the key of the inputs that produced them);
@@ -139,19 +140,30 @@ def budget(params: Params, method: str) -> tuple[int, int]:
     return total, 0
 
 
+def _floor_note(min_steps1: int, min_steps2: int) -> str:
+    """The page's words for the step floor (nothing when there is none)."""
+    if not min_steps1 + min_steps2:
+        return ""
+    return f", at least {min_steps1 + min_steps2} optimizer steps (LPT: {min_steps1} + {min_steps2})"
+
+
 def _cell_params(params: Params, method: str, seed: int) -> Params:
     root = compare_cell_dir(params, method, seed)
     epochs1, _ = budget(params, method)
+    p1, p2 = params.train.phase1, params.train.phase2
+    min_steps1 = p1.min_steps if get_method(method).trains_phase2 else p1.min_steps + p2.min_steps
     return _with_overrides(params, {
         "seed": int(seed),
         "train.method": method,
         "train.phase1.epochs": epochs1,
+        "train.phase1.min_steps": min_steps1,
         "train.out_dir": str(root / "models"),
         "evaluate.out_dir": str(root / "eval"),
         # the gate does not decide a comparison; each method is reported as it is
         "evaluate.gate.min_overall": 0.0,
         "evaluate.gate.min_few": 0.0,
         "evaluate.gate.max_drop_vs_probe": None,
+        "evaluate.gate.pixel_baselines": [],  # the page has its own pixel rows
     })
 
 
@@ -459,7 +471,7 @@ def _compare_section(params: Params, rows: dict[str, dict[str, Any]], seeds: Seq
         f"over {seed_text}. Backbone `{params.backbone.name}` (weights: {params.backbone.weights}), frozen and "
         f"the same for every row; data split fixed (seed {params.seed}); the seed changes initialisation, "
         f"sampling and augmentation. Budget: {p1.epochs + p2.epochs} epochs per method (LPT: {p1.epochs} + "
-        f"{p2.epochs}). Checkpoints selected on the validation split only. Pixel rows: no backbone, no seed.",
+        f"{p2.epochs}){_floor_note(p1.min_steps, p2.min_steps)}. Checkpoints selected on the validation split only. Pixel rows: no backbone, no seed.",
         "",
         accuracy_table(rows),
         "",

@@ -107,6 +107,11 @@ class DataConfig(_Strict):
     imbalance_ratio: float = Field(100.0, ge=1.0, description="n_max / n_min of the train split")
     max_per_class: int = Field(500, ge=1, description="train images of the head class")
     val_per_class: int = Field(20, ge=1, description="balanced validation images per class, carved from the train pool")
+    val_max_fraction: float = Field(
+        0.2, gt=0.0, le=0.5, description="a val carve out of a given train list (list, imagefolder, inat without "
+        "a test file) takes at most this share of a class")
+    min_train_per_class: int = Field(
+        5, ge=1, description="a val carve out of a given train list never leaves a class fewer training images")
     test_per_class: int = Field(100, ge=1, description="balanced test images per class, where the source has no fixed test set")
     shard_maxcount: int = Field(5000, ge=1, description="images per tar shard at most")
     skip_bad: bool = Field(False, description="skip corrupt/non-image files (counted in the manifest) instead of failing")
@@ -202,6 +207,9 @@ class ModelConfig(_Strict):
     shared_blocks: int = Field(6, ge=0, description="S blocks that see only the shared prompt")
     top_k: int = Field(2, ge=1, description="group prompts selected per sample")
     head_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    head_init: Literal["random", "class_mean"] | None = Field(
+        None, description="how phase 1 starts the cosine head: random (truncated normal), class_mean (the "
+        "L2-normalised mean frozen feature of each class); null = the method's own (lift: class_mean)")
     block_reuse: bool = Field(True, description="compute blocks 0..S-1 once for the query and prompted pass")
     adapter_dim: int | None = Field(
         None, ge=1, description="bottleneck width of the adapters (methods with adapters: lift); None = LIFT's rule "
@@ -239,8 +247,15 @@ class PhaseConfig(_Strict):
     lr: float = Field(0.02, gt=0.0, description="base lr for batch 256; scaled by batch/256")
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.01, ge=0.0)
+    min_steps: int = Field(
+        0, ge=0, description="floor on the phase's optimizer steps: whole epochs are added until epochs x "
+        "steps/epoch reaches it (a small set trains long enough; a large one is unchanged); 0 = epochs only")
     warmup_epochs: float = Field(1.0, ge=0.0)
+    warmup_steps: int | None = Field(None, ge=0, description="warm-up in optimizer steps; null = warmup_epochs")
     warmup_lr: float = Field(1e-6, ge=0.0)
+    patience: int | None = Field(
+        None, ge=1, description="stop after this many epochs without a new best validation accuracy (the best "
+        "epoch's weights are kept); null = run every planned epoch")
     samples_per_class: int = Field(4, ge=1, description="class-aware sampler: consecutive images per class")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     max_steps_per_epoch: int | None = Field(
@@ -277,6 +292,12 @@ class GateConfig(_Strict):
     probe_metrics: Path | None = Field(
         None, description="linear-probe metrics.json for max_drop_vs_probe; None = the `lpt compare` output for data.source"
     )
+    pixel_baselines: list[Literal["pixel_ncm", "pixel_logreg"]] = Field(
+        ["pixel_ncm"], description="trivial baselines fitted on the same split's raw pixels at evaluate time "
+        "(lpt/baselines.py); the model's overall accuracy must beat each by min_margin_vs_pixels ([] = none; "
+        "pixel_logreg costs ~1 min on 10k images)")
+    min_margin_vs_pixels: float = Field(
+        0.0, ge=-1.0, le=1.0, description="required overall - baseline overall, for each of pixel_baselines")
 
 
 class EvaluateConfig(_Strict):

@@ -48,6 +48,7 @@ __all__ = [
     "worst_classes",
     "final_checkpoint_dir",
     "probe_metrics_path",
+    "pixel_baseline_accuracy",
 ]
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class EvaluateResult:
         gate_passed: False when any gate threshold is missed.
         gate_failures: one line per missed threshold: metric, value, threshold.
         metrics: the dict written to ``metrics.json``.
+        gate_notes: one line per thresholded group absent from this data set (not a failure).
     """
 
     metrics_path: Path
@@ -84,6 +86,7 @@ class EvaluateResult:
     gate_passed: bool
     gate_failures: list[str] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
+    gate_notes: list[str] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -456,6 +459,10 @@ def _report_markdown(metrics: dict[str, Any], gate: dict[str, Any], context: dic
         "",
     ]
     lines += [f"- {f}" for f in gate["failures"]] + ([""] if gate["failures"] else [])
+    lines += [f"- note: {n}" for n in gate.get("notes", [])] + ([""] if gate.get("notes") else [])
+    if gate.get("pixel_overall"):
+        lines += ["Trivial baselines on the same split's raw pixels (the gate requires beating each): " + ", ".join(
+            f"{name} {_fmt(acc)}" for name, acc in gate["pixel_overall"].items()), ""]
     lines += ["| metric | value (%) |", "|---|---|"]
     for key in ("overall", "top5", "mean_per_class"):
         lines.append(f"| {METRIC_LABELS[key]} | {_fmt(metrics.get(key))} |")
@@ -482,6 +489,32 @@ def _report_markdown(metrics: dict[str, Any], gate: dict[str, Any], context: dic
 
 
 # ------------------------------------------------------------------------------------------- evaluate
+PIXEL_GATE_MAX_BYTES = 4 << 30
+"""Above this many bytes of float32 pixels (every split), the pixel baselines are skipped with a warning."""
+
+
+def pixel_baseline_accuracy(params: Params, manifest: dict[str, Any], transforms: Any) -> dict[str, float]:
+    """Overall test accuracy of each ``evaluate.gate.pixel_baselines`` entry, fitted on this split's pixels.
+
+    Args:
+        params: ``evaluate.gate.pixel_baselines``, ``data.out_dir``.
+        manifest: the shards' manifest (split sizes, to skip a set too large to hold as pixels).
+        transforms: the resolved test-time transforms the model was evaluated with (the pixels see the same).
+    """
+    names = params.evaluate.gate.pixel_baselines
+    if not names:
+        return {}
+    from lpt.baselines import load_pixels, run_pixel_baseline
+
+    need = 4 * 3 * transforms.input_size ** 2 * sum(int(s.get("count", 0)) for s in manifest["splits"].values())
+    if need > PIXEL_GATE_MAX_BYTES:
+        log.warning("evaluate.gate.pixel_baselines skipped: %.1f GiB of pixels (set it to [] for this data)",
+                    need / 2**30)
+        return {}
+    data = load_pixels(params, transforms)
+    return {name: float(run_pixel_baseline(name, params, data).metrics["overall"]) for name in names}
+
+
 def run_evaluate(params: Params, phase_dir: Path | None = None) -> EvaluateResult:
     """Evaluate the final model on the test split, write metrics/gate/plots/figures/report, apply the gate.
 
@@ -536,7 +569,7 @@ def run_evaluate(params: Params, phase_dir: Path | None = None) -> EvaluateResul
         "prompt_params": pc["prompt"],
         "prompt_share": M.trainable_share(pc["prompt"], pc["backbone"]) if pc["backbone"] else None,
     }
-    gate = gate_verdict(params, metrics, meta)
+    gate = gate_verdict(params, metrics, meta, pixel_baseline_accuracy(params, manifest, transforms))
     metrics["gate_passed"] = gate["passed"]
 
     out = Path(params.evaluate.out_dir)
@@ -569,6 +602,6 @@ def run_evaluate(params: Params, phase_dir: Path | None = None) -> EvaluateResul
     write_json_atomic(out / GATE_FILE, gate)
     metrics_path = write_json_atomic(out / METRICS_FILE, metrics)
     return EvaluateResult(metrics_path=metrics_path, report_path=report, gate_passed=gate["passed"],
-                          gate_failures=gate["failures"], metrics=metrics)
+                          gate_failures=gate["failures"], metrics=metrics, gate_notes=gate["notes"])
 
 

@@ -1,10 +1,12 @@
-"""Optimisation pieces shared by pretraining and the LPT phases: steps per epoch, lr scaling, warm-up +
-cosine schedule, SGD over the trainable parameters, autocast."""
+"""Optimisation pieces shared by pretraining and the LPT phases: steps per epoch, the phase schedule (epochs,
+step floor, warm-up, patience), lr scaling, warm-up + cosine schedule, SGD over the trainable parameters,
+autocast."""
 
 from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,7 +16,7 @@ from lpt.config import PhaseConfig
 from lpt.losses import ib_stream_weight  # w(e) = max(0, ib_weight * (E - e) / E), re-exported
 from lpt.errors import TrainError
 
-__all__ = ["steps_per_epoch", "scaled_lr", "warmup_cosine_lr", "build_optimizer", "build_scheduler",
+__all__ = ["steps_per_epoch", "PhaseSchedule", "phase_schedule", "stopped_early", "scaled_lr", "warmup_cosine_lr", "build_optimizer", "build_scheduler",
            "ib_stream_weight", "autocast"]
 
 
@@ -23,6 +25,56 @@ def steps_per_epoch(num_samples: int, batch_size: int) -> int:
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"need num_samples >= 1 and batch_size >= 1, got {num_samples}, {batch_size}")
     return num_samples // batch_size + 1
+
+
+@dataclass(frozen=True)
+class PhaseSchedule:
+    """How long one phase trains, in optimizer steps (:func:`phase_schedule`)."""
+
+    full_steps_per_epoch: int  # floor(N / B) + 1, the recipe's epoch
+    steps_per_epoch: int  # after train.phaseN.max_steps_per_epoch
+    epochs: int  # epochs planned: train.phaseN.epochs, or more where train.phaseN.min_steps asks for them
+    warmup_steps: int  # linear warm-up, then the cosine decay over total_steps
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole planned phase (the cosine schedule's length)."""
+        return self.steps_per_epoch * self.epochs
+
+
+def phase_schedule(num_samples: int, cfg: PhaseConfig) -> PhaseSchedule:
+    """The phase's schedule: whole epochs, at least ``cfg.epochs`` and at least ``cfg.min_steps`` steps.
+
+    A small set gets few steps per epoch (1,236 images at batch 64: 20), so an epoch count alone leaves it
+    under-trained; the step floor adds whole epochs until ``epochs x steps_per_epoch >= min_steps``. A large
+    set, whose ``epochs`` already exceed the floor, is unchanged. Warm-up is ``warmup_steps`` when set, else
+    ``warmup_epochs`` epochs, and never more than half of the phase.
+
+    Args:
+        num_samples: training images.
+        cfg: the phase's ``train.phaseN`` section.
+
+    Example:
+        >>> s = phase_schedule(1236, PhaseConfig(epochs=2, batch_size=64, min_steps=300))
+        >>> (s.steps_per_epoch, s.epochs, s.total_steps, s.warmup_steps)
+        (20, 15, 300, 20)
+    """
+    full = steps_per_epoch(num_samples, cfg.batch_size)
+    per_epoch = full if cfg.max_steps_per_epoch is None else min(cfg.max_steps_per_epoch, full)
+    epochs = max(cfg.epochs, -(-cfg.min_steps // per_epoch))  # ceil
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_epochs * per_epoch)
+    return PhaseSchedule(full, per_epoch, epochs, min(warmup, per_epoch * epochs // 2))
+
+
+def stopped_early(epochs_done: int, best_epoch: int, patience: int | None) -> bool:
+    """Whether a phase stops: ``patience`` epochs have passed since the best validation accuracy.
+
+    Args:
+        epochs_done: epochs finished (1-based count).
+        best_epoch: the epoch (1-based) of the best validation accuracy so far (< 1: none validated yet).
+        patience: epochs without a new best before stopping; ``None`` never stops early.
+    """
+    return patience is not None and best_epoch >= 1 and epochs_done - best_epoch >= patience
 
 
 def scaled_lr(base_lr: float, batch_size: int) -> float:

@@ -58,6 +58,7 @@ TINY_OVERRIDES: dict[str, Any] = {
     # a seconds-long tiny run is not held to the embedded default's quality gate (tests set their own)
     "evaluate.gate.min_overall": 0.0,
     "evaluate.gate.min_few": 0.0,
+    "evaluate.gate.pixel_baselines": [],
 }
 
 

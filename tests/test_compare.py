@@ -99,6 +99,15 @@ def test_every_method_gets_the_same_epoch_budget(tiny_params: Params) -> None:
     assert {budget(p, m) for m in ("linear_probe", "linear_probe_cb", "vpt_deep_la", "lift", "lpt_phase1")} == {(5, 0)}
 
 
+def test_one_phase_methods_get_both_step_floors(tiny_params: Params) -> None:
+    from lpt.compare import _cell_params
+
+    p = make_tiny_params(Path("/unused"), train__phase1__min_steps=30, train__phase2__min_steps=20)
+    assert _cell_params(p, "lpt", 0).train.phase1.min_steps == 30
+    assert _cell_params(p, "lpt", 0).train.phase2.min_steps == 20
+    assert {_cell_params(p, m, 0).train.phase1.min_steps for m in ("linear_probe_cb", "lift", "lpt_phase1")} == {50}
+
+
 # ---------------------------------------------------------------------------------------- the page
 def _fake_compare(tmp_path: Path, value: list[float]):
     def fake(params, methods, out, seeds):  # one table per source, no training

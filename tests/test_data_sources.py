@@ -185,7 +185,10 @@ def test_list_source_with_held_out_val_and_paths_with_spaces(tmp_path: Path) -> 
     result = run_ingest(params)
     m = load_manifest(result.manifest_path)
     assert m["class_names"] == ["cat", "dog", "fox"] and m["image_size"] is None
-    assert m["train_counts"] == [4, 2, 1] and result.counts == {"train": 7, "val": 5, "test": 6}
+    # the carve (val_per_class 2, at most 20 % of a class, never below 5 training images): 1, 0, 0
+    assert m["train_counts"] == [5, 4, 2] and result.counts == {"train": 11, "val": 1, "test": 6}
+    assert m["full_train_counts"] == [6, 4, 2] and m["groups"]["standard"] == ["few", "few", "few"]
+    assert "val carved from the train list: 1 images" in result.summary()
 
 
 def test_imagefolder_longtail_subsamples_a_balanced_folder(tmp_path: Path) -> None:
@@ -214,7 +217,7 @@ def test_inat_json_with_val_as_test(tmp_path: Path) -> None:
     result = run_ingest(params)
     m = load_manifest(result.manifest_path)
     assert m["class_names"] == ["species 100", "species 107", "species 114"]
-    assert m["train_counts"] == [4, 2, 1] and result.counts == {"train": 7, "val": 4, "test": 6}
+    assert m["train_counts"] == [5, 3, 2] and result.counts == {"train": 10, "val": 1, "test": 6}
 
 
 # ------------------------------------------------------------------------------------------ bad inputs

@@ -212,6 +212,36 @@ def test_gate_max_drop_vs_probe(untrained: Params, tmp_path: Path):
     assert res.gate_passed and json.loads((tmp_path / "r2" / "gate.json").read_text())["probe_overall"] is None
 
 
+def test_gate_requires_beating_the_pixel_baselines_on_the_same_split(trained: Params, tmp_path: Path):
+    from lpt.baselines import run_pixel_baseline
+    from lpt.evaluate import run_evaluate
+
+    ncm = run_pixel_baseline("pixel_ncm", trained).metrics["overall"]
+    easy = run_evaluate(_with(trained, tmp_path / "easy", evaluate__gate__pixel_baselines=["pixel_ncm"],
+                              evaluate__gate__min_margin_vs_pixels=-1.0))
+    verdict = json.loads((tmp_path / "easy" / "gate.json").read_text())
+    assert easy.gate_passed and verdict["pixel_overall"] == {"pixel_ncm": pytest.approx(ncm)}
+    margin = easy.metrics["overall"] - ncm + 0.01  # just out of reach
+    hard = run_evaluate(_with(trained, tmp_path / "hard", evaluate__gate__pixel_baselines=["pixel_ncm"],
+                              evaluate__gate__min_margin_vs_pixels=margin))
+    assert not hard.gate_passed
+    assert hard.gate_failures == [f"overall = {hard.metrics['overall']:.4f} does not beat the pixel_ncm baseline on "
+                                  f"the same split ({ncm:.4f}) by more than min_margin_vs_pixels = {margin:.4f}"]
+    assert "pixel_ncm" in (tmp_path / "hard" / "report.md").read_text()
+
+
+def test_a_group_absent_from_the_data_is_a_named_note_not_a_failure(tiny_params: Params) -> None:
+    from lpt.gate import check_gate, missing_groups
+
+    params = _with(tiny_params, Path("/unused"), evaluate__gate__min_overall=0.5, evaluate__gate__min_few=0.5)
+    metrics = {"overall": 0.6, "few": float("nan")}  # no class under 20 training images
+    assert check_gate(metrics, params) == []
+    assert missing_groups(metrics, params) == ["few: no class of this data set is in the few group (standard: < 20 "
+                                               "training images), so min_few = 0.5000 was not applied"]
+    assert check_gate({"overall": 0.6, "few": 0.4}, params) == ["few = 0.4000 < min_few = 0.5000"]
+    assert missing_groups({"overall": 0.6, "few": 0.4}, params) == []
+
+
 def test_dvc_renders_declared_plots(trained: Params, tmp_path: Path):
     """`dvc plots show` renders every top-level plot of dvc.yaml from the files evaluate/train wrote."""
     from lpt.evaluate import run_evaluate

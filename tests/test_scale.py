@@ -101,10 +101,10 @@ def test_a_rendered_split_is_the_same_images_every_pass_and_as_one_render() -> N
     assert [item.label for item in split][:13] == labels[:13].tolist()
 
 
-# ------------------------------------------------------------------------------- uncarved counts
-def test_groups_and_cloud_size_come_from_the_uncarved_counts_when_val_is_carved_from_train() -> None:
+# ------------------------------------------------------------------------------- carved counts
+def test_groups_and_cloud_size_come_from_the_counts_that_train() -> None:
     from lpt.data.ingest import full_train_counts
-    from lpt.data.longtail import group_labels
+    from lpt.data.longtail import holdout_size
     from lpt.data.reader import group_counts
     from lpt.data.shards import SplitWriteResult
     from lpt.data.sources.base import SourceData
@@ -112,14 +112,13 @@ def test_groups_and_cloud_size_come_from_the_uncarved_counts_when_val_is_carved_
     train = SplitWriteResult(shards=[], labels=[0, 0, 0, 1])
     val = SplitWriteResult(shards=[], labels=[0, 1])
     carved = SourceData(class_names=["a", "b"], splits={}, val_from_train=True)
-    assert full_train_counts(carved, {"train": train, "val": val}, [3, 1]) == [4, 2]
+    assert full_train_counts(carved, {"train": train, "val": val}, [3, 1]) == [4, 2]  # kept for reference
     kept = SourceData(class_names=["a", "b"], splits={}, val_from_train=False)
     assert full_train_counts(kept, {"train": train, "val": val}, [3, 1]) == [3, 1]
-    # a 20-image class keeps its medium group although the carve left 19 to train on
-    assert group_labels([20], "standard") == ["medium"] and group_labels([19], "standard") == ["few"]
-    manifest = {"num_classes": 2, "train_counts": [19, 1], "full_train_counts": [20, 2]}
-    assert group_counts(manifest) == [20, 2]
-    assert group_counts({"num_classes": 2, "train_counts": [19, 1]}) == [19, 1]  # an older manifest
+    # the groups follow what each class trains on
+    assert group_counts({"num_classes": 2, "train_counts": [19, 1], "full_train_counts": [20, 2]}) == [19, 1]
+    # iNat's 2-image classes are not carved at all (floor of 5 training images), so they stay 2-image classes
+    assert holdout_size(2, per_class=1) == 0 and holdout_size(6, per_class=1) == 1
 
 
 # ------------------------------------------------------------------------------------------ samplers

@@ -30,6 +30,7 @@ from lpt.train import (
     steps_per_epoch,
     warmup_cosine_lr,
 )
+from lpt.optim import phase_schedule, stopped_early
 from tests.conftest import make_tiny_params
 
 
@@ -38,6 +39,36 @@ def test_steps_per_epoch_is_floor_plus_one() -> None:
     assert steps_per_epoch(10847, 64) == 170  # CIFAR-100-LT train size, batch 64
     assert steps_per_epoch(128, 64) == 3
     assert steps_per_epoch(5, 64) == 1
+
+
+def test_step_floor_adds_whole_epochs_and_leaves_large_sets_alone() -> None:
+    # Fashion-MNIST-LT: 1,236 images at batch 64 -> 20 steps/epoch; a 300-step floor makes 2 epochs 15
+    small = phase_schedule(1236, PhaseConfig(epochs=2, batch_size=64, min_steps=300))
+    assert (small.steps_per_epoch, small.epochs, small.total_steps, small.warmup_steps) == (20, 15, 300, 20)
+    # 301 steps need a 16th epoch (whole epochs only)
+    assert phase_schedule(1236, PhaseConfig(epochs=2, batch_size=64, min_steps=301)).epochs == 16
+    # CIFAR-100-LT size: 2 x 170 = 340 steps already past the floor: unchanged
+    large = phase_schedule(10847, PhaseConfig(epochs=2, batch_size=64, min_steps=300))
+    assert (large.epochs, large.total_steps, large.warmup_steps) == (2, 340, 170)
+    # no floor: today's schedule
+    assert phase_schedule(1236, PhaseConfig(epochs=2, batch_size=64)).total_steps == 40
+    # the floor counts capped epochs (max_steps_per_epoch 5 -> 60 epochs of 5 steps)
+    assert phase_schedule(1236, PhaseConfig(epochs=2, batch_size=64, min_steps=300, max_steps_per_epoch=5)).epochs == 60
+
+
+def test_warmup_in_steps_and_never_past_half_the_phase() -> None:
+    assert phase_schedule(1236, PhaseConfig(epochs=2, batch_size=64, min_steps=300, warmup_steps=50)).warmup_steps == 50
+    assert phase_schedule(1236, PhaseConfig(epochs=2, batch_size=64, warmup_epochs=0.5)).warmup_steps == 10
+    # 1 epoch of warm-up in a 1-epoch phase would never reach the peak lr: half the phase at most
+    assert phase_schedule(1236, PhaseConfig(epochs=1, batch_size=64, warmup_epochs=1)).warmup_steps == 10
+
+
+def test_patience_counts_epochs_since_the_best() -> None:
+    assert not stopped_early(3, 1, None)
+    assert not stopped_early(0, -1, 1)  # nothing validated yet
+    assert not stopped_early(2, 1, 2)
+    assert stopped_early(3, 1, 2)
+    assert stopped_early(2, 1, 1)
 
 
 def test_ib_weight_decays_linearly_to_zero() -> None:
@@ -168,6 +199,22 @@ def test_lpt_trains_both_phases_on_tiny_data(tiny_shards: Params, tmp_path: Path
     model, meta2 = load_trained_model(params, tmp_path / "models/phase2")
     assert meta2["phase"] == 2 and meta2["backbone"]["fingerprint"] == meta1["backbone"]["fingerprint"]
     assert model.parameter_report()["trainable"] > 0
+
+
+def test_step_floor_and_patience_in_a_real_phase(tiny_shards: Params, tmp_path: Path) -> None:
+    from lpt.data.reader import load_manifest
+
+    n_train = load_manifest(tiny_shards.data.out_dir)["splits"]["train"]["count"]
+    per_epoch = steps_per_epoch(n_train, 16)
+    floor = 3 * per_epoch + 1  # needs a 4th epoch
+    r = run_phase(_params(tiny_shards, tmp_path / "floor", train__phase1__min_steps=floor), 1)
+    meta = json.loads((Path(r["phase_dir"]) / "model.json").read_text())
+    assert (meta["epochs"], meta["epochs_run"], meta["steps"]) == (4, 4, 4 * per_epoch)
+    # an lr of ~0 leaves val accuracy where it is: best at epoch 1, so patience 2 stops after epoch 3 of 4
+    flat = _params(tiny_shards, tmp_path / "flat", train__phase1__min_steps=floor, train__phase1__patience=2,
+                   train__phase1__lr=1e-12, train__phase1__warmup_lr=1e-12)
+    meta = json.loads((Path(run_phase(flat, 1)["phase_dir"]) / "model.json").read_text())
+    assert (meta["epochs"], meta["epochs_run"], meta["best_epoch"], meta["steps"]) == (4, 3, 1, 3 * per_epoch)
 
 
 @pytest.mark.parametrize(("method", "tensors"), [

@@ -41,6 +41,15 @@ class IngestResult:
     manifest_path: Path
     counts: dict[str, int]
     seconds: float = 0.0
+    carved: int | None = None  # val images taken out of the source's train list (None: val came separately)
+
+    def summary(self) -> str:
+        """One line: images per split, and the val carve when there was one."""
+        line = ", ".join(f"{n} {split}" for split, n in self.counts.items())
+        if self.carved is not None:
+            line += (f"; val carved from the train list: {self.carved} images (data.val_per_class, at most "
+                     f"data.val_max_fraction of a class, never below data.min_train_per_class training images)")
+        return line
 
 
 def load_source(params, bad: BadItems) -> SourceData:
@@ -90,10 +99,11 @@ def build_manifest(params, data: SourceData, written: dict[str, SplitWriteResult
         "num_classes": len(data.class_names),
         "class_names": list(data.class_names),
         "train_counts": train_counts,
-        # the counts ε and the groups come from (= train_counts unless val was carved out of train)
+        # the source's train counts before a val carve (= train_counts unless val was carved out of train);
+        # ε and the groups come from train_counts, the images each class trains on
         "full_train_counts": full_counts,
         "val_from_train": bool(data.val_from_train),
-        "groups": {"standard": group_labels(full_counts, "standard"), "authors": group_labels(full_counts, "authors")},
+        "groups": {"standard": group_labels(train_counts, "standard"), "authors": group_labels(train_counts, "authors")},
         "image_size": list(data.image_size) if data.image_size else None,
         "splits": splits,
         "skipped": {"count": bad.count, "items": bad.items},
@@ -138,4 +148,6 @@ def run_ingest(params) -> IngestResult:
         manifest = build_manifest(params, data, written, train_counts, bad)
         write_json_atomic(tmp / MANIFEST_FILE, manifest)
     counts = {name: res.count for name, res in written.items()}
-    return IngestResult(manifest_path=manifest_path, counts=counts, seconds=time.perf_counter() - start)
+    carved = counts.get("val", 0) if data.val_from_train else None
+    return IngestResult(manifest_path=manifest_path, counts=counts, seconds=time.perf_counter() - start,
+                        carved=carved)

@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 
 __all__ = ["PROFILES", "INAT2018", "longtail_counts", "stretched_counts", "solve_shape", "inat2018_shape",
-           "profile_counts", "carve_pool", "holdout", "group_labels", "imbalance_ratio", "profile_applies"]
+           "profile_counts", "carve_pool", "holdout", "holdout_size", "group_labels", "imbalance_ratio", "profile_applies"]
 
 Convention = Literal["standard", "authors"]
 Profile = Literal["exponential", "inat2018"]
@@ -183,11 +183,25 @@ def profile_applies(data_cfg) -> bool:
     return data_cfg.source == "imagefolder" and data_cfg.imagefolder is not None and data_cfg.imagefolder.longtail
 
 
-def holdout(labels: np.ndarray, num_classes: int, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def holdout_size(n: int, per_class: int, max_fraction: float = 0.2, min_train: int = 5) -> int:
+    """Val images a class of ``n`` gives: ``min(per_class, floor(max_fraction * n), n - min_train)``, >= 0.
+
+    A small class is never carved below ``min_train`` training images (a class of ``min_train`` or fewer gives
+    none: validation reports it as absent from val), and no class gives more than ``max_fraction`` of itself.
+
+    Example:
+        >>> [holdout_size(n, 20) for n in (240, 86, 31, 11, 7, 5, 2)]
+        [20, 17, 6, 2, 1, 0, 0]
+    """
+    return max(0, min(per_class, int(max_fraction * n + 1e-9), n - min_train))
+
+
+def holdout(labels: np.ndarray, num_classes: int, per_class: int, seed: int, max_fraction: float = 0.2,
+            min_train: int = 5) -> tuple[np.ndarray, np.ndarray]:
     """Hold out a val split from a given (already long-tailed) train list.
 
-    Each class gives ``min(per_class, n_c // 2)`` images (a single-image class keeps it for training and
-    has no val image, which validation reports).
+    Each class of ``n_c`` images gives :func:`holdout_size` of them (``data.val_per_class``,
+    ``data.val_max_fraction``, ``data.min_train_per_class``).
 
     Returns:
         ``(train_idx, val_idx)`` into ``labels``.
@@ -197,7 +211,7 @@ def holdout(labels: np.ndarray, num_classes: int, per_class: int, seed: int) -> 
     for c in range(num_classes):
         idx = np.where(labels == c)[0]
         rng.shuffle(idx)
-        v = min(per_class, len(idx) // 2)
+        v = holdout_size(len(idx), per_class, max_fraction, min_train)
         train.append(idx[v:])
         val.append(idx[:v])
     return np.sort(np.concatenate(train)).astype(np.int64), np.sort(np.concatenate(val)).astype(np.int64)

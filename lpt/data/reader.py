@@ -96,15 +96,15 @@ def _check_manifest(manifest: Any, path: Path) -> None:
 
 
 def group_counts(manifest: dict, where: str | Path = MANIFEST_FILE) -> list[int]:
-    """Per-class counts that define the A-GCL cloud size and the many/medium/few groups.
-
-    ``full_train_counts`` (the source's train counts before a val carve; equal to ``train_counts`` when val
-    was not carved out of train), or ``train_counts`` for a manifest written before that key existed.
+    """Per-class counts that define the A-GCL cloud size and the many/medium/few groups: ``train_counts``,
+    the images each class trains on (after any val carve; the carve never leaves a class fewer than
+    ``data.min_train_per_class``, so a tail class keeps its count). ``full_train_counts`` (before the carve)
+    stays in the manifest for reference.
 
     Raises:
         ShardError: the counts are not ``num_classes`` non-negative integers.
     """
-    key = "full_train_counts" if "full_train_counts" in manifest else "train_counts"
+    key = "train_counts"
     counts = manifest.get(key)
     if not isinstance(counts, list) or len(counts) != manifest["num_classes"] or not all(_is_int(c) for c in counts):
         raise ShardError(f"{where}: {key} must be a list of num_classes ({manifest['num_classes']}) non-negative "

@@ -30,7 +30,7 @@ from lpt.config import Params
 from lpt.methods import MethodSpec
 from lpt.utils import atomic_dir
 
-__all__ = ["RESUME_FORMAT", "phase_recipe", "fingerprint", "scratch_dir", "ResumeState", "save_resume_state",
+__all__ = ["RESUME_FORMAT", "phase_recipe", "head_init", "fingerprint", "scratch_dir", "ResumeState", "save_resume_state",
            "load_resume_state", "capture_rng_state", "restore_rng_state", "optimizer_to_flat", "optimizer_from_flat",
            "ResumeStateError"]
 
@@ -49,6 +49,11 @@ _AGCL_PHASE1 = ("scale", "margin", "noise_mul", "noise_std", "label_smoothing", 
                 "gamma_pos_ib", "gamma_neg_ib", "ib_weight")
 
 
+def head_init(params: Params, spec: MethodSpec) -> str:
+    """How phase 1 starts the head: ``model.head_init``, or the method's own (``spec.head_init``) when null."""
+    return params.model.head_init or spec.head_init
+
+
 def phase_recipe(params: Params, phase: int, spec: MethodSpec) -> dict[str, Any]:
     """Every params value that shapes phase ``phase``'s trajectory and result, and nothing else.
 
@@ -64,7 +69,8 @@ def phase_recipe(params: Params, phase: int, spec: MethodSpec) -> dict[str, Any]
     else:
         loss_keys = _AGCL_PHASE1 + (("key_weight",) if phase == 2 else ())
     model = params.model
-    geometry: dict[str, Any] = {"prompt_length": model.prompt_length, "head_dropout": model.head_dropout}
+    geometry: dict[str, Any] = {"prompt_length": model.prompt_length, "head_dropout": model.head_dropout,
+                                "head_init": head_init(params, spec)}
     if spec.adapter:
         geometry["adapter_dim"] = model.adapter_dim
     if phase == 2:

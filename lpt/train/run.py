@@ -32,8 +32,8 @@ from lpt.train.batches import EpochBatches, build_samplers, epoch_indices, epoch
 from lpt.errors import TrainError
 from lpt.train.resume import (RESUME_FORMAT, ResumeState, fingerprint, load_resume_state, optimizer_from_flat,
                               optimizer_to_flat, phase_recipe, restore_rng_state, save_resume_state, scratch_dir,
-                              capture_rng_state, ResumeStateError)
-from lpt.optim import build_optimizer, build_scheduler, ib_stream_weight, scaled_lr, steps_per_epoch
+                              capture_rng_state, ResumeStateError, head_init)
+from lpt.optim import build_optimizer, build_scheduler, ib_stream_weight, phase_schedule, scaled_lr, stopped_early
 from lpt.optim import autocast
 from lpt.train.step import StepContext, train_step
 from lpt.utils import atomic_dir, resolve_device, seed_everything, sha256_file
@@ -97,15 +97,13 @@ class _PhaseRun:
         # transforms left null in params come from the backbone (its input size, pretrained mean/std/crop)
         self.transforms = resolve_transforms(self.params.transforms, build_architecture(self.params.backbone))
         self.data = load_phase_data(self.params, self.transforms)
-        # the recipe's floor(N / B) + 1, or fewer (train.phaseN.max_steps_per_epoch: a bounded run); the
+        # epochs of floor(N / B) + 1 steps (or fewer: max_steps_per_epoch), at least min_steps in all; the
         # warm-up, the cosine schedule and the IB weight w(e) all count these epochs
-        self.full_steps_per_epoch = steps_per_epoch(len(self.data.train), batch)
-        cap = self.cfg.max_steps_per_epoch
-        self.steps_per_epoch = self.full_steps_per_epoch if cap is None else min(cap, self.full_steps_per_epoch)
-        total_steps = self.steps_per_epoch * self.cfg.epochs
+        self.schedule = phase_schedule(len(self.data.train), self.cfg)
+        self.steps_per_epoch, self.epochs = self.schedule.steps_per_epoch, self.schedule.epochs
         model = self._build_model().to(self.device)
         optimizer = build_optimizer(model, self.cfg)
-        scheduler = build_scheduler(optimizer, total_steps, round(self.cfg.warmup_epochs * self.steps_per_epoch),
+        scheduler = build_scheduler(optimizer, self.schedule.total_steps, self.schedule.warmup_steps,
                                     self.cfg.warmup_lr)
         scaler = torch.amp.GradScaler("cuda") if tcfg.amp == "fp16" and self.device.startswith("cuda") else None
         self.ctx = StepContext(model=model, forward_model=self._wrap(model), optimizer=optimizer, scheduler=scheduler,
@@ -140,7 +138,7 @@ class _PhaseRun:
         if self.phase == 2:
             self._load_phase1_into(model)
             model.set_phase(2)
-        elif get_method(self.plan.method).head_init == "class_mean":
+        elif head_init(self.params, get_method(self.plan.method)) == "class_mean":
             # on the training device: a pass over the train split (every rank computes the same means)
             init_head_from_class_means(model.to(self.device), self.data, self.params.evaluate.batch_size,
                                        self.params.train.num_workers)
@@ -242,7 +240,7 @@ class _PhaseRun:
         ``train.checkpoint_every`` steps."""
         prog = self.progress
         streams = epoch_indices(self.samplers, prog.sampler_states, epoch, self.steps_per_epoch * self.rank_batch)
-        ib_w = ib_stream_weight(epoch, self.cfg.epochs, self.params.loss.ib_weight) if self.plan.dual_sampling else 1.0
+        ib_w = ib_stream_weight(epoch, self.epochs, self.params.loss.ib_weight) if self.plan.dual_sampling else 1.0
         if self.plan.dual_sampling and ib_w <= 0:
             streams = {"cb": streams["cb"]}  # w(e) == 0: skip loading (and forwarding) the IB batch
         dataset = EpochBatches(self.data.train, self.data.train_transform, streams, self.rank_batch,
@@ -252,7 +250,7 @@ class _PhaseRun:
                               epoch=epoch)
         self.model.train()
         bar = _progress_bar(self.steps_per_epoch, prog.step_in_epoch,
-                            f"phase {self.phase} epoch {epoch + 1}/{self.cfg.epochs}", self.dist.is_main)
+                            f"phase {self.phase} epoch {epoch + 1}/{self.epochs}", self.dist.is_main)
         for batches in loader:
             loss = train_step(self.ctx, batches, ib_w, prog.global_step)
             prog.loss_sum += loss
@@ -297,7 +295,7 @@ class _PhaseRun:
             self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.trainable_state_dict().items()}
         if self.dist.is_main:
             _log_live(live, row)
-            print(f"[train] phase {self.phase} epoch {epoch + 1}/{self.cfg.epochs}: loss {row['loss']:.4f}  "
+            print(f"[train] phase {self.phase} epoch {epoch + 1}/{self.epochs}: loss {row['loss']:.4f}  "
                   f"lr {row['lr']:.2e}  val acc {acc:.4f}  (best {prog.best_val_acc:.4f} @ epoch {prog.best_epoch})",
                   flush=True)
         prog.epoch, prog.step_in_epoch, prog.loss_sum = epoch + 1, 0, 0.0
@@ -312,7 +310,13 @@ class _PhaseRun:
             self._print_start(resumed)
         live = _open_live(self.scratch / "live", self.progress.history) if self.dist.is_main else None
         try:
-            for epoch in range(self.progress.epoch, self.cfg.epochs):
+            for epoch in range(self.progress.epoch, self.epochs):
+                if stopped_early(self.progress.epoch, self.progress.best_epoch, self.cfg.patience):
+                    if self.dist.is_main:
+                        print(f"[train] phase {self.phase}: stopped after epoch {self.progress.epoch} of "
+                              f"{self.epochs}, no better val accuracy in {self.cfg.patience} epochs "
+                              f"(train.phase{self.phase}.patience)", flush=True)
+                    break
                 self.train_epoch(epoch)
                 self.end_epoch(epoch, live)
         finally:
@@ -328,7 +332,7 @@ class _PhaseRun:
         streams = {"dual": "class-aware (CB) + instance-balanced (IB)", "cb": "class-aware (CB)",
                    "ib": "instance-balanced (IB)"}[self.plan.sampling]
         print(f"[train] method {self.plan.method}, phase {self.phase}: {len(self.data.train)} train / "
-              f"{len(self.data.val)} val images, {self.data.num_classes} classes; {self.cfg.epochs} epochs x "
+              f"{len(self.data.val)} val images, {self.data.num_classes} classes; {self.epochs} epochs x "
               f"{self.steps_per_epoch} steps{self._cap_note()}, global batch {self.cfg.batch_size} ({streams}), "
               f"world size {self.dist.world_size}, grad accum {self.cfg.grad_accum}, device {self.device}, "
               f"amp {self.params.train.amp}, lr {scaled_lr(self.cfg.lr, self.cfg.batch_size):.4g}"
@@ -336,9 +340,13 @@ class _PhaseRun:
         print(format_parameter_report(self.model.parameter_report()), flush=True)
 
     def _cap_note(self) -> str:
-        if self.steps_per_epoch == self.full_steps_per_epoch:
-            return ""
-        return f" (of {self.full_steps_per_epoch}: train.phase{self.phase}.max_steps_per_epoch)"
+        notes = []
+        if self.steps_per_epoch != self.schedule.full_steps_per_epoch:
+            notes.append(f"of {self.schedule.full_steps_per_epoch}: train.phase{self.phase}.max_steps_per_epoch")
+        if self.epochs > self.cfg.epochs:
+            notes.append(f"{self.epochs} epochs, not {self.cfg.epochs}: train.phase{self.phase}.min_steps "
+                         f"{self.cfg.min_steps}")
+        return f" ({'; '.join(notes)})" if notes else ""
 
     def _publish(self) -> dict[str, Any]:
         """Write the best-validation model + curves into a temp folder that replaces ``phase{N}/`` whole,
@@ -351,7 +359,8 @@ class _PhaseRun:
         if self.dist.is_main:
             meta = {"class_counts": self.data.class_counts, "recipe": self.recipe,
                     "recipe_sha256": _sha256_json(self.recipe), "best_val_acc": prog.best_val_acc,
-                    "best_epoch": prog.best_epoch, "epochs": self.cfg.epochs, "steps": prog.global_step,
+                    "best_epoch": prog.best_epoch, "epochs": self.epochs, "epochs_run": prog.epoch,
+                    "steps": prog.global_step,
                     "history": prog.history, "world_size": self.dist.world_size,
                     "transforms": self.transforms.as_dict()}
             with atomic_dir(self.phase_dir) as tmp:
@@ -400,7 +409,9 @@ def init_head_from_class_means(model: Any, data: Any, batch_size: int, num_worke
         counts.index_add_(0, y, torch.ones(len(y), dtype=torch.float64))
     seen = counts > 0
     means = sums[seen] / counts[seen].unsqueeze(1)  # [C_seen, D]
-    model.head.weight[seen] = means.to(model.head.weight)
+    # unit rows, as LIFT: the cosine head ignores a row's length, but SGD turns a row by about lr / |w|^2,
+    # so a raw mean (|w| ~ 10) would barely move
+    model.head.weight[seen] = torch.nn.functional.normalize(means, dim=1).to(model.head.weight)
     model.train(was_training)
     return counts
 

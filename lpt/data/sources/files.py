@@ -11,11 +11,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lpt.data.longtail import holdout
 from lpt.data.sources.base import BadItems, IngestError, Item
+
+if TYPE_CHECKING:
+    from lpt.config import DataConfig
 
 __all__ = ["Entry", "RootGuard", "normalise", "dedupe", "to_items", "train_val"]
 
@@ -115,11 +119,13 @@ def to_items(entries: list[Entry], seed: int, code: int) -> list[Item]:
     return [Item(f"{entries[i].where} {entries[i].path}", entries[i].label, entries[i].path) for i in order]
 
 
-def train_val(train: list[Entry], val: list[Entry] | None, num_classes: int, val_per_class: int,
+def train_val(train: list[Entry], val: list[Entry] | None, num_classes: int, cfg: DataConfig,
               seed: int) -> tuple[list[Entry], list[Entry]]:
-    """Use the given val entries, or hold ``min(val_per_class, n_c // 2)`` per class out of train."""
+    """Use the given val entries, or hold some of each class out of train (:func:`lpt.data.longtail.holdout`:
+    ``data.val_per_class``, at most ``data.val_max_fraction`` of a class, never below
+    ``data.min_train_per_class`` training images)."""
     if val is not None:
         return train, val
     labels = np.array([e.label for e in train], dtype=np.int64)
-    tr, va = holdout(labels, num_classes, val_per_class, seed)
+    tr, va = holdout(labels, num_classes, cfg.val_per_class, seed, cfg.val_max_fraction, cfg.min_train_per_class)
     return [train[i] for i in tr], [train[i] for i in va]

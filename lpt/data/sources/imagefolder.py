@@ -67,7 +67,7 @@ def load(cfg, seed: int, bad: BadItems) -> SourceData:
         train, val = [train[i] for i in tr], (val if val is not None else [train[i] for i in va])
     else:
         carved = val is None
-        train, val = train_val(train, val, len(class_names), cfg.val_per_class, seed)
+        train, val = train_val(train, val, len(class_names), cfg, seed)
     splits = {name: to_items(entries, seed, code) for code, (name, entries) in
               enumerate((("train", train), ("val", val), ("test", test)))}
     return SourceData(class_names=class_names, splits=splits, image_size=None,

@@ -158,7 +158,7 @@ def load(cfg, seed: int, bad: BadItems) -> SourceData:
     train = parse_json(ic.train_json, root, label_of, bad, guard)
     if ic.test_json is None:
         test = parse_json(ic.val_json, root, label_of, bad, guard)
-        train, val = train_val(train, None, len(names), cfg.val_per_class, seed)
+        train, val = train_val(train, None, len(names), cfg, seed)
     else:
         val = parse_json(ic.val_json, root, label_of, bad, guard)
         test = parse_json(ic.test_json, root, label_of, bad, guard)

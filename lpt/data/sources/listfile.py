@@ -122,7 +122,7 @@ def load(cfg, seed: int, bad: BadItems) -> SourceData:
     val = parse_list(lc.val_list, root, len(names), bad, guard) if lc.val_list is not None else None
     test = parse_list(lc.test_list, root, len(names), bad, guard)
     carved = val is None  # no val list: val is held out of train
-    train, val = train_val(train, val, len(names), cfg.val_per_class, seed)
+    train, val = train_val(train, val, len(names), cfg, seed)
     splits = {name: to_items(entries, seed, code) for code, (name, entries) in
               enumerate((("train", train), ("val", val), ("test", test)))}
     return SourceData(class_names=names, splits=splits, image_size=None, val_from_train=carved)
