@@ -190,7 +190,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """
     if img.mode == "RGB":
         return img
-    return Image.fromarray(to_rgb_array(img), mode="RGB")
+    return Image.fromarray(to_rgb_array(img))  # HxWx3 uint8: RGB
 
 
 def load_image(path: str | os.PathLike[str]) -> Image.Image:

@@ -20,6 +20,7 @@ Three rules, each refused with :class:`ImageRefused` (one line, no file name: ca
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import stat
@@ -95,6 +96,13 @@ def sniff_format(prefix: bytes) -> str | None:
     return None
 
 
+@functools.cache
+def _decoders() -> tuple[str, ...]:
+    """The allowed formats this Pillow build can open (``Image.open`` fails on a name it has no plugin for)."""
+    Image.init()
+    return tuple(name for name in ALLOWED_FORMATS if name in Image.OPEN)
+
+
 def _refuse_size(image: Image.Image) -> None:
     width, height = image.size
     if width > MAX_IMAGE_SIDE or height > MAX_IMAGE_SIDE or width * height > MAX_IMAGE_PIXELS:
@@ -119,7 +127,7 @@ def open_image(data: bytes) -> Image.Image:
     try:
         with warnings.catch_warnings():  # over MAX_IMAGE_PIXELS: refused below, not warned about
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+            image = Image.open(io.BytesIO(data), formats=_decoders())
     except Image.DecompressionBombError as err:
         raise ImageRefused(f"too large ({err})") from None
     except UnidentifiedImageError:

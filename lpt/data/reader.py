@@ -183,7 +183,7 @@ def decode_image(data: bytes) -> Image.Image:
     """Decode image bytes to an RGB PIL image (:mod:`lpt.data.imageio`: allowed formats and sizes only, and
     the pixels ``lpt predict`` computes from the same bytes)."""
     with open_image(data) as im:
-        return Image.fromarray(to_rgb_array(im), mode="RGB")
+        return Image.fromarray(to_rgb_array(im))  # HxWx3 uint8: RGB
 
 
 def _tar_members(path: Path, raw: bytes | mmap.mmap) -> list[tuple[str, int, int]]:

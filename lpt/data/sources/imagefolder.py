@@ -4,9 +4,10 @@ Classes are the sorted sub-folders of ``root/train``. Without ``root/val``, ``va
 per class are held out of train. With ``longtail: true`` a balanced train folder is subsampled with the
 exponential profile (``imbalance_ratio``, ``max_per_class``; class order = sorted folder names), val
 carved from the same pool first. Hidden files are ignored; anything else that is not an image is a bad
-item, and so is an entry that is not a regular file (a FIFO, socket or device: reported, never opened). A file whose real location is outside ``root`` (a symlinked file, class folder or split folder that
-points elsewhere) is refused, naming the symlink, unless ``data.allow_outside_root`` is true. Symlinks to
-folders *inside* a class folder are not followed (Python's ``rglob``), as before.
+item, and so is an entry that is not a regular file (a FIFO, socket or device: reported, never opened). A
+file whose real location is outside ``root`` (a symlinked file, class folder or split folder that points
+elsewhere) is refused, naming the symlink, unless ``data.allow_outside_root`` is true. Symlinks to folders
+*inside* a class folder are not followed (Python's ``rglob``), as before.
 """
 
 from __future__ import annotations
