@@ -304,7 +304,7 @@ def predict(paths: Annotated[list[Path], typer.Argument(
     `lpt predict MODEL.onnx IMAGES...` or `lpt predict --pack A.pack --pack B.pack IMAGES...` (numpy +
     onnxruntime + Pillow; packs are read with safetensors' numpy API).
     """
-    from lpt.runtime import PredictError, Predictor, format_predictions, read_pack
+    from lpt.runtime import PredictError, Predictor, PredictRefused, format_predictions, read_pack
 
     try:
         if pack:
@@ -319,8 +319,8 @@ def predict(paths: Annotated[list[Path], typer.Argument(
                       BAD_PARAMS)
             predictor, images = Predictor(paths[0]), paths[1:]
         rows = predictor.predict_paths(images, top_k=top_k, batch_size=batch_size)
-    except PredictError as err:
-        _fail(str(err))
+    except PredictError as err:  # refused by policy (image format, size, a FIFO): a usage error, exit 2
+        _fail(str(err), BAD_PARAMS if isinstance(err, PredictRefused) else ERROR)
     typer.echo(format_predictions(rows, fmt="json" if json_ else "csv" if csv else "text"))
 
 

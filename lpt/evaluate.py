@@ -32,6 +32,7 @@ import numpy as np
 
 from lpt import metrics as M
 from lpt.config import Params
+from lpt.escaping import markdown_cell
 from lpt.gate import GATE_FILE, check_gate, gate_verdict, probe_metrics_path, read_gate_verdict  # noqa: F401
 from lpt.utils import atomic_dir, atomic_path, write_json_atomic
 
@@ -441,8 +442,9 @@ def _summary_markdown(rows: dict[str, list[dict[str, Any]]], acc: np.ndarray, gr
               "| class | training images | test images | accuracy (%) | most often taken for | share (%) |",
               "|---|---|---|---|---|---|"]
     for w in worst:
-        lines.append(f"| {w['class']} | {w['train_count']} | {w['test_images']} | {_fmt(w['accuracy'])} | "
-                     f"{w['confused_with'] or '–'} | {_fmt(w['confused_share'])} |")
+        confused = markdown_cell(w["confused_with"]) if w["confused_with"] is not None else "–"
+        lines.append(f"| {markdown_cell(w['class'])} | {w['train_count']} | {w['test_images']} | "
+                     f"{_fmt(w['accuracy'])} | {confused} | {_fmt(w['confused_share'])} |")
     return lines + [""]
 
 

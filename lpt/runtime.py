@@ -5,7 +5,8 @@ prompt selection, prompted pass, cosine head); everything a consumer needs to fe
 ``metadata_props`` (see :data:`REQUIRED_METADATA` and ``docs/export.md``). This module reads that
 metadata and reproduces training's *test* transform exactly (``lpt.data.reader.build_transform(train=False)``):
 
-1. decode with Pillow and convert to RGB (:func:`to_rgb`),
+1. read and decode with :mod:`lpt.data.imageio` (regular files, allowed formats and sizes only) and convert to
+   RGB (:func:`to_rgb`: the pixels ingest stores for the same file),
 2. resize the shorter side to ``resize`` (bilinear, antialiased: Pillow's resampling, as torchvision
    does on PIL images); the longer side becomes ``int(resize * long / short)``,
 3. center-crop ``input_size`` x ``input_size`` (zero padding where the image is smaller, as torchvision),
@@ -44,6 +45,9 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from lpt.data.imageio import ImageRefused, open_image, read_image_file, to_rgb_array
+from lpt.escaping import csv_cell, text_line
+
 __all__ = [
     "LPT_FORMAT",
     "REQUIRED_METADATA",
@@ -57,6 +61,7 @@ __all__ = [
     "geometry_differences",
     "IMAGE_EXTENSIONS",
     "PredictError",
+    "PredictRefused",
     "Preprocessing",
     "Predictor",
     "to_rgb",
@@ -117,6 +122,11 @@ class PredictError(RuntimeError):
     """A model or image cannot be used; the message names the file and what is wrong."""
 
 
+class PredictRefused(PredictError):
+    """An input refused by policy (an image format outside the allowlist, too many pixels, a FIFO or device
+    instead of a file: :mod:`lpt.data.imageio`); ``lpt predict`` exits 2 on it, 1 on other errors."""
+
+
 # ------------------------------------------------------------------------------------ preprocessing
 @dataclass(frozen=True)
 class Preprocessing:
@@ -163,13 +173,14 @@ class Preprocessing:
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any Pillow image to 8-bit RGB, the way training sees images.
 
+    The pixels are :func:`lpt.data.imageio.to_rgb_array`'s, the conversion ingest stores in the shards:
+
     * ``RGB``: unchanged.
     * ``L``/``1``/``P``/``CMYK``/``YCbCr``/...: Pillow's ``convert("RGB")`` (grey is replicated to the
       three channels, palettes are expanded).
-    * With alpha (``RGBA``, ``LA``, ``PA``, palettes with transparency): the alpha channel is dropped
-      (``convert("RGB")``), exactly as the ingest path decodes training images.
-    * 16-bit grey (``I;16*``): scaled to 8 bits (``value >> 8``) instead of Pillow's clipping to 255;
-      32-bit ``I``/``F``: clipped to 0..255.
+    * With alpha (``RGBA``, ``LA``, ``PA``, palettes with transparency): the alpha channel is dropped.
+    * High-bit-depth grey: ``I;16*`` and ``I`` (16-bit data) as ``value >> 8``, ``F`` (intensities in [0, 1])
+      as ``round(value * 255)``; ``I`` outside 0..65535 or ``F`` outside [0, 1] raises ``ValueError``.
 
     Args:
         img: a decoded Pillow image.
@@ -179,30 +190,28 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """
     if img.mode == "RGB":
         return img
-    if img.mode.startswith("I;16"):
-        arr = (np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
-    if img.mode in ("I", "F"):
-        arr = np.clip(np.asarray(img, dtype=np.float64), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")  # avoids Pillow's warning; alpha is dropped next, as for RGBA
-    return img.convert("RGB")
+    return Image.fromarray(to_rgb_array(img))  # HxWx3 uint8: RGB
 
 
 def load_image(path: str | os.PathLike[str]) -> Image.Image:
-    """Decode an image file into RGB.
+    """Read and decode an image file into RGB (:mod:`lpt.data.imageio`: a regular file of an allowed format
+    and size).
 
     Raises:
+        PredictRefused: a format outside the allowlist, too many pixels, or not a regular file (names the
+            file and why).
         PredictError: the file is missing or is not an image Pillow can decode (names the file).
     """
     path = Path(path)
-    if not path.is_file():
-        raise PredictError(f"{path}: no such image file")
     try:
-        with Image.open(path) as img:
+        data = read_image_file(path)
+        with open_image(data) as img:
             img.load()
             return to_rgb(img)
+    except FileNotFoundError:
+        raise PredictError(f"{path}: no such image file") from None
+    except ImageRefused as err:
+        raise PredictRefused(f"{path}: {err}") from None
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
         raise PredictError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
 
@@ -246,7 +255,9 @@ def collect_image_paths(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
     """Expand files and folders into a list of image files.
 
     Files named explicitly are kept whatever their extension (a non-image fails later, naming the file);
-    folders are searched recursively for :data:`IMAGE_EXTENSIONS`, sorted.
+    folders are searched recursively for :data:`IMAGE_EXTENSIONS`, sorted. Entries that exist but are not
+    regular files (a FIFO named ``x.png``) are kept too: :func:`load_image` refuses them by name, without
+    opening them.
 
     Raises:
         PredictError: a path does not exist, or nothing was found.
@@ -256,8 +267,9 @@ def collect_image_paths(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
-            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS))
-        elif p.is_file():
+            out.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.exists()
+                              and not f.is_dir()))
+        elif p.exists():
             out.append(p)
         else:
             raise PredictError(f"{p}: no such file or folder")
@@ -682,7 +694,8 @@ def format_predictions(rows: Sequence[dict[str, Any]], fmt: Literal["text", "jso
         rows: from :meth:`Predictor.predict_paths` (``path`` optional; ``task`` with packs).
         fmt: ``text`` (one line per image: ``path: class (score), ...``; with packs ``path [task]: ...``),
             ``json`` (JSON lines, one object per row) or ``csv`` (header ``path,rank,label,class,score``, one
-            line per class; with packs ``path,task,rank,label,class,score``).
+            line per class; with packs ``path,task,rank,label,class,score``). Names and paths are escaped in
+            text and CSV (:mod:`lpt.escaping`: control characters, a leading ``=+-@``); JSON keeps them exact.
 
     Returns:
         The rendered text (no trailing newline).
@@ -696,14 +709,14 @@ def format_predictions(rows: Sequence[dict[str, Any]], fmt: Literal["text", "jso
         writer.writerow(["path", *(["task"] if tasks else []), "rank", "label", "class", "score"])
         for r in rows:
             for rank, (label, name, score) in enumerate(zip(r["labels"], r["classes"], r["scores"]), 1):
-                writer.writerow([r.get("path", ""), *([r.get("task", "")] if tasks else []), rank, label, name,
-                                 f"{score:.6f}"])
+                writer.writerow([csv_cell(r.get("path", "")), *([csv_cell(r.get("task", ""))] if tasks else []),
+                                 rank, label, csv_cell(name), f"{score:.6f}"])
         return buf.getvalue().rstrip("\n")
     if fmt == "text":
         lines = []
         for i, r in enumerate(rows):
-            preds = ", ".join(f"{n} ({s:.3f})" for n, s in zip(r["classes"], r["scores"]))
-            task = f" [{r['task']}]" if "task" in r else ""
-            lines.append(f"{r.get('path', i)}{task}: {preds}")
+            preds = ", ".join(f"{text_line(n)} ({s:.3f})" for n, s in zip(r["classes"], r["scores"]))
+            task = f" [{text_line(r['task'])}]" if "task" in r else ""
+            lines.append(f"{text_line(r.get('path', i))}{task}: {preds}")
         return "\n".join(lines)
     raise PredictError(f"unknown output format {fmt!r} (text, json or csv)")

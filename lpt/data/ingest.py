@@ -26,6 +26,7 @@ from lpt.data.layout import MANIFEST_FILE
 from lpt.data.shards import SplitWriteResult, encoded_items, write_split
 from lpt.data.sources import MODULES
 from lpt.data.sources.base import BadItems, IngestError, SourceData
+from lpt.escaping import text_line
 from lpt.utils import atomic_dir, write_json_atomic
 
 __all__ = ["IngestError", "IngestResult", "run_ingest", "load_source", "build_manifest", "full_train_counts"]
@@ -65,7 +66,7 @@ def _class_counts(labels, num_classes: int) -> list[int]:
 def _check_classes(data: SourceData, written: dict[str, SplitWriteResult]) -> list[int]:
     """Per-class train counts; an empty train class is an error naming it."""
     counts = _class_counts(written["train"].labels, len(data.class_names))
-    empty = [f"{i} ({data.class_names[i]})" for i, n in enumerate(counts) if n == 0]
+    empty = [f"{i} ({text_line(data.class_names[i])})" for i, n in enumerate(counts) if n == 0]
     if empty:
         raise IngestError(f"data.source {len(empty)} class(es) have no train image: {', '.join(empty[:10])}")
     return counts

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from lpt.data.imageio import open_image, to_rgb_array
 from lpt.data.layout import MANIFEST_FILE
 
 __all__ = ["ShardError", "load_manifest", "group_counts", "split_records", "shard_paths", "verify_shard", "verify_split",
@@ -179,9 +180,10 @@ def verify_shard(path: Path, raw: bytes | mmap.mmap, record: dict, split: str) -
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """Decode image bytes to an RGB PIL image."""
-    with Image.open(io.BytesIO(data)) as im:
-        return im.convert("RGB")
+    """Decode image bytes to an RGB PIL image (:mod:`lpt.data.imageio`: allowed formats and sizes only, and
+    the pixels ``lpt predict`` computes from the same bytes)."""
+    with open_image(data) as im:
+        return Image.fromarray(to_rgb_array(im))  # HxWx3 uint8: RGB
 
 
 def _tar_members(path: Path, raw: bytes | mmap.mmap) -> list[tuple[str, int, int]]:

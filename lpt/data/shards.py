@@ -8,8 +8,10 @@ Shards are plain POSIX ustar archives (what ``webdataset.TarWriter`` writes, min
 headers Python's tarfile adds) with fixed owner and mtime, so the same input gives byte-identical shards.
 The headers are built directly: ``tarfile.addfile`` cost ~100 us per member, more than the PNG encode.
 
-High-bit-depth grayscale (PIL modes ``I;16*``, ``I``, ``F``) is reduced to 8 bits by a fixed rule per mode
-(:func:`to_8bit_gray`), never by Pillow's ``convert("RGB")``, which clips every value above 255 to white.
+Images are read and decoded through :mod:`lpt.data.imageio` (allowed formats and sizes, regular files only)
+and converted by its :func:`~lpt.data.imageio.to_rgb_array`, the conversion ``lpt predict`` uses too: high-bit-depth
+grayscale (PIL modes ``I;16*``, ``I``, ``F``) is reduced to 8 bits by a fixed rule per mode, never by Pillow's
+``convert("RGB")``, which clips every value above 255 to white.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from lpt.data.imageio import ImageRefused, open_image, read_image_file, to_rgb_array
 from lpt.data.layout import shard_name
 from lpt.data.sources.base import BadItems, Item, Payload
 from lpt.utils import sha256_file
@@ -75,64 +78,30 @@ def _encode_array(arr: np.ndarray) -> Encoded:
     return Encoded(_png_bytes(image), "png", arr.shape[1], arr.shape[0])
 
 
-UINT16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
-"""PIL modes of unsigned 16-bit grayscale (16-bit PNG opens as ``I;16``; TIFF as ``I;16``/``I;16B``)."""
-HIGH_BIT_MODES = (*UINT16_MODES, "I", "F")
-
-
-def to_8bit_gray(image: Image.Image) -> np.ndarray:
-    """An HxW uint8 array from a high-bit-depth grayscale image, by a fixed rule per mode.
-
-    * ``I;16``, ``I;16L``, ``I;16B``, ``I;16N`` (unsigned 16 bit, 0..65535): ``v >> 8``, the high byte,
-      as Pillow itself reduces 16-bit RGB PNGs; 0 -> 0, 65535 -> 255, monotone.
-    * ``I`` (32-bit signed): taken as 16-bit data (what Pillow gives 16-bit files in this mode):
-      ``v >> 8``; a value outside 0..65535 has no defined 8-bit value and the image is refused.
-    * ``F`` (32-bit float): taken as intensities in [0, 1] (the float-image convention): ``round(v * 255)``;
-      a value outside [0, 1] or NaN is refused.
-
-    The rule never depends on an image's own min/max, so equal values give equal pixels across images.
-
-    Raises:
-        ValueError: values outside the mode's range (the message says which range).
-    """
-    arr = np.asarray(image)
-    if image.mode in UINT16_MODES:
-        return (arr.astype(np.uint16) >> 8).astype(np.uint8)
-    if image.mode == "I":
-        lo, hi = int(arr.min()), int(arr.max())
-        if lo < 0 or hi > 65535:
-            raise ValueError(f"32-bit integer image with values {lo}..{hi}; only 0..65535 (16-bit data) is "
-                             f"defined (convert it to 8 or 16 bit)")
-        return (arr.astype(np.uint32) >> 8).astype(np.uint8)
-    if image.mode == "F":
-        if not np.isfinite(arr).all() or arr.min() < 0.0 or arr.max() > 1.0:
-            raise ValueError(f"float image with values outside [0, 1] ({np.nanmin(arr):g}..{np.nanmax(arr):g}); "
-                             f"its intensity range is unknown (convert it to 8 or 16 bit)")
-        return np.round(arr.astype(np.float64) * 255.0).astype(np.uint8)
-    raise ValueError(f"mode {image.mode} is not a high-bit-depth grayscale mode")
-
-
 def _encode_bytes(raw: bytes) -> Encoded:
-    with Image.open(io.BytesIO(raw)) as image:
+    with open_image(raw) as image:
         fmt, mode = image.format, image.mode
         image.load()  # full decode: truncated files fail here, not at training time
         if fmt in KEEP_FORMATS and mode == "RGB":
             return Encoded(raw, KEEP_FORMATS[fmt], image.width, image.height)
-        if mode in HIGH_BIT_MODES:
-            return _encode_array(to_8bit_gray(image))
-        rgb = image.convert("RGB")
-    return Encoded(_png_bytes(rgb), "png", rgb.width, rgb.height)
+        return _encode_array(to_rgb_array(image))
 
 
 def encode_payload(payload: Payload) -> Encoded:
-    """Turn a source payload into shard bytes; never raises (errors are returned in ``error``)."""
+    """Turn a source payload into shard bytes; never raises (errors are returned in ``error``).
+
+    Files are read with :func:`lpt.data.imageio.read_image_file` (a FIFO or device is refused, never opened)
+    and decoded with :func:`lpt.data.imageio.open_image` (allowed formats and sizes only).
+    """
     try:
         if isinstance(payload, np.ndarray):
             return _encode_array(payload)
-        raw = Path(payload).read_bytes() if isinstance(payload, (str, Path)) else bytes(payload)
+        raw = read_image_file(payload) if isinstance(payload, (str, Path)) else bytes(payload)
         if not raw:
             return Encoded(error="empty file")
         return _encode_bytes(raw)
+    except ImageRefused as err:
+        return Encoded(error=str(err))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         return Encoded(error=f"not a readable image ({type(err).__name__}: {err})")
 

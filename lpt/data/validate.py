@@ -23,7 +23,6 @@ split and class index and name), not just the offending values.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from collections.abc import Callable
@@ -32,12 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
+from lpt.data.imageio import open_image, to_rgb_array
 from lpt.data.longtail import profile_applies
 from lpt.data.reader import (DECODE_ERRORS, IMAGE_EXTS, MANIFEST_FILE, ShardError, load_manifest, parse_shard,
                              split_records)
+from lpt.escaping import markdown_cell
 from lpt.utils import atomic_path, sha256_file, write_json_atomic
 
 __all__ = ["ValidationResult", "run_validation", "read_shards", "image_table", "image_where", "class_table",
@@ -85,10 +85,11 @@ def _image_values(parts: dict[str, bytes]) -> tuple:
     except (KeyError, ValueError, TypeError):
         pass
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with open_image(data) as im:
             im.load()
-            width, height, channels, decodes_ok = im.width, im.height, len(im.getbands()), True
-            pixels = im.convert("RGB").tobytes()
+            width, height, channels = im.width, im.height, len(im.getbands())
+            pixels = np.ascontiguousarray(to_rgb_array(im)).tobytes()
+            decodes_ok = True
         rgb = np.frombuffer(pixels, dtype=np.uint8).reshape(-1, 3)
         pixel_range = int((rgb.max(axis=0) - rgb.min(axis=0)).max()) if len(rgb) else 0
         digest = hashlib.sha256(pixels).digest()
@@ -443,7 +444,7 @@ def _report(checks: list[dict], counts: dict, success: bool, shards_dir: Path) -
              "| | check | table | column | unexpected | expectation |", "|---|---|---|---|---|---|"]
     for c in checks:
         mark = "ok" if c["success"] else ("warn" if c["warn_only"] else "FAIL")
-        lines.append(f"| {mark} | {c['details'].replace('|', '/')} | {c['table']} | `{c['column']}` | "
+        lines.append(f"| {mark} | {markdown_cell(c['details'])} | {c['table']} | `{c['column']}` | "
                      f"{c['unexpected_count']} | `{c['expectation']}` |")
     return "\n".join(lines) + "\n"
 

@@ -4,17 +4,20 @@ Classes are the sorted sub-folders of ``root/train``. Without ``root/val``, ``va
 per class are held out of train. With ``longtail: true`` a balanced train folder is subsampled with the
 exponential profile (``imbalance_ratio``, ``max_per_class``; class order = sorted folder names), val
 carved from the same pool first. Hidden files are ignored; anything else that is not an image is a bad
-item. A file whose real location is outside ``root`` (a symlinked file, class folder or split folder that
-points elsewhere) is refused, naming the symlink, unless ``data.allow_outside_root`` is true. Symlinks to
-folders *inside* a class folder are not followed (Python's ``rglob``), as before.
+item, and so is an entry that is not a regular file (a FIFO, socket or device: reported, never opened). A
+file whose real location is outside ``root`` (a symlinked file, class folder or split folder that points
+elsewhere) is refused, naming the symlink, unless ``data.allow_outside_root`` is true. Symlinks to folders
+*inside* a class folder are not followed (Python's ``rglob``), as before.
 """
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 
 import numpy as np
 
+from lpt.data.imageio import file_kind
 from lpt.data.longtail import carve_pool, longtail_counts
 from lpt.data.sources.base import BadItems, IngestError, SourceData, require_dir
 from lpt.data.sources.files import Entry, RootGuard, to_items, train_val
@@ -22,8 +25,26 @@ from lpt.data.sources.files import Entry, RootGuard, to_items, train_val
 __all__ = ["load", "scan_split"]
 
 
+def _scan(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The regular files below ``folder``, and its entries that are neither a file nor a folder (FIFOs,
+    sockets, devices: ``(path, kind)``), both sorted; hidden names and broken symlinks are left out."""
+    files, special = [], []
+    for p in folder.rglob("*"):
+        if p.name.startswith("."):
+            continue
+        try:
+            mode = p.stat().st_mode  # follows symlinks, as is_file() did; never opens the entry
+        except OSError:
+            continue
+        if stat.S_ISREG(mode):
+            files.append(p)
+        elif not stat.S_ISDIR(mode):
+            special.append((p, file_kind(mode)))
+    return sorted(files), sorted(special)
+
+
 def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return _scan(folder)[0]
 
 
 def scan_split(split_dir: Path, class_names: list[str], bad: BadItems, guard: RootGuard | None = None) -> list[Entry]:
@@ -39,7 +60,10 @@ def scan_split(split_dir: Path, class_names: list[str], bad: BadItems, guard: Ro
         if sub.name not in index:
             bad(str(sub), f"unknown label: class folder {sub.name!r} does not exist under train/")
             continue
-        for path in _files(sub):
+        files, special = _scan(sub)
+        for path, kind in special:  # a FIFO would block the reader: never opened, reported by name
+            bad(str(path), f"not a regular file ({kind}): an image must be a regular file")
+        for path in files:
             guard.check(path, str(path))
             entries.append(Entry(path, index[sub.name], str(path.relative_to(split_dir.parent))))
     return entries
