@@ -32,6 +32,19 @@ def _version(value: bool) -> None:
 def _main(version: Annotated[bool, typer.Option("--version", help="print the version and exit", is_eager=True,
                                                 callback=_version)] = False) -> None:
     """LPT: long-tailed prompt tuning — ingest, validate, train, evaluate, export, predict."""
+    _ignore_file_size_signal()
+
+
+def _ignore_file_size_signal() -> None:
+    """A file over the size limit (``ulimit -f``) must fail the write with EFBIG, one `error:` line naming the
+    output, not kill the process with SIGXFSZ. CPython ignores the signal at startup; an embedding host may not."""
+    import signal
+
+    if hasattr(signal, "SIGXFSZ"):
+        with contextlib.suppress(ValueError):  # not the main thread: leave the host's setting alone
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
 params_app = typer.Typer(help="Inspect and check params.yaml.", no_args_is_help=True)
 app.add_typer(params_app, name="params")
 
@@ -68,15 +81,21 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from lpt.utils import JsonFileError
 
     return (TrainError, CheckpointError, BackboneError, IngestError, ShardError, JsonFileError, FileNotFoundError,
-            CompareError)
+            CompareError, OSError)
 
 
 @contextlib.contextmanager
 def _library_errors() -> Iterator[None]:
-    """Turn the library's expected failures into one `error:` line and exit code 1."""
+    """Turn the library's expected failures into one `error:` line: exit 2 for an output folder that may not be
+    written (a choice of path), 1 for the rest, filesystem faults included (no space, file size limit,
+    permission denied, name too long: the message names the path)."""
+    from lpt.utils import OutputDirError
+
     expected = _expected_errors()
     try:
         yield
+    except OutputDirError as err:
+        _fail(str(err), BAD_PARAMS)
     except expected as err:
         message = str(err)
         if "Original Traceback" in message:  # re-raised from a DataLoader worker: keep the error, not the trace

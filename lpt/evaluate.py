@@ -34,7 +34,7 @@ from lpt import metrics as M
 from lpt.config import Params
 from lpt.escaping import markdown_cell
 from lpt.gate import GATE_FILE, check_gate, gate_verdict, probe_metrics_path, read_gate_verdict  # noqa: F401
-from lpt.utils import atomic_dir, atomic_path, write_json_atomic
+from lpt.utils import atomic_dir, atomic_path, check_output_dir, refuse_protected, write_json_atomic
 
 __all__ = [
     "EvaluateResult",
@@ -516,6 +516,20 @@ def pixel_baseline_accuracy(params: Params, manifest: dict[str, Any], transforms
     data = load_pixels(params, transforms)
     return {name: float(run_pixel_baseline(name, params, data).metrics["overall"]) for name in names}
 
+_PLOTS = {"what": "evaluate.out_dir plots", "own": ("per_class_accuracy.json", "confusion.json", "prompt_usage.json")}
+_FIGURES = {"what": "evaluate.out_dir figures", "own": ("per_class_accuracy.png", "confusion.png", "prompt_usage.png",
+                                                      "training_curves.png")}
+"""What ``plots/`` and ``figures/`` hold: a folder with anything else is never replaced
+(:func:`lpt.utils.check_output_dir`)."""
+
+
+def check_evaluate_outputs(out: Path) -> None:
+    """Refuse ``evaluate.out_dir`` before any work when it is protected or its ``plots/`` / ``figures/`` are
+    not this stage's (:func:`lpt.utils.check_output_dir`)."""
+    refuse_protected(out, "evaluate.out_dir")
+    check_output_dir(out / "plots", **_PLOTS)
+    check_output_dir(out / "figures", **_FIGURES)
+
 
 def run_evaluate(params: Params, phase_dir: Path | None = None) -> EvaluateResult:
     """Evaluate the final model on the test split, write metrics/gate/plots/figures/report, apply the gate.
@@ -528,6 +542,10 @@ def run_evaluate(params: Params, phase_dir: Path | None = None) -> EvaluateResul
 
     Returns:
         :class:`EvaluateResult`. ``metrics.json`` and ``gate.json`` are written even when the gate fails.
+
+    Raises:
+        OutputDirError: ``evaluate.out_dir`` is ``.``, a repository root, ... or its ``plots/`` / ``figures/``
+            hold files this project did not write (checked before any work).
     """
     import torch
     from torch.utils.data import DataLoader
@@ -537,6 +555,7 @@ def run_evaluate(params: Params, phase_dir: Path | None = None) -> EvaluateResul
     from lpt.model.lpt import load_trained_model
     from lpt.utils import resolve_device, seed_everything
 
+    check_evaluate_outputs(Path(params.evaluate.out_dir))
     if params.train.threads > 0:
         torch.set_num_threads(params.train.threads)
     device = resolve_device(params.train.device)
@@ -581,7 +600,7 @@ def run_evaluate(params: Params, phase_dir: Path | None = None) -> EvaluateResul
     usage = M.prompt_usage(preds.selected, preds.labels, counts, pool_size)
     rows = _plot_rows(preds.pred, preds.labels, usage, counts, class_names, pool_size,
                       params.evaluate.max_plot_classes)
-    with atomic_dir(out / "plots") as tmp:
+    with atomic_dir(out / "plots", **_PLOTS) as tmp:
         for name, data in rows.items():
             (tmp / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
     summary_lines, summary = None, None
@@ -593,7 +612,7 @@ def run_evaluate(params: Params, phase_dir: Path | None = None) -> EvaluateResul
                                           worst_classes(preds.pred, preds.labels, counts, class_names))
     else:
         cm = M.confusion_matrix(preds.pred, preds.labels, len(counts))
-    with atomic_dir(out / "figures") as tmp:
+    with atomic_dir(out / "figures", **_FIGURES) as tmp:
         figures = _write_figures(tmp, rows, cm, usage, preds.selected is not None, Path(params.train.out_dir),
                                  summary)
     report = out / "report.md"

@@ -10,9 +10,12 @@ __all__ = ["OK", "ERROR", "BAD_PARAMS", "VALIDATION_FAILED", "GATE_FAILED", "PAR
 
 OK = 0
 ERROR = 1
-"""A library error: missing or damaged input, a bad checkpoint, a failed step (the message names it)."""
+"""A library error: missing or damaged input, a bad checkpoint, a failed step, or a filesystem fault while
+writing (no space, file size limit, permission denied, name too long: the message names the output path, whose
+previous contents are intact)."""
 BAD_PARAMS = 2
-"""params.yaml or an override is invalid, or a command-line usage error."""
+"""params.yaml or an override is invalid, a command-line usage error, or an output folder the project may not
+write (``.``, a repository root, a folder holding files the project did not write: docs/security.md)."""
 VALIDATION_FAILED = 3
 """``lpt validate``: at least one data expectation failed."""
 GATE_FAILED = 4

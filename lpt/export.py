@@ -48,7 +48,7 @@ from lpt.model.backbone import BackboneError, ResolvedTransforms, resolve_transf
 from lpt.model.lpt import CheckpointError, LPTModel, load_trained_model
 # the metadata schema belongs to the torch-free consumer; the exporter writes what it reads
 from lpt.runtime import INPUT_NAME, LOGITS_NAME, LPT_FORMAT, REQUIRED_METADATA, SELECTED_NAME
-from lpt.utils import atomic_dir, seed_everything, sha256_file, write_json_atomic
+from lpt.utils import atomic_dir, check_output_dir, seed_everything, sha256_file, write_json_atomic
 
 __all__ = [
     "ExportError",
@@ -493,7 +493,8 @@ def _compare_on_test(model: LPTModel, sessions: dict[str, Any], params: Params,
 
 
 # ---------------------------------------------------------------------------------------------- run
-_EXPORT_FILES = frozenset({MODEL_FILE, INT8_FILE, FP16_FILE, REPORT_FILE})
+_OUTPUT = {"what": "export.out_dir", "own": (MODEL_FILE, INT8_FILE, FP16_FILE, REPORT_FILE)}
+"""What ``export.out_dir`` holds: a folder with anything else is never replaced (:func:`lpt.utils.check_output_dir`)."""
 
 
 def check_gate_verdict(params: Params, checkpoint_sha256: str) -> dict[str, Any]:
@@ -518,17 +519,6 @@ def check_gate_verdict(params: Params, checkpoint_sha256: str) -> dict[str, Any]
         failures = "; ".join(str(f) for f in verdict.get("failures") or []) or "no reason recorded"
         raise GateNotPassed(f"{path}: the quality gate failed for this checkpoint ({failures}); nothing exported")
     return verdict
-
-
-def _check_out_dir(out_dir: Path) -> None:
-    """The output folder is replaced whole on success: refuse one that holds anything else."""
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise ExportError(f"export.out_dir {out_dir} is a file, not a folder")
-        foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in _EXPORT_FILES)
-        if foreign:
-            raise ExportError(f"export.out_dir {out_dir} holds files that are not an export's ({foreign[:5]}): "
-                              "the folder is replaced whole, so point export.out_dir to a folder of its own")
 
 
 def _class_names(params: Params, num_classes: int) -> list[str]:
@@ -599,12 +589,13 @@ def run_export(params: Params) -> ExportResult:
         GateNotPassed: no passed gate verdict for this checkpoint (:func:`check_gate_verdict`).
         ParityFailed: the parity gate or a variant's accuracy check failed (the message names the
             measured numbers and the thresholds).
-        ExportError: the checker failed, the trained model cannot be loaded or ``export.out_dir`` holds
-            files that are not an export's. In every case nothing is written to ``export.out_dir``.
+        ExportError: the checker failed or the trained model cannot be loaded.
+        OutputDirError: ``export.out_dir`` is ``.``, a repository root, ... or holds files that are not an
+            export's (it is replaced whole). In every case nothing is written to ``export.out_dir``.
     """
     cfg = params.export
     out_dir = Path(cfg.out_dir)
-    _check_out_dir(out_dir)
+    check_output_dir(out_dir, **_OUTPUT)  # before any work: a refusal costs nothing
     started = time.time()
     model, ckpt, _, transforms = load_gated_model(params, ExportError)
     class_names = _class_names(params, model.num_classes)
@@ -614,7 +605,7 @@ def run_export(params: Params) -> ExportResult:
            f"{transforms.input_size}] normalised -> logits (cosine)"
            + (" + selected (group prompts)" if model.phase == 2 else "") + ". See metadata_props.")
 
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, **_OUTPUT) as tmp:
         fp32 = export_onnx(model, tmp / MODEL_FILE, opset=cfg.opset, dynamo=cfg.dynamo,
                            input_size=transforms.input_size, optimize=cfg.optimize)
         meta = build_metadata(params, model, class_names, ckpt, dynamo=cfg.dynamo, transforms=transforms)

@@ -55,7 +55,7 @@ from lpt.model.backbone import ResolvedTransforms
 from lpt.model.lpt import LPTModel
 from lpt.runtime import (BACKBONE_KIND, INPUT_NAME, LOGITS_NAME, LPT_FORMAT, PACK_FORMAT, PACK_METADATA_KEY,
                          PACK_SUFFIX, SELECTED_NAME, TASK_INPUTS, PredictError, Predictor)
-from lpt.utils import atomic_dir, atomic_path, read_json, sha256_file, write_json_atomic
+from lpt.utils import atomic_dir, atomic_path, check_output_dir, read_json, sha256_file, write_json_atomic
 
 __all__ = [
     "PackError",
@@ -376,16 +376,8 @@ def _scalar_metrics(params: Params) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, bool)) or v is None}
 
 
-def _check_out_dir(out_dir: Path) -> None:
-    """The output folder is replaced whole on success: refuse one that holds anything but pack outputs."""
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise PackError(f"pack.out_dir {out_dir} is a file, not a folder")
-        foreign = sorted(p.name for p in out_dir.iterdir()
-                         if p.name not in (BACKBONE_GRAPH_FILE, REPORT_FILE) and p.suffix != PACK_SUFFIX)
-        if foreign:
-            raise PackError(f"pack.out_dir {out_dir} holds files that are not a pack's ({foreign[:5]}): the folder "
-                            "is replaced whole, so point pack.out_dir to a folder of its own")
+_OUTPUT = {"what": "pack.out_dir", "own": (BACKBONE_GRAPH_FILE, REPORT_FILE, f"*{PACK_SUFFIX}")}
+"""What ``pack.out_dir`` holds: a folder with anything else is never replaced (:func:`lpt.utils.check_output_dir`)."""
 
 
 class _PackConsumer:
@@ -417,11 +409,12 @@ def run_pack(params: Params) -> PackResult:
     Raises:
         GateNotPassed: no passed gate verdict for this checkpoint.
         ParityFailed: the consumer disagrees with torch beyond ``export.parity`` (names both figures).
-        PackError: unsupported method, missing metrics, the model cannot be loaded, or ``pack.out_dir``
-            holds foreign files. In every case nothing is written to ``pack.out_dir``.
+        PackError: unsupported method, missing metrics, or the model cannot be loaded.
+        OutputDirError: ``pack.out_dir`` is ``.``, a repository root, ... or holds files that are not a
+            pack's (it is replaced whole). In every case nothing is written to ``pack.out_dir``.
     """
     out_dir = Path(params.pack.out_dir)
-    _check_out_dir(out_dir)
+    check_output_dir(out_dir, **_OUTPUT)  # before any work: a refusal costs nothing
     started = time.time()
     model, ckpt, verdict, transforms = load_gated_model(params, PackError)
     tensors = pack_tensors(model)  # refuses an unsupported method before any work
@@ -432,7 +425,7 @@ def run_pack(params: Params) -> PackResult:
     parity = params.export.parity
     pack_file = f"{params.pack.name}{PACK_SUFFIX}"
 
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, **_OUTPUT) as tmp:
         graph = export_backbone_graph(model, tmp / BACKBONE_GRAPH_FILE, opset=params.export.opset,
                                       optimize=params.export.optimize, input_size=size)
         doc = (f"LPT backbone graph for task packs ({model.backbone_cfg.name if model.backbone_cfg else 'ViT'}): image "

@@ -29,7 +29,7 @@ from typing import Any
 
 from lpt.config import ParamsError, read_raw, update_params_file
 
-__all__ = ["PRESET_DIR", "REPLACED_WHOLE", "list_presets", "load_preset", "merge_preset", "apply_preset",
+__all__ = ["PRESET_DIR", "PRESET_NAME", "REPLACED_WHOLE", "list_presets", "load_preset", "merge_preset", "apply_preset",
            "preset_overrides", "dvc_set_flags"]
 
 PRESET_DIR = Path("configs")
@@ -44,23 +44,49 @@ def list_presets(preset_dir: Path = PRESET_DIR) -> list[str]:
     return sorted(p.stem for p in Path(preset_dir).glob("*.yaml"))
 
 
+PRESET_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
+"""A preset name: a plain identifier (no ``/``, ``.``, ``..``): it names ``<preset_dir>/<name>.yaml`` and nothing else."""
+
+
 def _preset_path(name: str | Path, preset_dir: Path) -> Path:
-    candidate = Path(name)
-    if candidate.suffix in (".yaml", ".yml") and candidate.is_file():
-        return candidate
+    """``<preset_dir>/<name>.yaml`` for a name, the file itself for a :class:`~pathlib.Path` (the Python API's
+    explicit file).
+
+    Raises:
+        ParamsError: a name that is not a plain identifier, or a preset file that resolves outside ``preset_dir``
+            (a symlink out of it).
+        FileNotFoundError: no such preset.
+    """
+    if isinstance(name, Path):
+        if not name.is_file():
+            raise FileNotFoundError(f"preset file {name} not found")
+        return name
+    if not PRESET_NAME.fullmatch(name):
+        raise ParamsError(f"preset name {name!r} is not a plain name (letters, digits, _ and -, as in "
+                          f"{', '.join(list_presets(preset_dir)[:3]) or 'embedded_default'}): presets are read from "
+                          f"{preset_dir}/ only")
     path = Path(preset_dir) / f"{name}.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"preset {str(name)!r} not found in {preset_dir} "
+        raise FileNotFoundError(f"preset {name!r} not found in {preset_dir} "
                                 f"(available: {', '.join(list_presets(preset_dir)) or 'none'})")
+    if not path.resolve().is_relative_to(Path(preset_dir).resolve()):
+        raise ParamsError(f"preset {name!r}: {path} resolves to {path.resolve()}, outside {preset_dir}/ "
+                          "(a link out of the presets folder is not followed)")
     return path
 
 
 def load_preset(name: str | Path, preset_dir: Path = PRESET_DIR) -> dict[str, Any]:
     """Read a preset (a name under ``preset_dir`` or a path to a YAML file) as a raw mapping.
 
+    Args:
+        name: a preset name (a plain identifier, :data:`PRESET_NAME`) under ``preset_dir``, or a
+            :class:`~pathlib.Path` to a YAML file (the Python API only: the command line takes names).
+        preset_dir: folder of named presets.
+
     Raises:
         FileNotFoundError: no such preset.
-        ParamsError: the file is not a YAML mapping.
+        ParamsError: the file is not a YAML mapping, a name is not a plain identifier, or the named file
+            resolves outside ``preset_dir``.
     """
     path = _preset_path(name, preset_dir)
     raw = read_raw(path)
@@ -99,7 +125,8 @@ def apply_preset(name: str | Path, params_path: str | Path = "params.yaml",
     """Merge preset ``name`` onto ``params_path``, validate and write it atomically.
 
     Args:
-        name: preset name under ``configs/`` (without ``.yaml``) or a path to a preset file.
+        name: preset name under ``configs/`` (without ``.yaml``; a plain identifier) or a
+            :class:`~pathlib.Path` to a preset file.
         params_path: the params file to update.
         preset_dir: folder of named presets.
 
@@ -110,8 +137,8 @@ def apply_preset(name: str | Path, params_path: str | Path = "params.yaml",
         FileNotFoundError: unknown preset.
         ParamsError: the merged params are invalid (nothing is written then).
     """
-    base = read_raw(params_path)
-    _, changed = merge_preset(base, load_preset(name, preset_dir))
+    preset = load_preset(name, preset_dir)  # the name is checked before anything else is read
+    _, changed = merge_preset(read_raw(params_path), preset)
     if changed:  # comments and key order of params.yaml are kept
         update_params_file(params_path, preset_overrides(name, preset_dir))
     return changed

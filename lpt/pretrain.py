@@ -45,7 +45,8 @@ from torch import nn
 from lpt.config import Params
 from lpt.errors import TrainError
 from lpt.optim import autocast, build_scheduler
-from lpt.utils import atomic_path, resolve_device, seed_everything, sha256_file, write_json_atomic
+from lpt.utils import (atomic_path, refuse_protected, resolve_device, seed_everything, sha256_file,
+                       write_json_atomic)
 
 __all__ = ["pretrain_backbone", "pretraining_data", "teacher_features", "load_teacher", "teacher_weights_path",
            "random_resized_crop", "PretrainData", "REPORT_FILE", "REGENERATE_COMMAND"]
@@ -330,8 +331,10 @@ def pretrain_backbone(params: Params) -> dict[str, Any]:
 
     Raises:
         TrainError: the teacher's (or the hybrid stem's) weights package is missing.
+        OutputDirError: ``pretrain.out_dir`` is ``.``, a repository root, ... (:func:`lpt.utils.refuse_protected`).
     """
     pcfg, bcfg = params.pretrain, params.backbone
+    refuse_protected(pcfg.out_dir, "pretrain.out_dir")
     if bcfg.weights != "pretrain":
         return _marker(params)
     from tqdm import tqdm

@@ -313,8 +313,30 @@ class TaskPack:
         return str((self.metadata.get("backbone") or {}).get("name", "?"))
 
     def backbone_graph_path(self) -> Path:
-        """The backbone graph written beside this pack (``backbone_graph`` in its metadata)."""
-        return self.path.parent / str(self.metadata.get("backbone_graph") or "backbone.onnx")
+        """The backbone graph written beside this pack (``backbone_graph`` in its metadata).
+
+        Raises:
+            PredictError: the graph is a link that resolves outside the pack's folder.
+        """
+        path = self.path.parent / _backbone_graph_name(self.metadata, self.path)
+        if not path.resolve().is_relative_to(self.path.parent.resolve()):
+            raise PredictError(f"{self.path}: backbone_graph {path} resolves to {path.resolve()}, outside the pack's "
+                               "folder (a link out of it is not followed); give the graph with --backbone")
+        return path
+
+
+def _backbone_graph_name(meta: dict[str, Any], path: Path) -> str:
+    """The pack's ``backbone_graph``: a plain file name in the pack's own folder (no folder, ``..`` or absolute path).
+
+    Raises:
+        PredictError: anything else (the message names the pack and the field).
+    """
+    name = meta.get("backbone_graph") or "backbone.onnx"  # absent in hand-made packs: the default name
+    if not (isinstance(name, str) and name not in (".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name and Path(name).name == name):
+        raise PredictError(f"{path}: task-pack metadata backbone_graph {name!r} must be a file name in the pack's own "
+                           "folder (no folders, '..' or absolute paths)")
+    return name
 
 
 def _dims_of(pack_geometry: dict[str, Any], num_classes: int) -> dict[str, int | None]:
@@ -407,6 +429,7 @@ def read_pack(path: str | os.PathLike[str]) -> TaskPack:
     if dims["P"] is not None and isinstance(top_k, int) and not 1 <= top_k <= dims["P"]:
         raise PredictError(f"{path}: top_k {top_k} does not fit a pool of {dims['P']} prompts")
     preprocessing = Preprocessing.from_metadata({k: str(v) for k, v in meta["preprocessing"].items()}, str(path))
+    _backbone_graph_name(meta, path)
     return TaskPack(path=path, name=meta["name"], tensors=tensors, class_names=class_names,
                     preprocessing=preprocessing, logit_scale=float(meta["logit_scale"]),
                     backbone_fingerprint=fingerprint, geometry=geometry, metadata=meta)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import fnmatch
 import hashlib
 import json
 import os
@@ -10,12 +12,13 @@ import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
 __all__ = ["atomic_path", "atomic_dir", "temp_prefix", "remove_stale_temps", "write_json_atomic", "sha256_file",
-           "seed_everything", "resolve_device"]
+           "seed_everything", "resolve_device", "OutputDirError", "OutputWriteError", "refuse_protected",
+           "check_output_dir"]
 
 
 def _host_tag() -> str:
@@ -75,53 +78,240 @@ def remove_stale_temps(path: str | Path) -> list[Path]:
     return removed
 
 
+class OutputDirError(ValueError):
+    """An output folder the project may not write or replace (``.``, a repository root, a folder of the user's);
+    the message names the folder and what was expected. The CLI exits 2 (``BAD_PARAMS``): it is a choice of path."""
+
+
+class OutputWriteError(OSError):
+    """Writing an output failed on the filesystem (no space, file size limit, permission denied, name too long...).
+
+    One line naming the output path and the fault; the previous output at that path is unchanged (nothing
+    was renamed onto it).
+
+    Attributes:
+        target: the output path named.
+        original: the filesystem's own error.
+    """
+
+    target: Path
+    original: OSError
+
+
+PROTECTED_NAMES = frozenset({".git", ".dvc"})
+"""Folder names an output path may never contain: a repository's own metadata."""
+
+
+def refuse_protected(path: str | Path, what: str = "output folder") -> None:
+    """Refuse an output folder whose contents are never the project's to write or replace.
+
+    Refused outright: ``.`` / the working directory, any ancestor of it (``..``, ``/``), the home folder, a
+    repository root (a folder holding ``.git`` or ``.dvc``), and any path through a ``.git`` or ``.dvc`` folder.
+
+    Args:
+        path: the output folder (as configured, e.g. ``data.out_dir``).
+        what: how the message names it (the params key).
+
+    Raises:
+        OutputDirError: one of the above (the message names the path and why).
+    """
+    given = Path(path)
+    real = given.resolve()
+    cwd = Path.cwd().resolve()
+    try:
+        home: Path | None = Path.home().resolve()
+    except (RuntimeError, KeyError):  # no home folder known (HOME unset, no passwd entry)
+        home = None
+    why = None
+    if real == cwd:
+        why = "it is the working directory"
+    elif real in cwd.parents:
+        why = "it is an ancestor of the working directory"
+    elif home is not None and real == home:
+        why = "it is the home folder"
+    elif PROTECTED_NAMES & set(given.parts) or real.name in PROTECTED_NAMES or any(
+            real.is_relative_to(cwd / name) for name in PROTECTED_NAMES):
+        why = "it is inside a repository's .git or .dvc folder"
+    elif real.is_dir() and any((real / name).exists() for name in PROTECTED_NAMES):
+        why = "it is a repository root (it holds .git or .dvc)"
+    if why:
+        raise OutputDirError(f"{what} {str(path)!r}: refused, {why}; outputs go to a folder of their own "
+                             "(e.g. the default in params.yaml)")
+
+
+def check_output_dir(path: str | Path, what: str = "output folder", own: Collection[str] = (),
+                     key: str | None = None) -> None:
+    """Refuse to replace a folder this project did not write (see :func:`atomic_dir`).
+
+    A folder may be replaced whole only when it is absent, empty, or holds nothing but the entries the stage
+    itself writes (``own``: names or ``fnmatch`` patterns) and, where ``key`` is given (for stages whose entry
+    names alone are too generic, e.g. ``train/``), that key file. Previous outputs pass as they are, with no
+    marker needed; a user's folder (``docs``, a dataset) with anything else in it is refused.
+
+    Args:
+        path: the folder to be replaced.
+        what: how the message names it (the params key).
+        own: the top-level entries the stage writes.
+        key: an entry a previous output of the stage always holds.
+
+    Raises:
+        OutputDirError: protected (:func:`refuse_protected`), a file, foreign entries, or no key file.
+    """
+    path = Path(path)
+    with _faults_named(path, None, NOTHING_WRITTEN):
+        _check_output_dir(path, what, own, key)
+
+
+def _check_output_dir(path: Path, what: str, own: Collection[str], key: str | None) -> None:
+    refuse_protected(path, what)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise OutputDirError(f"{what} {str(path)!r} is a file, not a folder; point {what} to a folder of its own")
+    names = sorted(entry.name for entry in path.iterdir())
+    foreign = [n for n in names if not any(fnmatch.fnmatchcase(n, pattern) for pattern in own)]
+    if foreign:
+        listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise OutputDirError(f"{what} {str(path)!r} holds files this project did not write ({listed}): the folder is "
+                             f"replaced whole, so point {what} to a new or empty folder (expected only "
+                             f"{', '.join(own) or 'nothing'})")
+    if names and key is not None and key not in names:
+        raise OutputDirError(f"{what} {str(path)!r} has no {key}: it is not an output of this stage, and the folder "
+                             f"is replaced whole; point {what} to a new or empty folder")
+
+
+_WRITE_FAULTS = frozenset({errno.EFBIG, errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+"""Errors only a write can cause: whatever file they name, they are a fault of writing the output."""
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+NOTHING_WRITTEN = "nothing was written"
+KEPT = "the previous one is unchanged"
+
+
+def _write_error(err: OSError, path: Path, tmp: Path | None, kept: str) -> OSError:
+    """``err`` as one :class:`OutputWriteError` line naming ``path`` when it is a fault of writing the output.
+
+    An error about another file (an input read while the output is written) is returned unchanged.
+    """
+    name = Path(os.fsdecode(err.filename)) if err.filename is not None else None
+    in_tmp = name is not None and tmp is not None and name.is_relative_to(tmp)
+    if tmp is not None and err.errno not in _WRITE_FAULTS and not in_tmp:
+        return err
+    code = errno.errorcode.get(err.errno or 0, "")
+    where = f" ({name})" if name is not None and not in_tmp and name != path else ""
+    wrapped = OutputWriteError(f"cannot write {path}: {err.strerror or err}{f' [{code}]' if code else ''}{where}; "
+                               f"{kept}")
+    wrapped.errno, wrapped.target, wrapped.original = err.errno, path, err
+    return wrapped
+
+
+@contextlib.contextmanager
+def _faults_named(path: Path, tmp: Path | None, kept: str) -> Iterator[None]:
+    """Filesystem faults inside as one line naming ``path`` (``tmp``: the temporary being written, if any).
+
+    A fault already named for a file inside ``tmp`` (a nested atomic write) is named again for ``path``.
+    """
+    try:
+        yield
+    except OutputWriteError as err:
+        if tmp is None or not err.target.is_relative_to(tmp):
+            raise
+        raise _write_error(err.original, path, tmp, kept) from None
+    except OSError as err:
+        wrapped = _write_error(err, path, tmp, kept)
+        if wrapped is err:
+            raise
+        raise wrapped from None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path beside ``path``; on success rename it onto ``path``, on error delete it.
 
     Temporaries of the same ``path`` left by killed processes are removed first (:func:`remove_stale_temps`).
+    The file gets the permissions of any new file (``0o666`` less the umask), not ``mkstemp``'s ``0o600``.
+    A filesystem fault while writing (no space, file size limit, permission denied, name too long) is
+    raised as one :class:`OutputWriteError` line naming ``path``; ``path`` itself is never touched then.
 
     Example:
         >>> with atomic_path("out/model.onnx") as tmp:
         ...     save(tmp)
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    with _faults_named(path, None, NOTHING_WRITTEN):
+        kept = KEPT if path.exists() else NOTHING_WRITTEN
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())
+        os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
+        with _faults_named(path, tmp_path, kept):
+            yield tmp_path
+        with _faults_named(path, None, kept):
+            os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
+def atomic_dir(path: str | Path, what: str = "output folder", own: Collection[str] = (),
+               key: str | None = None) -> Iterator[Path]:
     """Yield a temp folder beside ``path``; on success it replaces ``path`` whole, on error it is removed.
 
-    Temp folders of the same ``path`` left by killed processes are removed first (:func:`remove_stale_temps`).
+    Before anything is written, :func:`check_output_dir` refuses a folder this project did not write (``.``,
+    a repository root, ``.git``, a folder with foreign files in it): ``own`` and ``key`` describe what the stage
+    writes there. Temp folders of the same ``path`` left by killed processes are removed first
+    (:func:`remove_stale_temps`). The folder gets the permissions of any new folder (``0o777`` less the umask).
+    Filesystem faults are raised as in :func:`atomic_path`, naming ``path``.
+
+    Args:
+        path: the output folder.
+        what: how messages name it (the params key, e.g. ``data.out_dir``).
+        own: the top-level entries the stage writes (names or ``fnmatch`` patterns).
+        key: an entry every earlier output of the stage holds (see :func:`check_output_dir`).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(path)
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent))
+    check_output_dir(path, what, own, key)
+    with _faults_named(path, None, NOTHING_WRITTEN):
+        kept = KEPT if path.exists() else NOTHING_WRITTEN
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path)
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent))
+        os.chmod(tmp, 0o777 & ~_umask())
     try:
-        yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        with _faults_named(path, tmp, kept):
+            yield tmp
+        with _faults_named(path, None, kept):
+            _swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Rename ``tmp`` onto ``path``; an existing ``path`` goes to ``.{name}.old`` first and is removed last."""
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    old = path.with_name(f".{path.name}.old")
+    if old.is_symlink():
+        old.unlink()
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(path, old)
+    os.replace(tmp, path)
+    if old.is_symlink():  # ``path`` was a link to a folder: drop the link, never the folder it points to
+        old.unlink()
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> Path:

@@ -16,7 +16,7 @@ from lpt.data.reader import ShardImages, build_transform, load_manifest
 from lpt.export import ExportError, GateNotPassed, ParityFailed, _ClsOnlyBlock, _export_rewrites, export_onnx, run_export
 from lpt.model.lpt import create_lpt_model, load_trained_model, save_trained_model
 from lpt.runtime import Predictor
-from lpt.utils import seed_everything
+from lpt.utils import OutputDirError, seed_everything
 
 from conftest import make_tiny_params
 from test_runtime import run_torch_free_cli
@@ -222,7 +222,7 @@ def test_failed_export_keeps_the_previous_export_and_guards_foreign_folders(tmp_
     assert sorted(p.name for p in tmp_path.rglob("*.onnx")) == ["model.onnx"]
 
     (out / "keep.txt").write_text("someone else's file")
-    with pytest.raises(ExportError, match="holds files that are not an export's"):
+    with pytest.raises(OutputDirError, match="export.out_dir .* holds files this project did not write .keep.txt"):
         run_export(params)
     assert (out / "keep.txt").read_text() == "someone else's file"
 

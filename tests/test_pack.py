@@ -27,7 +27,7 @@ from lpt.export import GateNotPassed, ParityFailed, run_export
 from lpt.model.lpt import create_lpt_model
 from lpt.pack import (BACKBONE_GRAPH_FILE, PACK_TENSORS, PackError, pack_tensors, run_pack, write_pack)
 from lpt.runtime import PACK_METADATA_KEY, PredictError, Predictor, format_predictions, read_pack
-from lpt.utils import write_json_atomic
+from lpt.utils import OutputDirError, write_json_atomic
 from test_export import train_stand_in
 
 METRICS = {"overall": 0.5, "few": 0.25, "many": 0.75, "num_samples": 80, "gate_passed": True}
@@ -307,7 +307,7 @@ def test_pack_out_dir_with_foreign_files_is_refused(tmp_path: Path, tiny_shards:
     Path(params.pack.out_dir).mkdir(parents=True)
     (Path(params.pack.out_dir) / "notes.txt").write_text("mine")
     stand_in_with_metrics(params)
-    with pytest.raises(PackError, match="holds files that are not a pack's"):
+    with pytest.raises(OutputDirError, match="pack.out_dir .* holds files this project did not write .notes.txt"):
         run_pack(params)
     assert (Path(params.pack.out_dir) / "notes.txt").read_text() == "mine"
 

@@ -27,11 +27,13 @@ from lpt.data.shards import SplitWriteResult, encoded_items, write_split
 from lpt.data.sources import MODULES
 from lpt.data.sources.base import BadItems, IngestError, SourceData
 from lpt.escaping import text_line
-from lpt.utils import atomic_dir, write_json_atomic
+from lpt.utils import atomic_dir, check_output_dir, write_json_atomic
 
 __all__ = ["IngestError", "IngestResult", "run_ingest", "load_source", "build_manifest", "full_train_counts"]
 
 SPLITS = ("train", "val", "test")
+_OUTPUT = {"what": "data.out_dir", "own": (*SPLITS, MANIFEST_FILE), "key": MANIFEST_FILE}
+"""What ``data.out_dir`` holds: a folder with anything else is never replaced (:func:`lpt.utils.check_output_dir`)."""
 MANIFEST_VERSION = 1
 
 
@@ -137,13 +139,17 @@ def run_ingest(params) -> IngestResult:
 
     Raises:
         IngestError: missing input, bad item (unless ``data.skip_bad``), or an empty class.
+        OutputDirError: ``data.out_dir`` is a folder this project did not write (``.``, ``.git``, a user's
+            folder): it would be replaced whole.
+        OutputWriteError: a filesystem fault while writing (the previous shards stay as they were).
     """
     start = time.perf_counter()
+    out_dir = Path(params.data.out_dir)
+    check_output_dir(out_dir, **_OUTPUT)  # before reading the source: a refused folder costs nothing
     bad = BadItems(params.data.skip_bad)
     data = load_source(params, bad)
-    out_dir = Path(params.data.out_dir)
     manifest_path = out_dir / MANIFEST_FILE
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, **_OUTPUT) as tmp:
         written = _write_all(params, data, bad, tmp)
         train_counts = _check_classes(data, written)
         manifest = build_manifest(params, data, written, train_counts, bad)

@@ -38,7 +38,7 @@ from lpt.data.longtail import profile_applies
 from lpt.data.reader import (DECODE_ERRORS, IMAGE_EXTS, MANIFEST_FILE, ShardError, load_manifest, parse_shard,
                              split_records)
 from lpt.escaping import markdown_cell
-from lpt.utils import atomic_path, sha256_file, write_json_atomic
+from lpt.utils import atomic_path, refuse_protected, sha256_file, write_json_atomic
 
 __all__ = ["ValidationResult", "run_validation", "read_shards", "image_table", "image_where", "class_table",
            "shard_table", "split_table", "split_counts", "IMAGE_COLUMNS"]
@@ -457,9 +457,13 @@ def run_validation(params) -> ValidationResult:
 
     Returns:
         success, the failed checks, and the paths of ``report.md`` and ``summary.json``.
+
+    Raises:
+        OutputDirError: ``validate.report_dir`` is ``.``, a repository root, ... (:func:`lpt.utils.refuse_protected`).
     """
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     shards_dir, report_dir = Path(params.data.out_dir), Path(params.validate_.report_dir)
+    refuse_protected(report_dir, "validate.report_dir")
     report_path, summary_path = report_dir / "report.md", report_dir / "summary.json"
     try:
         manifest = load_manifest(params.data.out_dir)

@@ -208,7 +208,7 @@ def save_resume_state(last_dir: Path, state: ResumeState) -> None:
     """Write ``last/state.safetensors`` + ``last/state.json`` as one atomic folder swap."""
     from safetensors.torch import save_file
 
-    with atomic_dir(last_dir) as tmp:
+    with atomic_dir(last_dir, "resume state", own=(STATE_TENSORS, STATE_JSON)) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in state.tensors.items()}, str(tmp / STATE_TENSORS))
         (tmp / STATE_JSON).write_text(json.dumps(state.meta, indent=1, allow_nan=False))
 

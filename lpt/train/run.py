@@ -36,7 +36,7 @@ from lpt.train.resume import (RESUME_FORMAT, ResumeState, fingerprint, load_resu
 from lpt.optim import build_optimizer, build_scheduler, ib_stream_weight, phase_schedule, scaled_lr, stopped_early
 from lpt.optim import autocast
 from lpt.train.step import StepContext, train_step
-from lpt.utils import atomic_dir, resolve_device, seed_everything, sha256_file
+from lpt.utils import atomic_dir, check_output_dir, refuse_protected, resolve_device, seed_everything, sha256_file
 
 __all__ = ["run_phase", "StepHook"]
 
@@ -363,7 +363,7 @@ class _PhaseRun:
                     "steps": prog.global_step,
                     "history": prog.history, "world_size": self.dist.world_size,
                     "transforms": self.transforms.as_dict()}
-            with atomic_dir(self.phase_dir) as tmp:
+            with atomic_dir(self.phase_dir, **_phase_output(self.phase_dir)) as tmp:
                 save_trained_model(self.model, tmp, meta)
                 if (self.scratch / "live").is_dir():
                     shutil.copytree(self.scratch / "live", tmp / "live")
@@ -466,7 +466,7 @@ def _copy_phase1_as_final(params: Params, plan: PhasePlan) -> dict[str, Any]:
     if meta["method"] != plan.method:
         raise TrainError(f"{src}/model.json was trained with method {meta['method']!r}, not {plan.method!r}: "
                          "re-run phase 1")
-    with atomic_dir(dst) as tmp:
+    with atomic_dir(dst, **_phase_output(dst)) as tmp:
         for f in files:
             shutil.copy2(src / f, tmp / f)
         if (src / "live").is_dir():
@@ -474,6 +474,16 @@ def _copy_phase1_as_final(params: Params, plan: PhasePlan) -> dict[str, Any]:
     print(f"[train] method {plan.method} has one phase: copied {src}/model.* -> {dst}/ (final model)", flush=True)
     return {"checkpoint": str(dst / "model.safetensors"), "best_val_acc": meta.get("best_val_acc"),
             "phase_dir": str(dst)}
+
+
+PHASE_OUTPUT = ("model.safetensors", "model.json", "live")
+"""What ``<train.out_dir>/phase{N}/`` holds (``model.json`` always): a folder with anything else is never replaced
+(:func:`lpt.utils.check_output_dir`)."""
+
+
+def _phase_output(phase_dir: Path) -> dict[str, Any]:
+    """:func:`lpt.utils.atomic_dir` / :func:`lpt.utils.check_output_dir` arguments for a phase folder."""
+    return {"what": f"train.out_dir {phase_dir.name}", "own": PHASE_OUTPUT, "key": "model.json"}
 
 
 def run_phase(params: Params, phase: int, *, on_step: StepHook | None = None) -> dict[str, Any]:
@@ -491,9 +501,14 @@ def run_phase(params: Params, phase: int, *, on_step: StepHook | None = None) ->
     Raises:
         TrainError: missing inputs (shards, phase-1 checkpoint), bad batch split, non-finite loss, or
             ``train.nproc`` different from the processes actually launched.
+        OutputDirError: ``train.out_dir`` is ``.``, a repository root, ... or ``phase{N}/`` holds files this
+            project did not write (checked before training).
     """
     from lpt.methods import MethodError
 
+    refuse_protected(params.train.out_dir, "train.out_dir")
+    phase_dir = Path(params.train.out_dir) / f"phase{phase}"
+    check_output_dir(phase_dir, **_phase_output(phase_dir))  # before training: a refusal costs nothing
     try:
         plan = phase_plan(params.train.method, phase)
     except MethodError as err:
