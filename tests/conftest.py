@@ -52,6 +52,8 @@ TINY_OVERRIDES: dict[str, Any] = {
     "train.phase1.batch_size": 16,
     "train.phase2.epochs": 1,
     "train.phase2.batch_size": 16,
+    "train.phase1.min_steps": 0,  # tiny runs: their epochs only (the step floor is for real small sets)
+    "train.phase2.min_steps": 0,
     "train.checkpoint_every": 5,
     "train.threads": 1,
     "evaluate.batch_size": 64,
