@@ -47,6 +47,7 @@ __all__ = [
     "count_bins",
     "worst_classes",
     "final_checkpoint_dir",
+    "nonfinite_tensors",
     "probe_metrics_path",
 ]
 
@@ -154,6 +155,13 @@ def collect_stats(model: Any, loader: Any, scale: float, device: str = "cpu") ->
              "confidence": np.zeros(0), "calibrated_pred": np.zeros(0, np.int64)}
     arrays = {k: np.concatenate(v) if v else empty[k] for k, v in parts.items()}
     return PredictionStats(**arrays, selected=np.concatenate(selected) if selected and len(selected) == batches else None)
+
+
+def nonfinite_tensors(tensors: dict[str, Any]) -> list[str]:
+    """Names of the tensors (a checkpoint's trained ones) holding any nan or inf, in name order."""
+    import torch
+
+    return sorted(name for name, t in tensors.items() if not bool(torch.isfinite(t).all()))
 
 
 def _param_counts(model: Any) -> dict[str, int]:
@@ -536,7 +544,7 @@ def run_evaluate(params: Params, phase_dir: Path | None = None) -> EvaluateResul
         "prompt_params": pc["prompt"],
         "prompt_share": M.trainable_share(pc["prompt"], pc["backbone"]) if pc["backbone"] else None,
     }
-    gate = gate_verdict(params, metrics, meta)
+    gate = gate_verdict(params, metrics, meta, nonfinite_tensors(model.trainable_state_dict()))
     metrics["gate_passed"] = gate["passed"]
 
     out = Path(params.evaluate.out_dir)

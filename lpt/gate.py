@@ -11,12 +11,12 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from lpt.config import Params
 
-__all__ = ["GATE_FILE", "check_gate", "gate_verdict", "probe_metrics_path", "read_gate_verdict", "compare_root",
-           "compare_cell_dir"]
+__all__ = ["GATE_FILE", "check_gate", "gate_verdict", "gate_thresholds", "threshold_changes", "probe_metrics_path",
+           "read_gate_verdict", "compare_root", "compare_cell_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,33 @@ def read_gate_verdict(evaluate_out_dir: str | Path) -> dict[str, Any]:
     from lpt.utils import read_json
 
     return read_json(Path(evaluate_out_dir) / GATE_FILE, "quality-gate verdict")
+
+
+def gate_thresholds(params: Params) -> dict[str, float | None]:
+    """The thresholds of ``evaluate.gate`` as ``gate.json`` records them (what a verdict was judged under)."""
+    gate = params.evaluate.gate
+    return {"min_overall": gate.min_overall, "min_few": gate.min_few, "max_drop_vs_probe": gate.max_drop_vs_probe}
+
+
+def threshold_changes(verdict: dict[str, Any], params: Params) -> list[str]:
+    """How the thresholds in force (``evaluate.gate``) differ from those ``verdict`` was judged under.
+
+    Args:
+        verdict: a ``gate.json`` mapping (its ``thresholds``).
+        params: the params in force.
+
+    Returns:
+        One ``"min_overall 0.25 -> 0.99"`` item per changed threshold (empty: the same thresholds); a verdict
+        that records no thresholds differs in all of them.
+    """
+    stored = verdict.get("thresholds")
+    stored = stored if isinstance(stored, dict) else {}
+    changes = []
+    for key, now in gate_thresholds(params).items():
+        old = stored.get(key, "unrecorded")
+        if type(old) is bool or old != now:  # 0 == 0.0 (JSON), True == 1 is not a threshold
+            changes.append(f"{key} {old} -> {now}")
+    return changes
 
 
 def probe_metrics_path(params: Params) -> Path:
@@ -90,8 +117,16 @@ def check_gate(metrics: dict[str, Any], params: Params, probe: dict[str, Any] | 
     return failures
 
 
-def gate_verdict(params: Params, metrics: dict[str, Any], checkpoint_meta: dict[str, Any]) -> dict[str, Any]:
-    """The gate (``evaluate.gate``) applied to ``metrics``, tied to the checkpoint it judged (``gate.json``)."""
+def gate_verdict(params: Params, metrics: dict[str, Any], checkpoint_meta: dict[str, Any],
+                 nonfinite: Sequence[str] = ()) -> dict[str, Any]:
+    """The gate (``evaluate.gate``) applied to ``metrics``, tied to the checkpoint it judged (``gate.json``).
+
+    Args:
+        params: the params in force (``evaluate.gate``, recorded as the verdict's ``thresholds``).
+        metrics: the scalar test metrics.
+        checkpoint_meta: the judged checkpoint's ``model.json`` (its ``weights_sha256``).
+        nonfinite: names of trained tensors holding nan/inf: each fails the gate whatever the metrics say.
+    """
     gcfg = params.evaluate.gate
     probe, probe_src = None, None
     if gcfg.max_drop_vs_probe is not None:
@@ -100,12 +135,13 @@ def gate_verdict(params: Params, metrics: dict[str, Any], checkpoint_meta: dict[
             probe, probe_src = json.loads(path.read_text()), str(path)
         else:
             log.warning("gate.max_drop_vs_probe set but no linear-probe metrics at %s: check skipped", path)
-    failures = check_gate(metrics, params, probe, probe_src)
+    failures = [f"trained tensor {name} holds non-finite values (nan/inf): training diverged; retrain it (a lower "
+                "lr, or check the data)" for name in nonfinite]
+    failures += check_gate(metrics, params, probe, probe_src)
     return {
         "passed": not failures,
         "failures": failures,
         "checkpoint_sha256": checkpoint_meta["weights_sha256"],
-        "thresholds": {"min_overall": gcfg.min_overall, "min_few": gcfg.min_few,
-                       "max_drop_vs_probe": gcfg.max_drop_vs_probe},
+        "thresholds": gate_thresholds(params),
         "probe_overall": None if probe is None else probe.get("overall"),
     }
