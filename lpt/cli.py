@@ -134,17 +134,17 @@ def backbones(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """The timm ViT families LPT supports; for NAME: prefix tokens, feature, RoPE, S, parameter counts, weights."""
-    import yaml
-
+    from lpt.config import ParamsError, load_yaml
     from lpt.model.families import backbone_report, format_backbone_report, format_family_table
 
     if name is None:
         typer.echo(format_family_table())
         return
+
     try:
-        kwargs = yaml.safe_load(timm_kwargs) if timm_kwargs else {}
-    except yaml.YAMLError as err:
-        _fail(f"--timm-kwargs {timm_kwargs!r} is not valid YAML ({str(err).splitlines()[0]})", BAD_PARAMS)
+        kwargs = load_yaml(timm_kwargs, f"--timm-kwargs {timm_kwargs!r}") if timm_kwargs else {}
+    except ParamsError as err:
+        _fail(str(err), BAD_PARAMS)
     if not isinstance(kwargs, dict):
         _fail(f"--timm-kwargs {timm_kwargs!r}: expected a YAML mapping like '{{img_size: 32}}'", BAD_PARAMS)
     model = _load(params).model if params.is_file() else None  # T and P as the project sets them
