@@ -301,7 +301,7 @@ def predict(paths: Annotated[list[Path], typer.Argument(
     `lpt predict MODEL.onnx IMAGES...` or `lpt predict --pack A.pack --pack B.pack IMAGES...` (numpy +
     onnxruntime + Pillow; packs are read with safetensors' numpy API).
     """
-    from lpt.runtime import PredictError, Predictor, format_predictions, read_pack
+    from lpt.runtime import ModelFileError, PredictError, Predictor, format_predictions, read_pack
 
     try:
         if pack:
@@ -316,6 +316,8 @@ def predict(paths: Annotated[list[Path], typer.Argument(
                       BAD_PARAMS)
             predictor, images = Predictor(paths[0]), paths[1:]
         rows = predictor.predict_paths(images, top_k=top_k, batch_size=batch_size)
+    except ModelFileError as err:  # the model argument is no runnable ONNX graph: a bad argument
+        _fail(str(err), BAD_PARAMS)
     except PredictError as err:
         _fail(str(err))
     typer.echo(format_predictions(rows, fmt="json" if json_ else "csv" if csv else "text"))

@@ -12,7 +12,8 @@ OK = 0
 ERROR = 1
 """A library error: missing or damaged input, a bad checkpoint, a failed step (the message names it)."""
 BAD_PARAMS = 2
-"""params.yaml or an override is invalid, or a command-line usage error."""
+"""params.yaml or an override is invalid, a command-line usage error, or a model file given to ``lpt predict``
+that ONNX Runtime cannot load or run (damaged, or inputs unlike its metadata: ``lpt.runtime.ModelFileError``)."""
 VALIDATION_FAILED = 3
 """``lpt validate``: at least one data expectation failed."""
 GATE_FAILED = 4
