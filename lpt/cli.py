@@ -153,17 +153,17 @@ def backbones(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """The timm ViT families LPT supports; for NAME: prefix tokens, feature, RoPE, S, parameter counts, weights."""
-    import yaml
-
+    from lpt.config import ParamsError, load_yaml
     from lpt.model.families import backbone_report, format_backbone_report, format_family_table
 
     if name is None:
         typer.echo(format_family_table())
         return
+
     try:
-        kwargs = yaml.safe_load(timm_kwargs) if timm_kwargs else {}
-    except yaml.YAMLError as err:
-        _fail(f"--timm-kwargs {timm_kwargs!r} is not valid YAML ({str(err).splitlines()[0]})", BAD_PARAMS)
+        kwargs = load_yaml(timm_kwargs, f"--timm-kwargs {timm_kwargs!r}") if timm_kwargs else {}
+    except ParamsError as err:
+        _fail(str(err), BAD_PARAMS)
     if not isinstance(kwargs, dict):
         _fail(f"--timm-kwargs {timm_kwargs!r}: expected a YAML mapping like '{{img_size: 32}}'", BAD_PARAMS)
     model = _load(params).model if params.is_file() else None  # T and P as the project sets them
@@ -323,7 +323,7 @@ def predict(paths: Annotated[list[Path], typer.Argument(
     `lpt predict MODEL.onnx IMAGES...` or `lpt predict --pack A.pack --pack B.pack IMAGES...` (numpy +
     onnxruntime + Pillow; packs are read with safetensors' numpy API).
     """
-    from lpt.runtime import PredictError, Predictor, PredictRefused, format_predictions, read_pack
+    from lpt.runtime import ModelFileError, PredictError, Predictor, PredictRefused, format_predictions, read_pack
 
     try:
         if pack:
@@ -338,8 +338,10 @@ def predict(paths: Annotated[list[Path], typer.Argument(
                       BAD_PARAMS)
             predictor, images = Predictor(paths[0]), paths[1:]
         rows = predictor.predict_paths(images, top_k=top_k, batch_size=batch_size)
-    except PredictError as err:  # refused by policy (image format, size, a FIFO): a usage error, exit 2
-        _fail(str(err), BAD_PARAMS if isinstance(err, PredictRefused) else ERROR)
+    except (ModelFileError, PredictRefused) as err:  # no runnable ONNX graph, or an input refused by policy
+        _fail(str(err), BAD_PARAMS)  # (image format, size, a FIFO): a bad argument, exit 2
+    except PredictError as err:
+        _fail(str(err))
     typer.echo(format_predictions(rows, fmt="json" if json_ else "csv" if csv else "text"))
 
 

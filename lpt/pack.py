@@ -443,7 +443,10 @@ def run_pack(params: Params) -> PackResult:
                                  intra_op_num_threads=torch.get_num_threads())
         except PredictError as err:
             raise PackError(f"the written pack does not load in the runtime: {err}") from None
-        stats = _compare_on_test(model, {"pack": _PackConsumer(consumer)}, params, transforms)
+        try:
+            stats = _compare_on_test(model, {"pack": _PackConsumer(consumer)}, params, transforms)
+        except PredictError as err:
+            raise PackError(f"the written pack does not run in the runtime: {err}") from None
         got = stats["pack"]
         failures = []
         if not got["max_abs_diff"] <= parity.max_abs_diff:

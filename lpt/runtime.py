@@ -49,6 +49,7 @@ from lpt.data.imageio import ImageRefused, open_image, read_image_file, to_rgb_a
 from lpt.escaping import csv_cell, text_line
 
 __all__ = [
+    "ModelFileError",
     "LPT_FORMAT",
     "REQUIRED_METADATA",
     "PACK_FORMAT",
@@ -125,6 +126,16 @@ class PredictError(RuntimeError):
 class PredictRefused(PredictError):
     """An input refused by policy (an image format outside the allowlist, too many pixels, a FIFO or device
     instead of a file: :mod:`lpt.data.imageio`); ``lpt predict`` exits 2 on it, 1 on other errors."""
+
+
+class ModelFileError(PredictError):
+    """ONNX Runtime cannot load or run a model file (damaged, not ONNX, inputs of another shape or type than
+    its metadata says); one line naming the file. ``lpt predict`` exits 2 on it (a bad argument)."""
+
+
+def _one_line(err: BaseException) -> str:
+    """An ORT error (often several lines, with a C++ source location) as one line."""
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"
 
 
 # ------------------------------------------------------------------------------------ preprocessing
@@ -492,7 +503,7 @@ class Predictor:
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=list(providers))
         except Exception as err:  # ORT raises its own exception types (InvalidProtobuf, Fail, ...)
-            raise PredictError(f"{self.path}: cannot load as an ONNX model ({type(err).__name__}: {err})") from None
+            raise ModelFileError(f"{self.path}: cannot load as an ONNX model ({_one_line(err)})") from None
         # get_available_providers() lists CUDA even without a GPU: trust what the session really got.
         self.provider: str = self.session.get_providers()[0]
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
@@ -540,6 +551,7 @@ class Predictor:
         if INPUT_NAME not in inputs or LOGITS_NAME not in outputs:
             raise PredictError(f"{src}: expected input '{INPUT_NAME}' and output '{LOGITS_NAME}', "
                                f"found inputs {sorted(inputs)} outputs {sorted(outputs)}")
+        self._check_image_input(inputs[INPUT_NAME], self.preprocessing.input_size)
         n_out = outputs[LOGITS_NAME].shape[-1]
         if isinstance(n_out, int) and n_out != len(self.class_names):
             raise PredictError(f"{src}: logits have {n_out} classes but metadata names {len(self.class_names)}")
@@ -563,6 +575,23 @@ class Predictor:
             raise PredictError(f"{src}: backbone graph inputs {sorted(inputs)} / outputs {sorted(outputs)} do not "
                                f"match its geometry (inputs {sorted(expected)}, output '{LOGITS_NAME}')")
         self._output_names = [LOGITS_NAME] + ([SELECTED_NAME] if SELECTED_NAME in outputs else [])
+        image = next(i for i in self.session.get_inputs() if i.name == INPUT_NAME)
+        size = self.geometry.get("input_size")
+        self._check_image_input(image, size if isinstance(size, int) and not isinstance(size, bool) else None)
+
+    def _check_image_input(self, image: Any, size: int | None) -> None:
+        """The graph's image input must take what :meth:`run` feeds: float32 ``[B, 3, size, size]``.
+
+        Raises:
+            ModelFileError: another element type, rank or fixed size (a symbolic dimension is accepted).
+        """
+        want: list[int | None] = [None, 3, size, size]
+        shape = list(image.shape) if isinstance(image.shape, (list, tuple)) else []
+        fits = len(shape) == 4 and all(w is None or not isinstance(d, int) or d == w for d, w in zip(shape, want))
+        if image.type != "tensor(float)" or not fits:
+            expected = f"float [B, 3, {size if size is not None else 'S'}, {size if size is not None else 'S'}]"
+            raise ModelFileError(f"{self.path}: graph input '{INPUT_NAME}' is {image.type} {shape}, but its metadata "
+                                 f"says the images are {expected}: re-export the model")
 
     def _load_packs(self, packs: Sequence[str | os.PathLike[str] | TaskPack]) -> None:
         src, name = str(self.path), self.metadata.get("backbone", "?")
@@ -624,7 +653,11 @@ class Predictor:
         feed = {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)}
         if index >= 0:
             feed.update(self.packs[index].tensors)  # the task is its tensors: one graph, one copy of the backbone
-        out = self.session.run(self._output_names, feed)
+        try:
+            out = self.session.run(self._output_names, feed)
+        except Exception as err:  # ORT's own types (InvalidArgument, Fail, RuntimeException): shape/type errors
+            raise ModelFileError(f"{self.path}: ONNX Runtime cannot run the graph on a [B, 3, {s}, {s}] batch "
+                                 f"({_one_line(err)})") from None
         return out[0], (out[1] if len(out) > 1 else None)
 
     def predict_arrays(self, batch: np.ndarray, top_k: int = 1) -> list[dict[str, Any]]:

@@ -29,6 +29,7 @@ def train_stand_in(params: Params, gate_passed: bool | None = True) -> Path:
     Random prompts/keys/head (seeded like the export stage seeds, so ``backbone.weights: none`` rebuilds
     the same backbone); saved with the model engineer's checkpoint writer.
     """
+    from lpt.gate import gate_thresholds
     from lpt.utils import write_json_atomic
 
     torch.set_num_threads(1)
@@ -41,7 +42,7 @@ def train_stand_in(params: Params, gate_passed: bool | None = True) -> Path:
         sha = json.loads((folder / "model.json").read_text())["weights_sha256"]
         write_json_atomic(Path(params.evaluate.out_dir) / "gate.json",
                           {"passed": gate_passed, "failures": [] if gate_passed else ["overall = 0.1 < min_overall = 0.5"],
-                           "checkpoint_sha256": sha})
+                           "checkpoint_sha256": sha, "thresholds": gate_thresholds(params)})
     return folder
 
 

@@ -417,3 +417,28 @@ def test_second_task_with_dvc_reuses_the_frozen_pretrain_output(tmp_path: Path) 
     assert [len(p.class_names) for p in predictor.packs] == [10, 6]
     rows = predictor.predict_arrays(np.zeros((2, 3, 32, 32), np.float32))
     assert [r["task"] for r in rows] == ["task_a", "task_b"] * 2
+
+
+@pytest.mark.parametrize("where", ["beside_the_pack", "--backbone"])
+def test_damaged_backbone_graph_is_one_line_exit_2(tasks, tmp_path: Path, where: str) -> None:
+    """`lpt predict --pack` on a truncated backbone graph (ONNX Runtime cannot load it): one `error:` line
+    naming the graph file, exit 2, whether the graph is the one beside the pack or given with --backbone."""
+    import shutil
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from lpt.cli import app
+
+    _, _, a = tasks["a"]
+    pack = Path(shutil.copy(a.pack_path, tmp_path / Path(a.pack_path).name))
+    graph = tmp_path / (BACKBONE_GRAPH_FILE if where == "beside_the_pack" else "cut.onnx")
+    data = Path(a.backbone_path).read_bytes()
+    graph.write_bytes(data[: len(data) // 3])
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (40, 30), (200, 30, 90)).save(image)
+    args = ["predict", "--pack", str(pack), str(image)] + (["--backbone", str(graph)] if where == "--backbone" else [])
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {graph}: cannot load as an ONNX model"), result.output

@@ -32,7 +32,7 @@ from lpt.utils import atomic_dir
 
 __all__ = ["RESUME_FORMAT", "phase_recipe", "head_init", "fingerprint", "scratch_dir", "ResumeState", "save_resume_state",
            "load_resume_state", "capture_rng_state", "restore_rng_state", "optimizer_to_flat", "optimizer_from_flat",
-           "ResumeStateError"]
+           "ResumeStateError", "check_structure", "check_tensors"]
 
 RESUME_FORMAT = 2
 """Version of the ``last/`` layout; a different version is never resumed."""
@@ -193,6 +193,68 @@ def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, tor
     for idx, entry in meta["scalars"].items():
         state.setdefault(int(idx), {}).update(entry)
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+# ============================================================================================ fit
+def check_structure(reference: Any, candidate: Any, where: str) -> None:
+    """``candidate`` (read from a resume state) must have the shape of ``reference`` (this run's own fresh
+    value): the same keys, list lengths and value kinds, every number finite.
+
+    A well-formed but crafted state (right keys, a string where a step count belongs, a list of another
+    length) is caught here, before anything is applied, instead of failing later inside torch on every
+    rerun. ``None`` in the reference takes ``None`` or a bool (torch's optional flags: ``foreach``).
+
+    Raises:
+        ResumeStateError: naming the first field that differs (``where`` is its path).
+    """
+    def fail(expected: str) -> None:
+        raise ResumeStateError(f"{where}: expected {expected}, got {type(candidate).__name__} {str(candidate)[:40]!r}")
+
+    if isinstance(reference, dict):
+        if not isinstance(candidate, dict) or set(map(str, candidate)) != set(map(str, reference)):
+            fail(f"an object with keys {sorted(map(str, reference))}")
+        by_name = {str(k): v for k, v in candidate.items()}
+        for key, value in reference.items():
+            check_structure(value, by_name[str(key)], f"{where}.{key}")
+    elif isinstance(reference, (list, tuple)):
+        if not isinstance(candidate, (list, tuple)) or len(candidate) != len(reference):
+            fail(f"a list of {len(reference)}")
+        for i, (ref, cand) in enumerate(zip(reference, candidate)):
+            check_structure(ref, cand, f"{where}[{i}]")
+    elif reference is None:
+        if candidate is not None and not isinstance(candidate, bool):
+            fail("null or a bool")
+    elif isinstance(reference, bool):
+        if not isinstance(candidate, bool):
+            fail("a bool")
+    elif isinstance(reference, int):
+        if not _is_int(candidate):
+            fail("an integer")
+    elif isinstance(reference, float):
+        if not (isinstance(candidate, (int, float)) and not isinstance(candidate, bool) and np.isfinite(candidate)):
+            fail("a finite number")
+    elif isinstance(reference, str):
+        if not isinstance(candidate, str):
+            fail("a string")
+    elif isinstance(reference, torch.Tensor):
+        check_tensors({where: reference}, {where: candidate}, where.rsplit(".", 1)[0] if "." in where else where)
+    else:  # pragma: no cover - no other kind occurs in an optimizer/scheduler state
+        fail(type(reference).__name__)
+
+
+def check_tensors(reference: dict[str, torch.Tensor], candidate: dict[str, Any], where: str) -> None:
+    """Each tensor of ``candidate`` must have the dtype and shape of the same-named ``reference`` tensor.
+
+    Raises:
+        ResumeStateError: a tensor that is not one of ``reference`` or differs from it (named).
+    """
+    for name, value in candidate.items():
+        ref = reference.get(name)
+        if ref is None:
+            raise ResumeStateError(f"{where}: tensor {name!r} is not one of this run's ({sorted(reference)[:6]})")
+        if not isinstance(value, torch.Tensor) or value.dtype != ref.dtype or tuple(value.shape) != tuple(ref.shape):
+            got = f"{value.dtype} {list(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ResumeStateError(f"{where}: tensor {name!r} is {got}, this run's is {ref.dtype} {list(ref.shape)}")
 
 
 # ============================================================================================ files

@@ -15,6 +15,7 @@ an uninterrupted one (same hardware and thread count).
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from lpt.train.batches import EpochBatches, build_samplers, epoch_indices, epoch
 from lpt.errors import TrainError
 from lpt.train.resume import (RESUME_FORMAT, ResumeState, fingerprint, load_resume_state, optimizer_from_flat,
                               optimizer_to_flat, phase_recipe, restore_rng_state, save_resume_state, scratch_dir,
-                              capture_rng_state, ResumeStateError, head_init)
+                              capture_rng_state, check_structure, check_tensors, ResumeStateError, head_init)
 from lpt.optim import build_optimizer, build_scheduler, ib_stream_weight, phase_schedule, scaled_lr, stopped_early
 from lpt.optim import autocast
 from lpt.train.step import StepContext, train_step
@@ -186,6 +187,7 @@ class _PhaseRun:
             print(f"[train] {self.scratch}/last was written by another version or config; starting fresh", flush=True)
             return False
         try:
+            self._check_fits(state)
             self._restore(state)
         except (ResumeStateError, KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
             print(f"[train] ignoring damaged resume state in {self.scratch}/last ({err}); training from the start",
@@ -198,6 +200,58 @@ class _PhaseRun:
         """Back to the untouched start after a half-applied restore."""
         self.setup()
         self.progress, self.best_state = Progress(), {}
+
+    def _check_fits(self, state: ResumeState) -> None:
+        """The state must fit this very run before any of it is applied: every tensor of the model's or the
+        optimizer's dtype and shape, optimizer / scheduler / sampler states shaped like this run's own, progress
+        counters within the phase. A crafted state that passes would otherwise fail inside torch (or publish a
+        model of garbage) on every rerun.
+
+        Raises:
+            ResumeStateError: naming the first field or tensor that does not fit.
+        """
+        tensors, meta, where = state.tensors, state.meta, f"{self.scratch}/last"
+        own = {n: p.detach() for n, p in self.model.named_parameters() if not n.startswith("backbone.")}
+        params = [p.detach() for group in self.ctx.optimizer.param_groups for p in group["params"]]
+        model_part = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        best_part = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+        optim_ref = {f"optim.{i}.momentum_buffer": p for i, p in enumerate(params)}
+        check_tensors(own, model_part, f"{where} (model)")
+        check_tensors(own, best_part, f"{where} (best)")
+        check_tensors(optim_ref, {k: v for k, v in tensors.items() if k.startswith("optim.")}, f"{where} (optimizer)")
+        stray = sorted(k for k in tensors if not k.startswith(("model.", "best.", "optim.")))
+        if stray or set(model_part) != set(own) or (best_part and set(best_part) != set(own)):
+            raise ResumeStateError(f"{where}: tensors {sorted(tensors)[:8]} are not this model's trainable set "
+                                   f"({sorted(own)})")
+        check_structure(self.ctx.optimizer.state_dict()["param_groups"], meta["optimizer"].get("param_groups"),
+                        "optimizer.param_groups")
+        if meta["optimizer"].get("scalars") != {}:  # SGD keeps tensors only (momentum buffers)
+            raise ResumeStateError(f"{where}: optimizer.scalars must be empty for SGD")
+        check_structure(self.ctx.scheduler.state_dict(), meta["scheduler"], "scheduler")
+        if self.ctx.scaler is not None:
+            check_structure(self.ctx.scaler.state_dict(), meta.get("scaler"), "scaler")
+        if len(meta["ranks"]) != self.dist.world_size:
+            raise ResumeStateError(f"{where}: {len(meta['ranks'])} rank states for {self.dist.world_size} processes")
+        for name, sampler in meta["ranks"][self.dist.rank]["samplers"].items():
+            if name not in self.samplers or not 0 <= sampler["offset"] <= sampler["num_samples"]:
+                raise ResumeStateError(f"{where}: sampler state {name!r} does not fit this run's samplers")
+        self._check_progress(meta["progress"], where)
+
+    def _check_progress(self, prog: dict[str, Any], where: str) -> None:
+        """Counters of a resumable point of this phase: epoch e, step s of it, e * steps_per_epoch + s steps
+        done, one history row per finished epoch, a best epoch among them, finite numbers."""
+        spe, epochs = self.steps_per_epoch, self.epochs
+        epoch, step = prog["epoch"], prog["step_in_epoch"]
+        history, best = prog["history"], prog["best_epoch"]
+        finite = all(math.isfinite(prog[k]) for k in ("loss_sum", "best_val_acc"))
+        rows_ok = all(isinstance(row, dict) and set(row) == {"epoch", "step", "loss", "lr", "val_acc"}
+                      and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                              for v in row.values()) for row in history)
+        if not (0 <= epoch <= epochs and 0 <= step <= spe and prog["global_step"] == epoch * spe + step
+                and len(history) == epoch and rows_ok and finite and -1 <= best <= epoch
+                and (best == -1) == (epoch == 0) and -1.0 <= prog["best_val_acc"] <= 1.0):
+            raise ResumeStateError(f"{where}: progress {json.dumps({k: v for k, v in prog.items() if k != 'history'})[:200]} "
+                                   f"is not a point of this phase ({epochs} epochs of {spe} steps)")
 
     def _restore(self, state: ResumeState) -> None:
         tensors, meta = state.tensors, state.meta
