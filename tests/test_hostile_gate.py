@@ -61,8 +61,11 @@ def test_threshold_changes_names_each_changed_threshold(tiny_params: Params) -> 
 
     verdict = {"thresholds": gate_thresholds(tiny_params)}  # min_overall 0, min_few 0, max_drop None
     assert threshold_changes(verdict, tiny_params) == []
-    assert threshold_changes({"thresholds": {"min_overall": 0, "min_few": 0, "max_drop_vs_probe": None}},
+    assert threshold_changes({"thresholds": {"min_overall": 0, "min_few": 0, "max_drop_vs_probe": None,
+                                             "pixel_baselines": [], "min_margin_vs_pixels": 0}},
                              tiny_params) == []  # JSON's 0 is the same threshold as 0.0
+    pixels = parse_params(apply_overrides(tiny_params.to_dict(), {"evaluate.gate.pixel_baselines": ["pixel_ncm"]}))
+    assert threshold_changes(verdict, pixels) == ["pixel_baselines [] -> ['pixel_ncm']"]
     stricter = parse_params(apply_overrides(tiny_params.to_dict(), {"evaluate.gate.min_few": 0.3,
                                                                     "evaluate.gate.max_drop_vs_probe": 0.05}))
     assert threshold_changes(verdict, stricter) == ["min_few 0.0 -> 0.3", "max_drop_vs_probe None -> 0.05"]

@@ -156,7 +156,8 @@ def test_lift_checkpoint_round_trip(tiny_params: Params, tmp_path: Path) -> None
 
 
 def test_class_mean_head_init(tiny_shards: Params, tmp_path: Path) -> None:
-    """LIFT's head starts at each class's mean frozen feature (checked against an independent computation)."""
+    """LIFT's head starts at each class's mean frozen feature, L2-normalised (as LIFT: a raw mean's length would
+    slow its SGD turns by |w|^2), checked against an independent computation."""
     from lpt.data.reader import ShardImages, build_transform
     from lpt.train.batches import load_phase_data
     from lpt.train.run import init_head_from_class_means
@@ -175,7 +176,8 @@ def test_class_mean_head_init(tiny_shards: Params, tmp_path: Path) -> None:
     labels = torch.tensor(images.labels)
     for c in range(C):
         mean = feats[labels == c].mean(0)
-        assert torch.allclose(model.head.weight[c], mean, atol=1e-5)
+        assert torch.allclose(model.head.weight[c], mean / mean.norm(), atol=1e-5)
+        assert model.head.weight[c].norm().item() == pytest.approx(1.0, abs=1e-5)
 
 
 def _trained_lift(shards: Params, root: Path) -> Params:
