@@ -93,6 +93,12 @@ def _ensure_inputs(params: Params, needs_backbone: bool = True) -> None:
 
         print(f"[compare] ingesting {params.data.source} into {params.data.out_dir}", flush=True)
         run_ingest(params)
+    manifest_path = Path(params.data.out_dir) / "manifest.json"
+    found = read_json(manifest_path, "shards manifest").get("source")
+    if found != params.data.source:  # e.g. `-S data.source=fashion_mnist` over the default's synthetic shards
+        raise CompareError(f"{manifest_path}: the shards are of data.source {found!r}, not {params.data.source!r}; "
+                           f"compare another source with --sources {params.data.source} (its own shards under "
+                           f"data/compare/), or point data.out_dir at shards of that source")
     if (needs_backbone and params.backbone.weights == "pretrain"
             and not pretrained_backbone_path(params.pretrain.out_dir).is_file()):
         from lpt.pretrain import pretrain_backbone

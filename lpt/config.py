@@ -308,6 +308,9 @@ class PretrainConfig(_Strict):
     batch_size: int = Field(128, ge=1, le=MAX_BATCH)
     lr: float = Field(1e-3, gt=0.0, le=10.0)
     weight_decay: float = Field(0.05, ge=0.0, le=10.0)
+    train_scale_min: float = Field(
+        0.6, gt=0.0, le=1.0, description="pretraining's random-resized-crop smallest area (its own key: the "
+        "phases use transforms.train_scale_min, so tuning them leaves the committed backbone as it is)")
     out_dir: Path = Field(Path("models/pretrain"), description="backbone.safetensors + pretrain.json (committed)")
     cache_dir: Path = Field(Path("data/pretrain"), description="the rendered pretraining images and teacher "
                             "features, reused while their parameters are unchanged")

@@ -143,6 +143,10 @@ def pretraining_data(params: Params) -> PretrainData:
     return PretrainData(images, labels, names, key, path)
 
 
+PRETRAIN_TRANSFORMS = ("input_size", "mean", "std", "hflip")
+"""The ``transforms`` keys pretraining reads (its crop is ``pretrain.train_scale_min``): what dvc.yaml lists."""
+
+
 def _split_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-class random split of indices into (train, held-out); at least one held out per class."""
     rng = np.random.default_rng(seed)
@@ -388,7 +392,7 @@ def pretrain_backbone(params: Params) -> dict[str, Any]:
             x, y = x_all[idx], y_all[idx]
             flip = (torch.rand(len(idx), generator=gen) < 0.5) if params.transforms.hflip else torch.zeros(len(idx), dtype=torch.bool)
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
-            crops = random_resized_crop(x, params.transforms.train_scale_min, gen)
+            crops = random_resized_crop(x, pcfg.train_scale_min, gen)
             with autocast(device, "auto"):
                 ce = F.cross_entropy(model(crops.to(device)).float(), y.to(device), label_smoothing=0.1)
                 loss = ce
@@ -438,7 +442,8 @@ def _provenance(params: Params, data: PretrainData, train_idx: np.ndarray, held_
         "pretrained": True,
         "command": REGENERATE_COMMAND,
         "params": {"seed": params.seed, "backbone": params.backbone.model_dump(mode="json"),
-                   "pretrain": pcfg.model_dump(mode="json"), "transforms": params.transforms.model_dump(mode="json")},
+                   "pretrain": pcfg.model_dump(mode="json"),
+                   "transforms": {k: getattr(params.transforms, k) for k in PRETRAIN_TRANSFORMS}},
         "data": {"description": "procedural shape x palette x texture images (lpt.data.sources.synthetic), the last "
                                 f"{len(data.class_names)} classes of its 480-class vocabulary (the synthetic target "
                                 "classes are the first ones: never the same class); no image of any target data set",

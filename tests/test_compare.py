@@ -99,6 +99,14 @@ def test_every_method_gets_the_same_epoch_budget(tiny_params: Params) -> None:
     assert {budget(p, m) for m in ("linear_probe", "linear_probe_cb", "vpt_deep_la", "lift", "lpt_phase1")} == {(5, 0)}
 
 
+def test_compare_refuses_shards_of_another_source(tiny_shards: Params, tmp_path: Path) -> None:
+    from lpt.compare import run_compare
+
+    params = make_tiny_params(tmp_path, data__out_dir=str(tiny_shards.data.out_dir), data__source="fashion_mnist")
+    with pytest.raises(CompareError, match="the shards are of data.source 'synthetic', not 'fashion_mnist'"):
+        run_compare(params, ["pixel_ncm"], tmp_path / "t.md")
+
+
 def test_one_phase_methods_get_both_step_floors(tiny_params: Params) -> None:
     from lpt.compare import _cell_params
 
