@@ -430,6 +430,23 @@ def test_failed_stage_gets_its_previous_outputs_back(prefect_harness: None, tmp_
     assert any("previous outputs restored as dvc.lock names them" in m for m in messages)
 
 
+def _still_running(pid: int, wait_s: float = 10.0) -> bool:
+    """Whether process ``pid`` still runs after up to ``wait_s`` s: gone, or a zombie waiting for its reaper
+    (a stopped command whose parent already exited, reaped by init when init gets to it), counts as stopped.
+    An orphaned command that kept running (the failure this guards against) would run for its whole 120 s."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return False
+        if state in ("Z", "X"):
+            return False
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.1)
+
+
 def test_interrupted_stage_is_stopped_then_restorable(tmp_path: Path) -> None:
     """Ctrl-C (or a cancellation) during a stage stops DVC and the command, so its outputs can be put back."""
     code = ("import os, sys, time\nos.makedirs('o', exist_ok=True)\nopen('o/x', 'w').write(open('src').read())\n"
@@ -449,7 +466,7 @@ def test_interrupted_stage_is_stopped_then_restorable(tmp_path: Path) -> None:
     with pytest.raises(KeyboardInterrupt):
         run_dvc_stage(repo, "slow", on_line=interrupt)
     assert time.monotonic() - start < 30
-    assert pids and not Path(f"/proc/{pids[0]}").exists()  # the command is gone, not orphaned
+    assert pids and not _still_running(pids[0])  # the command is stopped, not orphaned
     [stage] = read_stages(repo)
     restored = restore_outputs(repo, stage)  # DVC's repo lock is free again
     assert restored.returncode == 0 and restored.targets == ["o"]
@@ -477,7 +494,7 @@ def test_cancelled_flow_stops_the_stage_and_restores_its_outputs(prefect_harness
     flow.terminate()
     out = flow.communicate(timeout=90)[0]
     assert flow.returncode != 0
-    assert not Path(f"/proc/{stage_pid}").exists()
+    assert not _still_running(stage_pid)
     assert "restoring its previous outputs: dvc checkout --force o" in out, out[-3000:]
     assert (repo / "o/x").read_text() == "1\n"
 
