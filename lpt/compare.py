@@ -138,12 +138,15 @@ def _reusable(path: Path, key: str) -> dict[str, Any] | None:
 
 
 # ------------------------------------------------------------------------------------- one method
+def _split(params: Params, method: str, key: str) -> tuple[int, int]:
+    """``train.phase1.<key>, train.phase2.<key>`` for a two-phase method; their sum in phase 1 for the rest."""
+    first, second = getattr(params.train.phase1, key), getattr(params.train.phase2, key)
+    return (first, second) if get_method(method).trains_phase2 else (first + second, 0)
+
+
 def budget(params: Params, method: str) -> tuple[int, int]:
     """Epochs ``(phase 1, phase 2)`` of ``method`` under the common budget ``phase1.epochs + phase2.epochs``."""
-    total = params.train.phase1.epochs + params.train.phase2.epochs
-    if get_method(method).trains_phase2:
-        return params.train.phase1.epochs, params.train.phase2.epochs
-    return total, 0
+    return _split(params, method, "epochs")
 
 
 def _floor_note(min_steps1: int, min_steps2: int) -> str:
@@ -156,8 +159,7 @@ def _floor_note(min_steps1: int, min_steps2: int) -> str:
 def _cell_params(params: Params, method: str, seed: int) -> Params:
     root = compare_cell_dir(params, method, seed)
     epochs1, _ = budget(params, method)
-    p1, p2 = params.train.phase1, params.train.phase2
-    min_steps1 = p1.min_steps if get_method(method).trains_phase2 else p1.min_steps + p2.min_steps
+    min_steps1, _ = _split(params, method, "min_steps")  # the step floor is shared out like the epochs
     return _with_overrides(params, {
         "seed": int(seed),
         "train.method": method,

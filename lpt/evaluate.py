@@ -524,6 +524,7 @@ def pixel_baseline_accuracy(params: Params, manifest: dict[str, Any], transforms
     data = load_pixels(params, transforms)
     return {name: float(run_pixel_baseline(name, params, data).metrics["overall"]) for name in names}
 
+
 _PLOTS = {"what": "evaluate.out_dir plots", "own": ("per_class_accuracy.json", "confusion.json", "prompt_usage.json")}
 _FIGURES = {"what": "evaluate.out_dir figures", "own": ("per_class_accuracy.png", "confusion.png", "prompt_usage.png",
                                                       "training_curves.png")}
@@ -574,7 +575,7 @@ def run_evaluate(params: Params, phase_dir: Path | None = None) -> EvaluateResul
     model.eval()
 
     manifest = load_manifest(params.data.out_dir)
-    counts = np.asarray(group_counts(manifest), dtype=np.int64)  # the groups' counts (uncarved, docs/data.md)
+    counts = np.asarray(group_counts(manifest), dtype=np.int64)  # the groups' counts (train_counts, docs/data.md)
     class_names = [str(c) for c in manifest.get("class_names") or range(len(counts))]
     if model.num_classes != len(counts):
         raise ValueError(f"model has {model.num_classes} classes but the manifest {len(counts)}")

@@ -105,7 +105,7 @@ def check_gate(metrics: dict[str, Any], params: Params, probe: dict[str, Any] | 
 
     def below(key: str, threshold: float, name: str) -> None:
         value = metrics.get(key)
-        if value is None or (isinstance(value, float) and math.isnan(value)):
+        if _absent(value):
             return  # a group absent from this data set: a named note (missing_groups), not a failure
         if value < threshold:
             failures.append(f"{key} = {value:.4f} < {name} = {threshold:.4f}")
@@ -127,15 +127,18 @@ def check_gate(metrics: dict[str, Any], params: Params, probe: dict[str, Any] | 
     return failures
 
 
+def _absent(value: Any) -> bool:
+    """A group metric of a group with no test images (``None`` or NaN)."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def missing_groups(metrics: dict[str, Any], params: Params) -> list[str]:
     """One line per thresholded group that has no test images here (so its threshold was not applied)."""
-    notes = []
-    for key, name, threshold in (("few", "min_few", params.evaluate.gate.min_few),):
-        value = metrics.get(key)
-        if threshold > 0 and (value is None or (isinstance(value, float) and math.isnan(value))):
-            notes.append(f"{key}: no class of this data set is in the {key} group (standard: < 20 training "
-                         f"images), so {name} = {threshold:.4f} was not applied")
-    return notes
+    threshold = params.evaluate.gate.min_few  # the one group with a threshold
+    if threshold > 0 and _absent(metrics.get("few")):
+        return [f"few: no class of this data set is in the few group (standard: < 20 training images), so "
+                f"min_few = {threshold:.4f} was not applied"]
+    return []
 
 
 def gate_verdict(params: Params, metrics: dict[str, Any], checkpoint_meta: dict[str, Any],

@@ -16,8 +16,8 @@ from lpt.config import PhaseConfig
 from lpt.losses import ib_stream_weight  # w(e) = max(0, ib_weight * (E - e) / E), re-exported
 from lpt.errors import TrainError
 
-__all__ = ["steps_per_epoch", "PhaseSchedule", "phase_schedule", "stopped_early", "scaled_lr", "warmup_cosine_lr", "build_optimizer", "build_scheduler",
-           "ib_stream_weight", "autocast"]
+__all__ = ["steps_per_epoch", "PhaseSchedule", "phase_schedule", "stopped_early", "scaled_lr", "warmup_cosine_lr",
+           "build_optimizer", "build_scheduler", "ib_stream_weight", "autocast"]
 
 
 def steps_per_epoch(num_samples: int, batch_size: int) -> int:
