@@ -80,7 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scales", default="10,20,50,100")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    ftr, ytr, fva, yva = phase1_features(args.params, args.shards)
+    from lpt.config import ParamsError
+    from lpt.errors import TrainError
+
+    try:
+        ftr, ytr, fva, yva = phase1_features(args.params, args.shards)
+    except (ParamsError, TrainError, OSError) as err:  # no shards, bad params, unreadable weights: one line
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     mu, sd = ftr.mean(0), ftr.std(0) + 1e-6
     unit = F.normalize(ftr, dim=1)
     print(f"{len(ftr)} train / {len(fva)} val features of dim {ftr.shape[1]}; mean pairwise cosine "
