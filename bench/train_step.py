@@ -214,7 +214,7 @@ class Bench:
     def loss(self) -> torch.Tensor:
         with self.amp:
             out = self.model(self.x)
-        return agcl_loss(out.logits, self.y, self.counts, 0.5, 8.0, self.loss_cfg) - 0.5 * out.sim
+        return agcl_loss(out.logits, self.y, self.counts, 0.5, 8.0, self.loss_cfg, scale=20.0) - 0.5 * out.sim
 
     def train_step(self) -> None:
         assert self.opt is not None

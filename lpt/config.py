@@ -323,7 +323,9 @@ class ModelConfig(_Strict):
     pool_size: int = Field(20, ge=1, le=1024, description="P group prompts")
     shared_blocks: int = Field(6, ge=0, le=1024, description="S blocks that see only the shared prompt")
     top_k: int = Field(2, ge=1, le=1024, description="group prompts selected per sample")
-    head_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    head_dropout: float | None = Field(
+        None, ge=0.0, lt=1.0, description="dropout before the cosine head; null = the method's own (lpt/methods.py "
+        "Recipe: 0.1; lift: 0)")
     head_init: Literal["random", "class_mean"] | None = Field(
         None, description="how phase 1 starts the cosine head: random (truncated normal), class_mean (the "
         "L2-normalised mean frozen feature of each class); null = the method's own (lift: class_mean)")
@@ -342,7 +344,8 @@ class ModelConfig(_Strict):
 class LossConfig(_Strict):
     """``loss`` section: A-GCL and the dual-sampling weights (defaults from the paper), the logit-adjustment tau."""
 
-    scale: float = Field(20.0, gt=0.0, le=1000.0, description="logit scale: softmax(scale * cosine)")
+    scale: float | None = Field(None, gt=0.0, le=1000.0, description="logit scale: softmax(scale * cosine); null = "
+                                "the method's own (lpt/methods.py Recipe: 20; lift: 25)")
     margin: float = Field(0.1, ge=0.0, le=2.0, description="cosine margin (cosines lie in [-1, 1])")
     noise_mul: float = Field(0.5, ge=0.0, le=100.0, description="cloud noise multiplier")
     noise_std: float = Field(1.0 / 3.0, gt=0.0, le=100.0)
@@ -364,11 +367,13 @@ class PhaseConfig(_Strict):
     batch_size: int = Field(64, ge=1, le=MAX_BATCH)
     lr: float = Field(0.02, gt=0.0, le=100.0, description="base lr for batch 256; scaled by batch/256")
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.01, ge=0.0, le=10.0)
+    weight_decay: float | None = Field(None, ge=0.0, le=10.0, description="SGD weight decay; null = the method's own "
+                                       "(lpt/methods.py Recipe: 0.01; lift: 5e-4)")
     min_steps: int = Field(
         0, ge=0, le=MAX_STEPS, description="floor on the phase's optimizer steps: whole epochs are added until "
         "epochs x steps/epoch reaches it (a small set trains long enough; a large one is unchanged); 0 = epochs only")
-    warmup_epochs: float = Field(1.0, ge=0.0, le=MAX_EPOCHS)
+    warmup_epochs: float | None = Field(None, ge=0.0, le=MAX_EPOCHS, description="linear warm-up; null = the "
+                                        "method's own (lpt/methods.py Recipe: 1; lift: 0)")
     warmup_steps: int | None = Field(None, ge=0, le=MAX_STEPS,
                                      description="warm-up in optimizer steps; null = warmup_epochs")
     warmup_lr: float = Field(1e-6, ge=0.0, le=100.0)
@@ -423,6 +428,10 @@ class EvaluateConfig(_Strict):
     """``evaluate`` section."""
 
     batch_size: int = Field(256, ge=1, le=MAX_BATCH)
+    tte: Literal["five_crop"] | None = Field(
+        None, description="test-time ensembling, reported as tte_* metrics beside the single-crop ones (never "
+        "instead of them): five_crop = LIFT's (shorter side to input_size x 248/224, four corner crops + the centre, "
+        "cosines averaged); the gate, the export and the runtime stay single-crop. null = off")
     out_dir: Path = Path("reports")
     ece_bins: int = Field(15, ge=1, le=10000)
     max_plot_classes: int = Field(

@@ -32,6 +32,7 @@ import numpy as np
 
 from lpt import metrics as M
 from lpt.config import Params
+from lpt.methods import own
 from lpt.escaping import markdown_cell
 from lpt.gate import GATE_FILE, check_gate, gate_verdict, probe_metrics_path, read_gate_verdict  # noqa: F401
 from lpt.utils import atomic_dir, atomic_path, check_output_dir, refuse_protected, write_json_atomic
@@ -134,7 +135,8 @@ def collect_stats(model: Any, loader: Any, scale: float, device: str = "cpu") ->
 
     Args:
         model: an ``LPTModel`` whose forward returns ``LPTOutput`` (``logits``, ``selected``).
-        loader: iterable of ``(images [B,3,H,W], labels [B])``.
+        loader: iterable of ``(images [B,3,H,W], labels [B])``, or ``[B,V,3,H,W]`` views whose cosines are
+            averaged per image (test-time ensembling; no prompt selection is kept then).
         scale: ``loss.scale`` (softmax temperature of the confidence).
         device: torch device string.
     """
@@ -146,9 +148,14 @@ def collect_stats(model: Any, loader: Any, scale: float, device: str = "cpu") ->
     batches = 0
     with torch.inference_mode():
         for x, y in loader:
-            out = model(x.to(device))
+            views = x.shape[1] if x.dim() == 5 else 0  # [B, V, 3, H, W]: test-time ensembling views
+            out = model(x.flatten(0, 1).to(device) if views else x.to(device))
+            logits = out.logits.float()
+            if views:  # the V views' cosines averaged (LIFT's TTE); the prompt selection is per view: dropped
+                logits = logits.reshape(x.shape[0], views, -1).mean(dim=1)  # [B, C]
+                out = out._replace(selected=None)
             labels = np.asarray(y, dtype=np.int64)
-            stats = M.sample_stats(out.logits.float().cpu().numpy(), labels, scale, 5)  # [B, C] -> [B] each
+            stats = M.sample_stats(logits.cpu().numpy(), labels, scale, 5)  # [B, C] -> [B] each
             parts["labels"].append(labels)
             for key, value in stats.items():
                 parts[key].append(value)
@@ -159,6 +166,32 @@ def collect_stats(model: Any, loader: Any, scale: float, device: str = "cpu") ->
              "confidence": np.zeros(0), "calibrated_pred": np.zeros(0, np.int64)}
     arrays = {k: np.concatenate(v) if v else empty[k] for k, v in parts.items()}
     return PredictionStats(**arrays, selected=np.concatenate(selected) if selected and len(selected) == batches else None)
+
+
+def tte_metrics(model: Any, images: Any, transforms: Any, counts: np.ndarray, scale: float, bins: int,
+                batch_size: int, num_workers: int, device: str) -> dict[str, Any]:
+    """The test metrics under LIFT's five-crop test-time ensembling, each key prefixed ``tte_``.
+
+    Args:
+        model: the trained model.
+        images: the test split (``(PIL image, label)`` items).
+        transforms: the resolved test-time ``transforms``.
+        counts: training images per class (the groups).
+        scale: the logit scale of the confidence (ECE).
+        bins: ECE bins.
+        batch_size: images per batch (each brings 5 views).
+        num_workers: DataLoader workers.
+        device: torch device string.
+    """
+    from torch.utils.data import DataLoader
+
+    from lpt.data.reader import TransformedDataset, five_crop_transform
+
+    loader = DataLoader(TransformedDataset(images, five_crop_transform(transforms)), batch_size=max(1, batch_size // 5),
+                        shuffle=False, num_workers=num_workers)
+    preds = collect_stats(model, loader, scale, device)
+    scalars = M.summarize_stats(preds.as_stats(), preds.labels, counts, bins)
+    return {f"tte_{k}": v for k, v in scalars.items()}
 
 
 def nonfinite_tensors(tensors: dict[str, Any]) -> list[str]:
@@ -586,9 +619,12 @@ def run_evaluate(params: Params, phase_dir: Path | None = None) -> EvaluateResul
     loader = DataLoader(TransformedDataset(test, build_transform(transforms, train=False)),
                         batch_size=params.evaluate.batch_size, shuffle=False,
                         num_workers=params.train.num_workers)
-    scale, bins = params.loss.scale, params.evaluate.ece_bins
+    scale, bins = own(params.loss.scale, model.spec.recipe, "scale"), params.evaluate.ece_bins  # null: the method's own
     preds = collect_stats(model, loader, scale, device)
     scalars = M.summarize_stats(preds.as_stats(), preds.labels, counts, bins)
+    if params.evaluate.tte == "five_crop":  # beside the single-crop metrics, never instead of them
+        scalars.update(tte_metrics(model, test, transforms, counts, scale, bins, params.evaluate.batch_size,
+                                   params.train.num_workers, device))
     pc = _param_counts(model)
     metrics: dict[str, Any] = {
         **scalars,

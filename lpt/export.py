@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from lpt.config import Params
+from lpt.methods import own
 from lpt.model.backbone import BackboneError, ResolvedTransforms, resolve_transforms
 from lpt.model.lpt import CheckpointError, LPTModel, load_trained_model
 # the metadata schema belongs to the torch-free consumer; the exporter writes what it reads
@@ -322,7 +323,7 @@ def build_metadata(params: Params, model: LPTModel, class_names: list[str], chec
         "std": json.dumps(list(t.std)),
         "layout": "NCHW",
         # outputs
-        "logit_scale": json.dumps(params.loss.scale),
+        "logit_scale": json.dumps(own(params.loss.scale, model.spec.recipe, "scale")),
         "outputs": json.dumps({LOGITS_NAME: "raw cosine [B, C]; scores = softmax(logit_scale * logits)",
                                **({SELECTED_NAME: "group prompt indices [B, top_k]"} if model.phase == 2 else {})}),
         # provenance

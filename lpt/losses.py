@@ -66,6 +66,7 @@ def agcl_loss(
     noise: torch.Tensor | None = None,
     *,
     train: bool = True,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """A-GCL loss (see the module docstring), batch mean.
 
@@ -78,6 +79,7 @@ def agcl_loss(
         cfg: the ``loss`` params section (scale, margin, noise_mul, noise_std, label_smoothing).
         noise: [B, C] fixed delta (tests); None draws fresh half-normal noise when ``train``.
         train: False disables the cloud noise (validation loss); the margin stays.
+        scale: s; None = ``cfg.scale`` (null there means the method's own: pass it here).
 
     Returns:
         Scalar loss.
@@ -91,7 +93,10 @@ def agcl_loss(
         noise = cloud_noise(c.shape, cfg.noise_std, device=c.device) if train else torch.zeros_like(c)
     c = c - cfg.noise_mul * noise.to(c) * eps.unsqueeze(0)  # [B, C] cloud on every class
     onehot = F.one_hot(target.long(), num_classes).to(c.dtype)  # [B, C] (float: runs on any device)
-    logits = cfg.scale * (c - cfg.margin * onehot)  # [B, C]
+    s = scale if scale is not None else cfg.scale
+    if s is None:
+        raise ValueError("loss.scale is null: pass the method's own scale (lpt.methods.own)")
+    logits = s * (c - cfg.margin * onehot)  # [B, C]
     log_p = F.log_softmax(logits, dim=-1)
     p = log_p.exp()
     # 1 - p_y as the sum of the other probabilities: exact where p_y rounds to 1 in float32.

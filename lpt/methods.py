@@ -18,6 +18,11 @@ Every head is the cosine classifier; ``lift`` starts it from the class means of 
 adapters in parallel to every block's MLP (:mod:`lpt.model.adapters`). Logit adjustment (Menon et al.,
 ICLR 2021) trains on ``scale * cosine + tau * log(prior)`` and predicts with the raw cosine.
 
+A method's recipe is its own, its budget is the harness's: each spec carries a :class:`Recipe` (cosine
+scale, head dropout, weight decay, warm-up), which is what the params keys ``loss.scale``,
+``model.head_dropout``, ``train.phaseN.weight_decay`` and ``train.phaseN.warmup_epochs`` mean when they are
+null (:func:`own`). Epochs, step floors, batch size and lr stay the harness's, the same for every method.
+
 Nothing else in the project compares method strings: code asks the :class:`MethodSpec` what to do.
 """
 
@@ -26,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["MethodSpec", "PhasePlan", "METHODS", "get_method", "phase_plan", "MethodError", "Loss", "Sampling",
+__all__ = ["MethodSpec", "PhasePlan", "Recipe", "LPT_RECIPE", "LIFT_RECIPE", "own", "METHODS", "get_method", "phase_plan", "MethodError", "Loss", "Sampling",
            "HeadInit", "REFERENCE_METHOD", "PROBE_METHOD"]
 
 Loss = Literal["agcl", "ce", "la"]
@@ -44,6 +49,31 @@ class MethodError(ValueError):
 
 
 @dataclass(frozen=True)
+class Recipe:
+    """A method's own hyper-parameters: the values of the params keys left null.
+
+    Attributes:
+        scale: ``loss.scale``, the cosine head's logit scale s in ``softmax(s * cosine)``.
+        head_dropout: ``model.head_dropout``, dropout on the feature before the head.
+        weight_decay: ``train.phaseN.weight_decay``.
+        warmup_epochs: ``train.phaseN.warmup_epochs`` (``warmup_steps``, when set, still wins).
+    """
+
+    scale: float
+    head_dropout: float
+    weight_decay: float
+    warmup_epochs: float
+
+
+LPT_RECIPE = Recipe(scale=20.0, head_dropout=0.1, weight_decay=0.01, warmup_epochs=1.0)
+"""The paper's (LPT_SPEC): s = 20, head dropout 0.1, weight decay 0.01 (SGD), one warm-up epoch. The other
+in-house rows (probes, VPT-deep) use it too, so they differ from LPT only in what they train and their loss."""
+LIFT_RECIPE = Recipe(scale=25.0, head_dropout=0.0, weight_decay=5e-4, warmup_epochs=0.0)
+"""LIFT's own (shijxcs/LIFT, configs and trainer): cosine scale 25, no head dropout, weight decay 5e-4, no
+warm-up (docs/evaluation.md lists what else differs from the authors' code)."""
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     """What one method is.
 
@@ -56,6 +86,7 @@ class MethodSpec:
         adapter: bottleneck adapters in parallel to every block's MLP (LIFT).
         head_init: how the cosine head starts (:data:`HeadInit`).
         label: the name comparison tables print.
+        recipe: the method's own hyper-parameters (:class:`Recipe`).
     """
 
     name: str
@@ -66,6 +97,7 @@ class MethodSpec:
     adapter: bool = False
     head_init: HeadInit = "random"
     label: str = ""
+    recipe: Recipe = LPT_RECIPE
 
     def __post_init__(self) -> None:
         assert not (self.group_pool and not self.shared_prompt), "the group pool builds on the shared prompt"
@@ -119,7 +151,8 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("linear_probe_cb", False, False, "cb", "ce", label="linear probe (CB sampling)"),
         MethodSpec("vpt_deep", True, False, "ib", "ce", label="VPT-deep (CE)"),
         MethodSpec("vpt_deep_la", True, False, "ib", "la", label="VPT-deep (LA)"),
-        MethodSpec("lift", False, False, "ib", "la", adapter=True, head_init="class_mean", label="LIFT"),
+        MethodSpec("lift", False, False, "ib", "la", adapter=True, head_init="class_mean", label="LIFT",
+                   recipe=LIFT_RECIPE),
         MethodSpec("lpt_phase1", True, False, "dual", "agcl", label="LPT phase 1"),
         MethodSpec("lpt", True, True, "dual", "agcl", label="LPT"),
     )
@@ -143,6 +176,17 @@ def get_method(name: str) -> MethodSpec:
         return METHODS[name]
     except KeyError:
         raise MethodError(f"train.method {name!r} is not one of {', '.join(METHODS)}") from None
+
+
+def own(value: float | None, recipe: Recipe, key: str) -> float:
+    """``value`` as set in params, or the method's own (``recipe.<key>``, :class:`Recipe`) when it is null.
+
+    Example:
+        >>> lift = get_method("lift").recipe
+        >>> own(None, lift, "scale"), own(30.0, lift, "scale"), own(None, LPT_RECIPE, "scale")
+        (25.0, 30.0, 20.0)
+    """
+    return float(getattr(recipe, key)) if value is None else float(value)
 
 
 def phase_plan(method: str, phase: int) -> PhasePlan:

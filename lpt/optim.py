@@ -42,6 +42,13 @@ class PhaseSchedule:
         return self.steps_per_epoch * self.epochs
 
 
+def _set(value: float | None, key: str) -> float:
+    """A phase key the caller must have filled (null means "the method's own": :func:`lpt.methods.own`)."""
+    if value is None:
+        raise ValueError(f"train.phaseN.{key} is null here: fill it with the method's own value first")
+    return value
+
+
 def phase_schedule(num_samples: int, cfg: PhaseConfig) -> PhaseSchedule:
     """The phase's schedule: whole epochs, at least ``cfg.epochs`` and at least ``cfg.min_steps`` steps.
 
@@ -52,17 +59,18 @@ def phase_schedule(num_samples: int, cfg: PhaseConfig) -> PhaseSchedule:
 
     Args:
         num_samples: training images.
-        cfg: the phase's ``train.phaseN`` section.
+        cfg: the phase's ``train.phaseN`` section, its null keys filled with the method's own values
+            (:func:`lpt.train.run` does it with :func:`lpt.methods.own`).
 
     Example:
-        >>> s = phase_schedule(1236, PhaseConfig(epochs=2, batch_size=64, min_steps=300))
+        >>> s = phase_schedule(1236, PhaseConfig(epochs=2, batch_size=64, min_steps=300, warmup_epochs=1))
         >>> (s.steps_per_epoch, s.epochs, s.total_steps, s.warmup_steps)
         (20, 15, 300, 20)
     """
     full = steps_per_epoch(num_samples, cfg.batch_size)
     per_epoch = full if cfg.max_steps_per_epoch is None else min(cfg.max_steps_per_epoch, full)
     epochs = max(cfg.epochs, -(-cfg.min_steps // per_epoch))  # ceil
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_epochs * per_epoch)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(_set(cfg.warmup_epochs, "warmup_epochs") * per_epoch)
     return PhaseSchedule(full, per_epoch, epochs, min(warmup, per_epoch * epochs // 2))
 
 
@@ -97,7 +105,7 @@ def warmup_cosine_lr(step: int, total_steps: int, warmup_steps: int, peak_lr: fl
 
 
 def build_optimizer(model: nn.Module, cfg: PhaseConfig) -> torch.optim.SGD:
-    """SGD with momentum over the parameters that require grad only.
+    """SGD with momentum over the parameters that require grad only (``cfg`` with its null keys filled).
 
     Raises:
         TrainError: the model has nothing to train.
@@ -106,7 +114,7 @@ def build_optimizer(model: nn.Module, cfg: PhaseConfig) -> torch.optim.SGD:
     if not trainable:
         raise TrainError("the model has no trainable parameters (check train.method and the phase)")
     return torch.optim.SGD(trainable, lr=scaled_lr(cfg.lr, cfg.batch_size), momentum=cfg.momentum,
-                           weight_decay=cfg.weight_decay)
+                           weight_decay=_set(cfg.weight_decay, "weight_decay"))
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,

@@ -43,9 +43,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from lpt.data.imageio import ImageRefused, open_image, read_image_file, to_rgb_array
+from lpt.data.imageio import DECODE_ERRORS, ImageRefused, decode_error, open_image, read_image_file, to_rgb_array
 from lpt.escaping import csv_cell, text_line
 
 __all__ = [
@@ -223,8 +223,8 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
         raise PredictError(f"{path}: no such image file") from None
     except ImageRefused as err:
         raise PredictRefused(f"{path}: {err}") from None
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-        raise PredictError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
+    except DECODE_ERRORS as err:  # whatever a damaged file makes Pillow raise (lpt.data.imageio)
+        raise PredictError(f"{path}: {decode_error(err)}") from None
 
 
 def _resized_size(width: int, height: int, size: int) -> tuple[int, int]:

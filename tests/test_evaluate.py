@@ -166,6 +166,68 @@ def test_metrics_agree_with_the_model(trained: Params, tmp_path: Path):
     assert metrics["overall"] == pytest.approx(float(np.concatenate(hits).mean()))
 
 
+def test_tte_metrics_are_the_five_views_averaged_and_kept_apart(trained: Params, tmp_path: Path):
+    """``evaluate.tte: five_crop`` adds tte_* metrics equal to a direct pass over the five views with their
+    cosines averaged; the single-crop metrics and the gate verdict are the same as without it."""
+    from torch.utils.data import DataLoader
+
+    from lpt.data.reader import ShardImages, TransformedDataset, five_crop_transform
+    from lpt.evaluate import run_evaluate
+    from lpt.model.lpt import load_trained_model
+    from lpt.utils import seed_everything
+
+    plain = run_evaluate(_with(trained, tmp_path / "plain")).metrics
+    params = _with(trained, tmp_path / "tte", evaluate__tte="five_crop")
+    metrics = run_evaluate(params).metrics
+    assert {k: v for k, v in metrics.items() if not k.startswith("tte_")} == plain
+    assert not any(k.startswith("tte_") for k in plain)
+
+    seed_everything(params.seed)
+    model, _ = load_trained_model(params)
+    ds = TransformedDataset(ShardImages(Path(params.data.out_dir), "test"), five_crop_transform(params.transforms))
+    hits = []
+    with torch.inference_mode():
+        for x, y in DataLoader(ds, batch_size=8):  # [B, 5, 3, H, W]
+            cos = model.forward_two_pass(x.flatten(0, 1)).logits.reshape(x.shape[0], 5, -1).mean(1)
+            hits.append((cos.argmax(1) == y).numpy())
+    assert metrics["tte_overall"] == pytest.approx(float(np.concatenate(hits).mean()))
+
+
+def test_five_crop_views_are_the_corners_and_centre_of_the_resized_image():
+    from PIL import Image
+
+    from lpt.config import TransformConfig
+    from lpt.data.reader import five_crop_transform
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    cfg = TransformConfig(input_size=32, resize=32, mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])
+    views = five_crop_transform(cfg)(img)
+    assert tuple(views.shape) == (5, 3, 32, 32)
+    # shorter side 40 -> round(32 * 248 / 224) = 35, longer 48 -> 42 (Pillow bilinear, antialiased)
+    big = np.asarray(img.resize((42, 35), Image.BILINEAR), dtype=np.float32) / 255.0  # [35, 42, 3]
+    # the centre crop starts at round(3 / 2) = 2 rows (torchvision rounds half to even) and 5 columns
+    want = {0: big[:32, :32], 1: big[:32, -32:], 2: big[-32:, :32], 3: big[-32:, -32:], 4: big[2:34, 5:37]}
+    for i, crop in want.items():
+        np.testing.assert_allclose(views[i].permute(1, 2, 0).numpy(), crop, atol=2 / 255)
+
+
+def test_tte_averages_cosines_rather_than_voting():
+    """Four views lean weakly to class 0, one strongly to class 1: the average picks 1 (a vote would pick 0)."""
+    from lpt.evaluate import collect_stats
+    from lpt.model.lpt import LPTOutput
+
+    class Views(torch.nn.Module):
+        def forward(self, x):  # [B*5, 3, H, W] -> cosines from the first pixel: view index
+            v = x[:, 0, 0, 0]
+            logits = torch.stack([torch.where(v < 4, 0.1, 0.0), torch.where(v < 4, 0.0, 1.0)], dim=1)
+            return LPTOutput(logits=logits, sim=torch.zeros(()), selected=None, features=logits)
+
+    x = torch.arange(5, dtype=torch.float32).reshape(1, 5, 1, 1, 1).expand(2, 5, 3, 2, 2).contiguous()
+    stats = collect_stats(Views(), [(x, torch.tensor([1, 0]))], scale=20.0)
+    assert stats.pred.tolist() == [1, 1]
+
+
 def test_gate_passes_trained_fails_broken(trained: Params, collapsed: Params, tmp_path: Path):
     """The same thresholds (above chance = 0.10 on 10 classes) pass a trained and fail a broken model."""
     from lpt.evaluate import run_evaluate

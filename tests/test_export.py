@@ -107,7 +107,7 @@ def test_metadata_round_trip(exported) -> None:
     assert (pre.input_size, pre.resize) == (params.transforms.input_size, params.transforms.resize)
     assert pre.mean == tuple(params.transforms.mean) and pre.std == tuple(params.transforms.std)
     assert pre.interpolation == "bilinear" and meta["crop"] == "center"
-    assert predictor.logit_scale == params.loss.scale
+    assert params.loss.scale is None and predictor.logit_scale == 20.0  # null: LPT's own scale (lpt.methods)
     assert meta["lpt_format"] == "1" and meta["method"] == "lpt" and meta["precision"] == "fp32"
     assert meta["backbone"] == params.backbone.name
     assert meta["params_sha256"] == "ab" * 32  # the checkpoint's recipe hash
@@ -327,6 +327,29 @@ def test_optimized_export_is_faster_graph_with_same_outputs(tmp_path: Path, tiny
     np.testing.assert_allclose(a[0], ref.logits.numpy(), atol=1e-5)
     np.testing.assert_allclose(a[0], b[0], atol=1e-5)
     np.testing.assert_array_equal(np.sort(a[1], 1), np.sort(b[1], 1))
+
+
+@pytest.mark.parametrize("optimize", [True, False])
+def test_lift_adapters_export_with_parity(tmp_path: Path, optimize: bool) -> None:
+    """LIFT's adapters on the residual (norm2 tap + ls2 wrap) go into the graph, optimised (CLS-only last
+    block) or not, and ORT matches torch."""
+    params = make_tiny_params(tmp_path, train__method="lift", model__adapter_dim=3)
+    torch.manual_seed(0)
+    model = create_lpt_model(params, 10).eval()
+    with torch.no_grad():
+        for a in model.adapters:
+            a.up.weight.normal_(0, 0.3)
+            a.ln.weight.normal_(1, 0.2)
+    x = np.random.default_rng(2).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    with torch.inference_mode():
+        ref = model(torch.from_numpy(x)).logits.numpy()
+    path = export_onnx(model, tmp_path / "lift.onnx", optimize=optimize)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+    with torch.no_grad():  # the same model with silent adapters: the graph's outputs were the adapters' doing
+        for a in model.adapters:
+            a.up.weight.zero_()
+        assert np.abs(model(torch.from_numpy(x)).logits.numpy() - got).max() > 1e-3
 
 
 def test_unoptimized_export_still_passes_the_gates(tmp_path: Path, tiny_shards: Params) -> None:

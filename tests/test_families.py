@@ -137,14 +137,14 @@ def test_both_phases_train_and_frozen_parameters_get_no_gradient(fam: FamilyInfo
     x, y = _images(fam, 6), torch.arange(6) % C
     model = _model(fam, bb).train()
     out = model(x)
-    (agcl_loss(out.logits, y, COUNTS, 0.5, 8.0, LossConfig()) - 0.5 * out.sim).backward()
+    (agcl_loss(out.logits, y, COUNTS, 0.5, 8.0, LossConfig(scale=20.0)) - 0.5 * out.sim).backward()
     got = _grads(model)
     assert got["shared_prompt.prompt"] and got["head.weight"]
     assert all(p.grad is None for p in bb.parameters())
 
     model = _model(fam, bb, phase=2).train()
     out = model(x)
-    (agcl_loss(out.logits, y, COUNTS, 0.0, 4.0, LossConfig()) - 0.5 * out.sim).backward()
+    (agcl_loss(out.logits, y, COUNTS, 0.0, 4.0, LossConfig(scale=20.0)) - 0.5 * out.sim).backward()
     got = _grads(model)
     assert got["group_pool.prompts"] and got["group_pool.keys"] and got["head.weight"]
     assert model.shared_prompt.prompt.grad is None and all(p.grad is None for p in bb.parameters())

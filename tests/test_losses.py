@@ -35,7 +35,7 @@ def test_agcl_matches_hand_computed_three_class_example() -> None:
     cos = [[0.5, 0.2, -0.1], [0.1, 0.3, 0.25]]
     labels = [1, 0]
     noise = [[0.3, 0.6, 0.9], [0.05, 0.4, 0.7]]
-    cfg = LossConfig()
+    cfg = LossConfig(scale=20.0)
     for gp, gn in [(0.0, 4.0), (0.5, 8.0), (1.0, 1.0)]:
         expected = sum(_agcl_by_hand(cos[i], labels[i], counts, noise[i], gp, gn) for i in range(2)) / 2
         got = agcl_loss(torch.tensor(cos), torch.tensor(labels), counts, gp, gn, cfg, noise=torch.tensor(noise))
@@ -48,7 +48,7 @@ def test_first_sample_numbers_spelled_out() -> None:
     lse = math.log(sum(math.exp(v) for v in z))
     t = [0.1 / 3, 0.9 + 0.1 / 3, 0.1 / 3]
     expected = -sum(tj * (zj - lse) for tj, zj in zip(t, z))
-    got = agcl_loss(torch.tensor([[0.5, 0.2, -0.1]]), torch.tensor([1]), [100, 10, 1], 0.0, 0.0, LossConfig(),
+    got = agcl_loss(torch.tensor([[0.5, 0.2, -0.1]]), torch.tensor([1]), [100, 10, 1], 0.0, 0.0, LossConfig(scale=20.0),
                     noise=torch.tensor([[0.3, 0.6, 0.9]]))
     assert got.item() == pytest.approx(expected, rel=1e-5)
 
@@ -57,7 +57,7 @@ def test_equal_counts_give_zero_cloud_and_no_noise_effect() -> None:
     assert torch.equal(cloud_sizes([7, 7, 7]), torch.zeros(3))
     cos = torch.tensor([[0.2, -0.3, 0.9, 0.0]])
     y = torch.tensor([2])
-    cfg = LossConfig()
+    cfg = LossConfig(scale=20.0)
     with_noise = agcl_loss(cos, y, [5] * 4, 0.5, 8.0, cfg)  # random noise drawn
     without = agcl_loss(cos, y, [5] * 4, 0.5, 8.0, cfg, noise=torch.zeros(1, 4))
     assert torch.isfinite(with_noise) and with_noise.item() == pytest.approx(without.item())
@@ -77,7 +77,7 @@ def test_noise_fresh_each_call_in_train_and_off_in_eval() -> None:
     cos = torch.rand(8, 5) * 2 - 1
     y = torch.randint(0, 5, (8,))
     counts = [100, 50, 20, 10, 2]
-    cfg = LossConfig()
+    cfg = LossConfig(scale=20.0)
     a, b = agcl_loss(cos, y, counts, 0.0, 4.0, cfg), agcl_loss(cos, y, counts, 0.0, 4.0, cfg)
     assert a.item() != b.item()
     e1 = agcl_loss(cos, y, counts, 0.0, 4.0, cfg, train=False)
@@ -98,7 +98,7 @@ def test_no_nan_gradients_when_target_probability_saturates() -> None:
 
 def test_focusing_weights_carry_gradient() -> None:
     """Not detached: the loss with gamma_pos > 0 has a different gradient than its weights-held-fixed version."""
-    cfg = LossConfig()
+    cfg = LossConfig(scale=20.0)
     cos = torch.tensor([[0.3, 0.1, -0.2]], requires_grad=True)
     y = torch.tensor([0])
     agcl_loss(cos, y, [10, 5, 1], 2.0, 0.0, cfg, noise=torch.zeros(1, 3)).backward()
@@ -116,7 +116,7 @@ def test_focusing_weights_carry_gradient() -> None:
 
 def test_bf16_logits_accepted_and_float32_result() -> None:
     cos = (torch.rand(4, 6) * 2 - 1).to(torch.bfloat16)
-    loss = agcl_loss(cos, torch.tensor([0, 1, 2, 3]), [60, 30, 10, 5, 2, 1], 0.5, 8.0, LossConfig())
+    loss = agcl_loss(cos, torch.tensor([0, 1, 2, 3]), [60, 30, 10, 5, 2, 1], 0.5, 8.0, LossConfig(scale=20.0))
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
 

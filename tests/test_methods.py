@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import math
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import torch.nn.functional as F
 from lpt.config import Params, TrainConfig
 from lpt.losses import log_class_prior, logit_adjusted_loss, scaled_ce_loss
 from lpt.methods import METHODS, get_method, phase_plan
-from lpt.model.adapters import BottleneckAdapter, ParallelAdapterMLP, attach_adapters, default_adapter_dim
+from lpt.model.adapters import AdapterAfterScale, BottleneckAdapter, ParallelAdapterMLP, attach_adapters, default_adapter_dim
 from lpt.model.lpt import create_lpt_model, load_trained_model, save_trained_model
 
 from conftest import make_tiny_params
@@ -87,7 +89,7 @@ def test_class_balanced_method_draws_only_the_class_aware_stream(tiny_shards: Pa
     drawn = labels[list(iter(samplers["cb"]))]
     assert abs(int((drawn == 1).sum()) - 16) <= 4  # balanced: about half the draws from the 3-image class
     ctx = StepContext(model=None, forward_model=None, optimizer=None, scheduler=None, scaler=None,
-                      plan=phase_plan("linear_probe_cb", 1), loss_cfg=tiny_shards.loss, class_counts=torch.ones(2),
+                      plan=phase_plan("linear_probe_cb", 1), loss_cfg=tiny_shards.loss, scale=20.0, class_counts=torch.ones(2),
                       device="cpu", amp="off", grad_accum=2, micro_batch=2, dist=DistInfo())
     x, y = torch.zeros(4, 3, 8, 8), torch.tensor([0, 1, 0, 1])
     parts = micro_batches(ctx, {"cb": (x, y)}, ib_w=0.5)
@@ -102,7 +104,7 @@ def test_default_adapter_dim_is_lifts_rule() -> None:
 def test_adapters_start_as_identity_and_only_they_and_the_head_learn(tiny_params: Params) -> None:
     lift, probe = _model(tiny_params, "lift"), _model(tiny_params, "linear_probe")
     assert lift.backbone_fingerprint() == probe.backbone_fingerprint()  # same frozen weights, wrap or not
-    assert all(isinstance(b.mlp, ParallelAdapterMLP) for b in lift.backbone.blocks)
+    assert all(isinstance(b.ls2, AdapterAfterScale) for b in lift.backbone.blocks)  # timm Block: after ls2
     assert lift.adapter_dim == default_adapter_dim(C, len(lift.backbone.blocks))
     probe.head.weight.data.copy_(lift.head.weight.data)
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -117,7 +119,7 @@ def test_adapters_start_as_identity_and_only_they_and_the_head_learn(tiny_params
     assert all(not p.requires_grad for p in lift.backbone.parameters())
     d, r = lift.embed_dim, lift.adapter_dim
     report = lift.parameter_report()
-    assert report["components"]["adapters"]["params"] == len(lift.backbone.blocks) * (2 * d * r + d + r + 1)
+    assert report["components"]["adapters"]["params"] == len(lift.backbone.blocks) * (2 * d * r + d + r + 1 + 2 * d)
     assert report["tuned_total"] == report["trainable"]
 
 
@@ -127,13 +129,58 @@ def test_adapter_is_registered_once_and_refuses_a_second_wrap(tiny_params: Param
     assert names == [f"adapters.{i}.down.weight" for i in range(len(lift.backbone.blocks))]
     with pytest.raises(ValueError, match="already has an adapter"):
         attach_adapters(lift.backbone.blocks, lift.embed_dim, 2)
-    h = torch.randn(2, 5, 8)
+    x = torch.randn(2, 5, 8)
     a = BottleneckAdapter(8, 2)
     with torch.no_grad():
         a.up.weight.fill_(0.5)
         a.scale.fill_(2.0)
-    expected = 2.0 * (F.relu(h @ a.down.weight.T + a.down.bias) @ a.up.weight.T + a.up.bias)
-    assert torch.allclose(a(h), expected)
+        a.ln.weight.fill_(3.0)
+    n = 3.0 * (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    expected = 2.0 * (F.relu(n @ a.down.weight.T + a.down.bias) @ a.up.weight.T + a.up.bias)
+    assert torch.allclose(a(x), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer_scale", [None, 1e-3])
+def test_adapter_reads_the_residual_and_adds_outside_the_layer_scale(layer_scale: float | None) -> None:
+    """LIFT's AdaptFormer: x + ls2(mlp(norm2(x))) + adapter(x), x the residual after attention; a small
+    layer scale (DeiT-III / DINOv2) scales the MLP branch only."""
+    from timm.models.vision_transformer import Block
+
+    torch.manual_seed(0)
+    block = Block(16, 2, init_values=layer_scale).eval()
+    frozen = copy.deepcopy(block)
+    (a,) = attach_adapters([block], 16, 4)
+    with torch.no_grad():
+        a.up.weight.normal_(0, 0.5)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        mid = x + frozen.ls1(frozen.attn(frozen.norm1(x)))  # the residual the adapter reads
+        want = mid + frozen.ls2(frozen.mlp(frozen.norm2(mid))) + a(mid)
+        got = block(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert a(mid).abs().mean() > 10 * (want - mid - a(mid)).abs().mean() if layer_scale else True
+
+
+def test_a_block_without_a_layer_scale_module_gets_the_adapter_inside_its_mlp() -> None:
+    from torch import nn
+
+    class NoLs(nn.Module):  # Eva-like: norm2 + mlp, a bare gamma_2 (None) instead of an ls2 module
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm2, self.mlp, self.gamma_2 = nn.LayerNorm(8), nn.Linear(8, 8), None
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.mlp(self.norm2(x))
+
+    torch.manual_seed(0)
+    block = NoLs()
+    frozen = copy.deepcopy(block)
+    (a,) = attach_adapters([block], 8, 2)
+    assert isinstance(block.mlp, ParallelAdapterMLP)
+    with torch.no_grad():
+        a.up.weight.normal_(0, 0.5)
+        x = torch.randn(3, 4, 8)
+        torch.testing.assert_close(block(x), x + frozen.mlp(frozen.norm2(x)) + a(x), rtol=0, atol=1e-6)
 
 
 def test_lift_checkpoint_round_trip(tiny_params: Params, tmp_path: Path) -> None:
@@ -178,6 +225,31 @@ def test_class_mean_head_init(tiny_shards: Params, tmp_path: Path) -> None:
         mean = feats[labels == c].mean(0)
         assert torch.allclose(model.head.weight[c], mean / mean.norm(), atol=1e-5)
         assert model.head.weight[c].norm().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_unit_norm_head_turns_measurably_where_a_raw_class_mean_head_barely_moves() -> None:
+    """Why the class means are normalised: an SGD step turns a cosine head's row by about lr / |w|^2, so rows
+    of LIFT's length 1 move by a measurable angle in a few steps, rows of a raw mean's length (~11.5 on the
+    embedded backbone) ~130 times less."""
+    from lpt.model.lpt import CosineHead
+
+    gen = torch.Generator().manual_seed(0)
+    feats, labels = torch.randn(64, 16, generator=gen), torch.arange(64) % 4
+    means = torch.stack([feats[labels == c].mean(0) for c in range(4)])
+    turned = {}
+    for length in (1.0, 11.5):
+        head = CosineHead(16, 4)
+        with torch.no_grad():
+            head.weight.copy_(F.normalize(means, dim=1) * length)
+        start = head.weight.detach().clone()
+        opt = torch.optim.SGD(head.parameters(), lr=0.0025, momentum=0.9)  # LIFT's 0.01 at batch 64 of 256
+        for _ in range(5):
+            opt.zero_grad()
+            F.cross_entropy(25.0 * head(feats), labels).backward()  # LIFT's scale
+            opt.step()
+        turned[length] = torch.rad2deg(torch.arccos(F.cosine_similarity(start, head.weight.detach()).clamp(-1, 1))).mean()
+    assert turned[1.0] > 1.0  # degrees, in 5 steps (2.2 here)
+    assert turned[1.0] > 50 * turned[11.5]
 
 
 def _trained_lift(shards: Params, root: Path) -> Params:

@@ -160,7 +160,7 @@ def test_linear_probe_feature_is_timm_cls_feature(tiny_params: Params) -> None:
 def test_phase1_gradients_reach_prompt_and_head_only(tiny_params: Params) -> None:
     model = _model(tiny_params).train()
     out = model(_images())
-    (agcl_loss(out.logits, torch.arange(6) % C, COUNTS, 0.5, 8.0, tiny_params.loss) - 0.5 * out.sim).backward()
+    (agcl_loss(out.logits, torch.arange(6) % C, COUNTS, 0.5, 8.0, tiny_params.loss, scale=20.0) - 0.5 * out.sim).backward()
     got = _grads(model)
     assert not any(v for k, v in got.items() if k.startswith("backbone."))
     assert got["shared_prompt.prompt"] and got["head.weight"]
@@ -194,7 +194,7 @@ def test_phase2_freezes_shared_prompt_and_keeps_head(tiny_params: Params) -> Non
     assert torch.equal(model.head.weight, head_before)  # inherited, not re-initialised
     out = model(_images())
     assert out.selected.shape == (6, tiny_params.model.top_k) and out.selected.dtype == torch.int64
-    (agcl_loss(out.logits, torch.arange(6) % C, COUNTS, 0.0, 4.0, tiny_params.loss) - 0.5 * out.sim).backward()
+    (agcl_loss(out.logits, torch.arange(6) % C, COUNTS, 0.0, 4.0, tiny_params.loss, scale=20.0) - 0.5 * out.sim).backward()
     got = _grads(model)
     assert not any(v for k, v in got.items() if k.startswith("backbone."))
     assert not got["shared_prompt.prompt"]
@@ -206,7 +206,7 @@ def test_phase2_freezes_shared_prompt_and_keeps_head(tiny_params: Params) -> Non
 def test_keys_learn_only_from_the_matching_term(tiny_params: Params) -> None:
     model = _model(tiny_params).set_phase(2).train()
     out = model(_images())
-    agcl_loss(out.logits, torch.arange(6) % C, COUNTS, 0.5, 8.0, tiny_params.loss).backward(retain_graph=True)
+    agcl_loss(out.logits, torch.arange(6) % C, COUNTS, 0.5, 8.0, tiny_params.loss, scale=20.0).backward(retain_graph=True)
     assert model.group_pool.keys.grad is None and model.group_pool.prompts.grad is not None
     model.zero_grad(set_to_none=True)
     out.sim.backward()

@@ -43,17 +43,17 @@ def test_steps_per_epoch_is_floor_plus_one() -> None:
 
 def test_step_floor_adds_whole_epochs_and_leaves_large_sets_alone() -> None:
     # Fashion-MNIST-LT: 1,236 images at batch 64 -> 20 steps/epoch; a 300-step floor makes 2 epochs 15
-    small = phase_schedule(1236, PhaseConfig(epochs=2, batch_size=64, min_steps=300))
+    small = phase_schedule(1236, PhaseConfig(epochs=2, batch_size=64, warmup_epochs=1, min_steps=300))
     assert (small.steps_per_epoch, small.epochs, small.total_steps, small.warmup_steps) == (20, 15, 300, 20)
     # 301 steps need a 16th epoch (whole epochs only)
-    assert phase_schedule(1236, PhaseConfig(epochs=2, batch_size=64, min_steps=301)).epochs == 16
+    assert phase_schedule(1236, PhaseConfig(epochs=2, batch_size=64, warmup_epochs=1, min_steps=301)).epochs == 16
     # CIFAR-100-LT size: 2 x 170 = 340 steps already past the floor: unchanged
-    large = phase_schedule(10847, PhaseConfig(epochs=2, batch_size=64, min_steps=300))
+    large = phase_schedule(10847, PhaseConfig(epochs=2, batch_size=64, warmup_epochs=1, min_steps=300))
     assert (large.epochs, large.total_steps, large.warmup_steps) == (2, 340, 170)
     # no floor: today's schedule
-    assert phase_schedule(1236, PhaseConfig(epochs=2, batch_size=64)).total_steps == 40
+    assert phase_schedule(1236, PhaseConfig(epochs=2, batch_size=64, warmup_epochs=1)).total_steps == 40
     # the floor counts capped epochs (max_steps_per_epoch 5 -> 60 epochs of 5 steps)
-    assert phase_schedule(1236, PhaseConfig(epochs=2, batch_size=64, min_steps=300, max_steps_per_epoch=5)).epochs == 60
+    assert phase_schedule(1236, PhaseConfig(epochs=2, batch_size=64, warmup_epochs=1, min_steps=300, max_steps_per_epoch=5)).epochs == 60
 
 
 def test_warmup_in_steps_and_never_past_half_the_phase() -> None:
@@ -109,9 +109,17 @@ def test_optimizer_sees_only_trainable_params_and_follows_schedule() -> None:
     assert seen[6] == pytest.approx(0.005)
 
 
+def test_phase_keys_left_null_must_be_filled_before_the_schedule_and_optimizer() -> None:
+    with pytest.raises(ValueError, match="warmup_epochs is null"):
+        phase_schedule(1236, PhaseConfig(epochs=2, batch_size=64))
+    with pytest.raises(ValueError, match="weight_decay is null"):
+        build_optimizer(nn.Linear(2, 2), PhaseConfig())
+    assert phase_schedule(1236, PhaseConfig(epochs=2, batch_size=64, warmup_epochs=0)).warmup_steps == 0  # LIFT's
+
+
 def test_optimizer_refuses_a_model_without_trainable_params() -> None:
     with pytest.raises(TrainError, match="no trainable"):
-        build_optimizer(nn.Linear(2, 2).requires_grad_(False), PhaseConfig())
+        build_optimizer(nn.Linear(2, 2).requires_grad_(False), PhaseConfig(weight_decay=0.0))
 
 
 def test_rng_state_round_trip() -> None:
@@ -224,8 +232,8 @@ def test_step_floor_and_patience_in_a_real_phase(tiny_shards: Params, tmp_path: 
     ("linear_probe_la", {"head.weight"}),
     ("linear_probe_cb", {"head.weight"}),
     ("vpt_deep_la", {"shared_prompt.prompt", "head.weight"}),
-    ("lift", {f"adapters.{i}.{t}" for i in range(4) for t in ("down.weight", "down.bias", "up.weight", "up.bias",
-                                                             "scale")} | {"head.weight"}),
+    ("lift", {f"adapters.{i}.{t}" for i in range(4) for t in ("ln.weight", "ln.bias", "down.weight", "down.bias",
+                                                             "up.weight", "up.bias", "scale")} | {"head.weight"}),
 ])
 def test_one_phase_methods_train_their_set_and_phase2_copies(tiny_shards: Params, tmp_path: Path,
                                                              method: str, tensors: set[str]) -> None:
@@ -241,6 +249,28 @@ def test_one_phase_methods_train_their_set_and_phase2_copies(tiny_shards: Params
     assert (models / "phase2/model.safetensors").read_bytes() == (models / "phase1/model.safetensors").read_bytes()
     assert json.loads((models / "phase2/model.json").read_text())["method"] == method
     assert r2["best_val_acc"] == json.loads((models / "phase1/model.json").read_text())["best_val_acc"]
+
+
+@pytest.mark.parametrize(("method", "overrides", "want"), [
+    # null keys: each method's own recipe (lpt.methods.Recipe); LIFT's is the authors'
+    ("lift", {}, {"scale": 25.0, "head_dropout": 0.0, "weight_decay": 5e-4, "warmup_epochs": 0.0}),
+    ("lpt_phase1", {}, {"scale": 20.0, "head_dropout": 0.1, "weight_decay": 0.01, "warmup_epochs": 1.0}),
+    # a value set in params wins over the method's own
+    ("lift", {"loss__scale": 30.0, "model__head_dropout": 0.2, "train__phase1__weight_decay": 0.1,
+              "train__phase1__warmup_epochs": 0.5},
+     {"scale": 30.0, "head_dropout": 0.2, "weight_decay": 0.1, "warmup_epochs": 0.5}),
+])
+def test_a_method_trains_with_its_own_recipe_where_params_are_null(
+        tiny_shards: Params, tmp_path: Path, method: str, overrides: dict[str, float], want: dict[str, float]) -> None:
+    params = _params(tiny_shards, tmp_path, train__method=method, train__phase1__epochs=2, **overrides)
+    assert params.loss.scale is None or "loss__scale" in overrides
+    phase1 = Path(run_phase(params, 1)["phase_dir"])
+    meta = json.loads((phase1 / "model.json").read_text())
+    recipe = meta["recipe"]
+    got = {"scale": recipe["loss"]["scale"], "head_dropout": recipe["model"]["head_dropout"],
+           "weight_decay": recipe["optim"]["weight_decay"], "warmup_epochs": recipe["optim"]["warmup_epochs"]}
+    assert got == want
+    assert meta["model_config"]["head_dropout"] == want["head_dropout"]  # what the model was built with
 
 
 class _Crash(RuntimeError):

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from lpt.config import ParamsError, load_params, read_raw
+from lpt.methods import LPT_RECIPE
 from lpt.presets import apply_preset, list_presets, main, preset_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,8 +40,10 @@ def test_vitb16_preset_gives_the_paper_recipe(params_copy: Path, name: str) -> N
     m = params.model
     assert (m.shared_blocks, m.prompt_length, m.pool_size, m.top_k) == (6, 10, 20, 2)
     for phase in (params.train.phase1, params.train.phase2):
-        assert (phase.batch_size, phase.lr, phase.weight_decay, phase.momentum) == (256, 0.02, 0.01, 0.9)
+        assert (phase.batch_size, phase.lr, phase.momentum) == (256, 0.02, 0.9)
+        assert phase.weight_decay is None and phase.warmup_epochs is None  # the method's own: LPT's 0.01 and 1
         assert phase.epochs in (40, 80)
+    assert LPT_RECIPE.weight_decay == 0.01 and LPT_RECIPE.warmup_epochs == 1.0 and LPT_RECIPE.scale == 20.0
     assert apply_preset(name, params_copy) == []  # idempotent
 
 

@@ -24,12 +24,14 @@ import functools
 import io
 import os
 import stat
+import struct
 import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["ALLOWED_FORMATS", "MAX_IMAGE_PIXELS", "MAX_IMAGE_SIDE", "ImageRefused", "sniff_format", "file_kind",
+__all__ = ["ALLOWED_FORMATS", "MAX_IMAGE_PIXELS", "MAX_IMAGE_SIDE", "ImageRefused", "DECODE_ERRORS", "decode_error", "sniff_format",
+           "file_kind",
            "read_image_file", "open_image", "to_8bit_gray", "to_rgb_array", "HIGH_BIT_MODES", "UINT16_MODES"]
 
 ALLOWED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
@@ -54,6 +56,18 @@ _FILE_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_I
 
 class ImageRefused(ValueError):
     """An image refused by policy (format, size, not a regular file); the message does not name the file."""
+
+
+DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+"""What Pillow's decoders raise on damaged bytes (found by tests/test_fuzz.py: ``struct.error`` from a
+plugin's header parser, ``SyntaxError`` from a broken PNG/GIF, ``EOFError`` from a cut frame, ...). Callers
+that decode untrusted bytes catch these and report the file as unreadable, in one line (:func:`decode_error`)."""
+
+
+def decode_error(err: BaseException) -> str:
+    """``not a readable image (Type: message)`` on one line, for an exception of :data:`DECODE_ERRORS`."""
+    return f"not a readable image ({type(err).__name__}: {' '.join(str(err).split()) or 'no detail'})"
 
 
 def file_kind(mode: int) -> str:
@@ -91,7 +105,11 @@ def sniff_format(prefix: bytes) -> str | None:
     Image.init()
     for name in Image.ID:
         accept = Image.OPEN[name][1]
-        if accept is not None and not isinstance(result := accept(prefix), str) and result:
+        try:
+            result = accept(prefix) if accept is not None else None
+        except DECODE_ERRORS:  # a signature check that needs more bytes than there are (an empty file)
+            continue
+        if result and not isinstance(result, str):
             return name
     return None
 

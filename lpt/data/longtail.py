@@ -5,24 +5,29 @@
 images in total for C = 100, IR = 100).
 
 ``inat2018`` (the synthetic iNaturalist stand-in): the same two ends, ``max_per_class`` down to
-``max_per_class / IR``, on a *stretched* exponential ``floor(max_per_class * (1 / IR) ** ((i / (C - 1)) ** p))``.
-``p = 1`` is the exponential profile; with iNat-2018's ends (1,000 -> 2 over 8,142 classes) it gives
-1,303,811 images, three times iNat's 437,513, because the real counts fall much faster from the head.
-The shape ``p`` is therefore solved so that 8,142 classes from 1,000 to 2 hold exactly iNat-2018's
-437,513 training images (``p`` ~ 0.516, :func:`inat2018_shape`), and that shape is kept for any other
-``C``/ends. It matches iNat's class count, ends and total; it is *not* iNat's per-class histogram (that
-cannot be reconstructed from published figures here), so its many/medium/few class counts
-(1,181 / 2,141 / 4,820) are a property of the curve, not of iNat (docs/data.md compares them).
+``max_per_class / IR``, through iNat-2018's group boundaries. In log-count space (``y = log(max / n) / log(IR)``)
+against the rank (``x = i / (C - 1)``) the curve has three stretched segments ``y = ya + (yb - ya) * t ** p``
+(``t`` the position inside the segment), one per many / medium / few group, joined where iNat-2018's groups
+meet: the 842nd class still has 101 images, the 843rd 100; the 4,918th 20, the 4,919th 19
+(:data:`INAT2018_GROUPS`: 842 many, 4,076 medium, 3,224 few classes under the standard thresholds > 100,
+20-100, < 20, as the long-tail literature reports iNat-2018). The one shape ``p`` is solved so that 8,142
+classes from 1,000 to 2 hold exactly iNat-2018's 437,513 training images (:func:`inat2018_shape`); other
+class counts or ends keep the knots at the same relative ranks and log-counts. It matches iNat's class count,
+ends, total and group sizes; it is *not* iNat's per-class histogram (that cannot be reconstructed from
+published figures here). A single stretched exponential through the ends alone (the profile before
+2026-12-06) gave 1,181 / 2,141 / 4,820 classes.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
 
-__all__ = ["PROFILES", "INAT2018", "longtail_counts", "stretched_counts", "solve_shape", "inat2018_shape",
+__all__ = ["PROFILES", "INAT2018", "INAT2018_GROUPS", "longtail_counts", "stretched_counts", "knotted_counts",
+           "solve_shape", "inat2018_shape",
            "profile_counts", "carve_pool", "holdout", "holdout_size", "group_labels", "imbalance_ratio", "profile_applies"]
 
 Convention = Literal["standard", "authors"]
@@ -32,6 +37,24 @@ PROFILES: tuple[str, ...] = ("exponential", "inat2018")
 INAT2018 = {"classes": 8142, "train": 437_513, "val": 24_426, "max_per_class": 1000, "min_per_class": 2}
 """iNaturalist 2018's shape (the competition's published figures): classes, train and val images, the
 largest and smallest class. Its val set (3 images per class) is the usual test split."""
+
+INAT2018_GROUPS = {"many": 842, "medium": 4076, "few": 3224}
+"""iNat-2018's classes per group under the standard thresholds (> 100, 20-100, < 20 training images), as
+commonly reported in the long-tail literature (the figures given in issue 26; no source the project can
+cite offline confirms them, so they are recorded here as the figures used)."""
+
+
+def _inat_knots() -> list[tuple[float, float]]:
+    """The ``inat2018`` curve's knots ``(x, y)``: relative rank and log-count (see the module docstring)."""
+    i, g = INAT2018, INAT2018_GROUPS
+    last, log_ir = i["classes"] - 1, np.log(i["max_per_class"] / i["min_per_class"])
+
+    def y(n: int) -> float:
+        return float(np.log(i["max_per_class"] / n) / log_ir)
+
+    many_end, medium_end = g["many"] - 1, g["many"] + g["medium"] - 1  # ranks of each group's last class
+    return [(0.0, 0.0), (many_end / last, y(101)), ((many_end + 1) / last, y(100)),
+            (medium_end / last, y(20)), ((medium_end + 1) / last, y(19)), (1.0, 1.0)]
 
 
 def longtail_counts(num_classes: int, max_per_class: int, imbalance_ratio: float) -> list[int]:
@@ -70,8 +93,39 @@ def stretched_counts(num_classes: int, max_per_class: int, imbalance_ratio: floa
     return [int(c) for c in np.maximum(counts, 1)]
 
 
-def solve_shape(num_classes: int, max_per_class: int, imbalance_ratio: float, total: int) -> float:
-    """The stretch ``p`` for which :func:`stretched_counts` holds exactly ``total`` images.
+def knotted_counts(num_classes: int, max_per_class: int, imbalance_ratio: float, shape: float,
+                   knots: Sequence[tuple[float, float]] | None = None) -> list[int]:
+    """Per-class counts of the ``inat2018`` curve: stretched segments between knots (module docstring).
+
+    Segments 0, 2, 4 (the many / medium / few groups) are stretched by ``shape``; 1 and 3 (between the last
+    class of a group and the first of the next) are straight.
+
+    Args:
+        num_classes: C.
+        max_per_class: count of class 0 (the head).
+        imbalance_ratio: ``n_0 / n_{C-1}``.
+        shape: the stretch ``p`` (> 0); smaller falls faster at the start of each group.
+        knots: ``(x, y)`` pairs from ``(0, 0)`` to ``(1, 1)``; default iNat-2018's.
+
+    Returns:
+        ``[n_0, ..., n_{C-1}]``, non-increasing, each at least 1.
+    """
+    if num_classes == 1:
+        return [max_per_class]
+    pts = knots if knots is not None else _inat_knots()
+    x = np.arange(num_classes, dtype=np.float64) / (num_classes - 1)
+    y = np.zeros_like(x)
+    for k, ((xa, ya), (xb, yb)) in enumerate(zip(pts, pts[1:])):
+        inside = (x >= xa) & (x <= xb)
+        t = (x[inside] - xa) / (xb - xa) if xb > xa else np.ones(int(inside.sum()))
+        y[inside] = ya + (yb - ya) * (t ** shape if k % 2 == 0 else t)
+    counts = np.floor(max_per_class * (1.0 / imbalance_ratio) ** y + 1e-6)  # 1e-6: 100.99999... is 101
+    return [int(c) for c in np.maximum(counts, 1)]
+
+
+def solve_shape(num_classes: int, max_per_class: int, imbalance_ratio: float, total: int,
+                counts: Callable[[int, int, float, float], list[int]] | None = None) -> float:
+    """The stretch ``p`` for which ``counts`` (default :func:`stretched_counts`) holds exactly ``total`` images.
 
     The total is a step function of ``p`` (non-decreasing); the result is the middle of the interval of
     ``p`` where it equals ``total``, so floating-point differences between machines cannot move a class
@@ -81,8 +135,10 @@ def solve_shape(num_classes: int, max_per_class: int, imbalance_ratio: float, to
         ValueError: ``total`` is out of reach for these ends, or no ``p`` gives it exactly (a step of the
             total jumps over it).
     """
+    curve = counts if counts is not None else stretched_counts
+
     def total_at(p: float) -> int:
-        return sum(stretched_counts(num_classes, max_per_class, imbalance_ratio, p))
+        return sum(curve(num_classes, max_per_class, imbalance_ratio, p))
 
     lo_p, hi_p = 1e-4, 1e4
     if not total_at(lo_p) <= total <= total_at(hi_p):
@@ -111,9 +167,11 @@ def solve_shape(num_classes: int, max_per_class: int, imbalance_ratio: float, to
 
 @functools.cache
 def inat2018_shape() -> float:
-    """The stretch that puts iNat-2018's 437,513 images on 8,142 classes from 1,000 down to 2 (~0.516)."""
+    """The stretch that puts iNat-2018's 437,513 images on 8,142 classes from 1,000 down to 2 through its
+    group boundaries (:func:`knotted_counts`)."""
     i = INAT2018
-    return solve_shape(i["classes"], i["max_per_class"], i["max_per_class"] / i["min_per_class"], i["train"])
+    return solve_shape(i["classes"], i["max_per_class"], i["max_per_class"] / i["min_per_class"], i["train"],
+                       counts=knotted_counts)
 
 
 def profile_counts(profile: Profile, num_classes: int, max_per_class: int, imbalance_ratio: float) -> list[int]:
@@ -127,7 +185,7 @@ def profile_counts(profile: Profile, num_classes: int, max_per_class: int, imbal
     if profile == "exponential":
         return longtail_counts(num_classes, max_per_class, imbalance_ratio)
     if profile == "inat2018":
-        return stretched_counts(num_classes, max_per_class, imbalance_ratio, inat2018_shape())
+        return knotted_counts(num_classes, max_per_class, imbalance_ratio, inat2018_shape())
     raise ValueError(f"unknown long-tail profile {profile!r}; expected one of {PROFILES}")
 
 

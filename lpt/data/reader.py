@@ -488,6 +488,36 @@ def build_transform(cfg, train: bool) -> Callable[[Image.Image], "torch.Tensor"]
     return T.Compose(steps)
 
 
+TTE_RESIZE_RATIO = 248 / 224
+"""LIFT's test-time ensembling resizes a 224 px model's images to 224 + 24 = 248 before its five crops; other
+input sizes keep the ratio (32 px -> 35)."""
+
+
+def five_crop_transform(cfg) -> Callable[[Image.Image], "torch.Tensor"]:  # noqa: F821
+    """LIFT's test-time ensembling views: [5, 3, H, W] per image.
+
+    Resize (shorter side to ``round(input_size * 248 / 224)``, bilinear, antialias), then the four corner
+    crops and the centre crop of ``input_size`` (torchvision ``FiveCrop``), each through ToTensor +
+    Normalize(mean, std). The logits of the five views are averaged (:func:`lpt.evaluate.collect_stats`).
+
+    Args:
+        cfg: the ``transforms`` section with every field set (as for :func:`build_transform`).
+    """
+    import torch
+    from torchvision import transforms as T
+
+    build_transform(cfg, train=False)  # the same refusal of unresolved fields
+    size = int(cfg.input_size)
+    resize = T.Resize(round(size * TTE_RESIZE_RATIO), interpolation=T.InterpolationMode.BILINEAR, antialias=True)
+    crops = T.FiveCrop(size)
+    tail = T.Compose([T.ToTensor(), T.Normalize(list(cfg.mean), list(cfg.std))])
+
+    def views(img: Image.Image) -> torch.Tensor:
+        return torch.stack([tail(c) for c in crops(resize(img))])  # [5, 3, H, W]
+
+    return views
+
+
 class TransformedDataset:
     """``(image, label)`` dataset -> ``(float32 C x H x W tensor, label)`` through ``transform``."""
 

@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from lpt.data.imageio import ImageRefused, open_image, read_image_file, to_rgb_array
+from lpt.data.imageio import DECODE_ERRORS, ImageRefused, decode_error, open_image, read_image_file, to_rgb_array
 from lpt.data.layout import shard_name
 from lpt.data.sources.base import BadItems, Item, Payload
 from lpt.utils import sha256_file
@@ -102,8 +102,8 @@ def encode_payload(payload: Payload) -> Encoded:
         return _encode_bytes(raw)
     except ImageRefused as err:
         return Encoded(error=str(err))
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        return Encoded(error=f"not a readable image ({type(err).__name__}: {err})")
+    except DECODE_ERRORS as err:  # whatever a damaged file makes Pillow raise (lpt.data.imageio)
+        return Encoded(error=decode_error(err))
 
 
 def encoded_items(items: SizedItems, workers: int) -> Iterator[tuple[Item, Encoded]]:

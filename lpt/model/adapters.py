@@ -1,24 +1,31 @@
-"""AdaptFormer-style bottleneck adapters in parallel to each block's MLP (LIFT, Shi et al., ICML 2024).
+"""AdaptFormer bottleneck adapters beside each block's MLP, placed as LIFT places them (Shi et al., ICML 2024).
 
-Each timm block computes ``x + ls2(mlp(norm2(x)))``. :func:`attach_adapters` replaces every block's ``mlp``
-attribute by :class:`ParallelAdapterMLP`, which returns ``mlp(h) + adapter(h)`` for ``h = norm2(x)``: the
-adapter runs beside the frozen MLP on the same normalised input (AdaptFormer's formulation,
-Chen et al., NeurIPS 2022)::
+A timm block computes ``x = x + attn-branch(x)`` and then ``x + drop_path2(ls2(mlp(norm2(x))))``. LIFT's
+AdaptFormer (Chen et al., NeurIPS 2022) reads the same residual ``x`` through a LayerNorm *of its own* and adds
+its output to the residual directly, beside the MLP branch and outside its layer scale::
 
-    adapter(h) = scale * up(relu(down(h)))      down: D -> r,  up: r -> D,  scale: one learnable scalar
+    x_out = x + ls2(mlp(norm2(x))) + adapter(x)
+    adapter(x) = scale * up(relu(down(ln(x))))       ln: trainable LayerNorm(D); down: D -> r; up: r -> D
+
+:func:`attach_adapters` does this without touching the block loop: ``norm2`` is wrapped by a :class:`_Tap`
+that keeps its input ``x`` for the rest of the block's forward, and ``ls2`` by :class:`AdapterAfterScale`,
+which returns ``ls2(y) + adapter(x)``. The layer scale of DeiT-III / DINOv2-style blocks therefore does not
+throttle the adapter (it multiplies the MLP branch only). ``drop_path2`` still wraps the sum; it is an identity
+for the frozen backbone, which stays in eval mode.
+
+A block without an ``ls2`` module (timm ``Eva``: ``gamma_2`` is a bare tensor) gets the adapter inside its MLP
+(:class:`ParallelAdapterMLP`: ``mlp(h) + adapter(x)``, the tapped ``x`` again), which is LIFT's placement
+whenever ``gamma_2`` is None; with a ``gamma_2`` layer scale that one family's adapter is scaled by it.
 
 ``up`` starts at zero, so an untrained adapter leaves the backbone's function exactly unchanged; ``down`` is
-Kaiming-normal, ``scale`` starts at 1 (LIFT's choice; AdaptFormer fixes it at 0.1). LIFT's code gives each
-adapter a LayerNorm of its own on ``x``; here it reads the block's frozen ``norm2`` output instead, which
-differs only by a per-feature affine map that ``down`` can absorb.
+Kaiming-normal, ``ln`` starts at weight 1 / bias 0 and ``scale`` at 1 (LIFT's choices; AdaptFormer fixes the
+scale at 0.1).
 
-Shapes: B batch, N tokens, D embed dim, r bottleneck. Parameters per block: 2 D r + D + r + 1.
+Shapes: B batch, N tokens, D embed dim, r bottleneck. Parameters per block: 2 D r + D + r + 1 + 2 D (the LN).
 
-The block loop is untouched (the adapter lives inside the block), so every forward of
-:class:`lpt.model.lpt.LPTModel`, its export and its block-reuse paths see the adapters without changes.
-The adapters themselves are registered on the model (``LPTModel.adapters``), not inside the backbone:
-the backbone's frozen tensors keep their meaning, and the adapters' tensors go through the model's
-``trainable_state_dict`` like prompts and head.
+The adapters themselves are registered on the model (``LPTModel.adapters``), not inside the backbone: the
+backbone's frozen tensors keep their meaning, and the adapters' tensors go through the model's
+``trainable_state_dict`` like prompts and head. The wrappers only reference them.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BottleneckAdapter", "ParallelAdapterMLP", "attach_adapters", "default_adapter_dim"]
+__all__ = ["BottleneckAdapter", "AdapterAfterScale", "ParallelAdapterMLP", "attach_adapters", "default_adapter_dim"]
 
 
 def default_adapter_dim(num_classes: int, depth: int) -> int:
@@ -40,7 +47,7 @@ def default_adapter_dim(num_classes: int, depth: int) -> int:
 
 
 class BottleneckAdapter(nn.Module):
-    """``scale * up(relu(down(h)))``: [B, N, D] -> [B, N, D].
+    """``scale * up(relu(down(ln(x))))``: [B, N, D] -> [B, N, D].
 
     Args:
         dim: D.
@@ -51,6 +58,7 @@ class BottleneckAdapter(nn.Module):
     def __init__(self, dim: int, bottleneck: int, generator: torch.Generator | None = None) -> None:
         super().__init__()
         assert dim >= 1 and bottleneck >= 1, (dim, bottleneck)
+        self.ln = nn.LayerNorm(dim)  # LIFT's own LayerNorm on the residual (weight 1, bias 0)
         self.down = nn.Linear(dim, bottleneck)  # [r, D]
         self.up = nn.Linear(bottleneck, dim)  # [D, r]
         self.scale = nn.Parameter(torch.ones(1))
@@ -59,55 +67,91 @@ class BottleneckAdapter(nn.Module):
         nn.init.zeros_(self.up.weight)  # zero: the adapted block starts as the frozen block
         nn.init.zeros_(self.up.bias)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.up(F.relu(self.down(h))) * self.scale  # [B, N, r] inside, [B, N, D] out
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(F.relu(self.down(self.ln(x)))) * self.scale  # [B, N, r] inside, [B, N, D] out
 
 
-class ParallelAdapterMLP(nn.Module):
-    """A block's MLP with an adapter beside it: ``mlp(h) + adapter(h)``.
+class _Tap(nn.Module):
+    """``norm2`` unchanged, keeping its input (the residual ``x``) for the adapter later in the same block."""
 
-    The wrapped MLP is a submodule (the backbone keeps owning it); the adapter is only referenced, so its
-    tensors are registered once, on the model that trains and saves them.
-
-    Args:
-        mlp: the block's frozen MLP.
-        adapter: the :class:`BottleneckAdapter` (registered elsewhere).
-    """
-
-    def __init__(self, mlp: nn.Module, adapter: BottleneckAdapter) -> None:
+    def __init__(self, norm: nn.Module) -> None:
         super().__init__()
-        self.mlp = mlp
-        self._adapter = (adapter,)  # a tuple is not a submodule: no second registration of the adapter
+        self.norm = norm
+        self.x: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.x = x  # [B, N, D]; read once by the adapter wrapper of the same block, in the same forward
+        return self.norm(x)
+
+
+class _Uses:
+    """The adapter and the tap a wrapper reads, held in a tuple so neither is registered a second time."""
+
+    def __init__(self, tap: _Tap, adapter: BottleneckAdapter) -> None:
+        self._refs = (tap, adapter)
 
     @property
     def adapter(self) -> BottleneckAdapter:
-        return self._adapter[0]
+        return self._refs[1]
+
+    def adapter_out(self) -> torch.Tensor:
+        tap, adapter = self._refs
+        assert tap.x is not None, "the block ran its MLP branch without norm2"
+        x, tap.x = tap.x, None
+        return adapter(x)  # [B, N, D]
+
+
+class AdapterAfterScale(nn.Module, _Uses):
+    """A block's ``ls2`` followed by the adapter's output: ``ls2(y) + adapter(x)`` (LIFT's placement)."""
+
+    def __init__(self, ls: nn.Module, tap: _Tap, adapter: BottleneckAdapter) -> None:
+        nn.Module.__init__(self)
+        _Uses.__init__(self, tap, adapter)
+        self.ls = ls
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.ls(y) + self.adapter_out()  # [B, N, D]
+
+
+class ParallelAdapterMLP(nn.Module, _Uses):
+    """A block's MLP with the adapter beside it, for blocks without an ``ls2`` module: ``mlp(h) + adapter(x)``."""
+
+    def __init__(self, mlp: nn.Module, tap: _Tap, adapter: BottleneckAdapter) -> None:
+        nn.Module.__init__(self)
+        _Uses.__init__(self, tap, adapter)
+        self.mlp = mlp
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.mlp(h) + self._adapter[0](h)  # [B, N, D]
+        return self.mlp(h) + self.adapter_out()  # [B, N, D]
 
 
 def attach_adapters(blocks: nn.ModuleList | list[nn.Module], dim: int, bottleneck: int,
                     generator: torch.Generator | None = None) -> nn.ModuleList:
-    """Wrap every block's ``mlp`` with a :class:`ParallelAdapterMLP`; return the adapters (one per block).
+    """Give every block an adapter on its residual (module docstring); return the adapters (one per block).
 
     Args:
-        blocks: the backbone's transformer blocks (each with an ``mlp`` attribute).
+        blocks: the backbone's transformer blocks (each with ``norm2`` and ``mlp``).
         dim: D, the embed dim.
         bottleneck: r.
         generator: draws every adapter's ``down`` weights, block after block.
 
     Raises:
-        ValueError: a block without an ``mlp`` attribute, or one that already has an adapter.
+        ValueError: a block without ``norm2`` / ``mlp`` modules, or one that already has an adapter.
     """
     adapters = nn.ModuleList()
     for i, block in enumerate(blocks):
-        mlp = getattr(block, "mlp", None)
-        if not isinstance(mlp, nn.Module):
-            raise ValueError(f"block {i} ({type(block).__name__}) has no `mlp` module to put an adapter beside")
-        if isinstance(mlp, ParallelAdapterMLP):
+        norm, mlp = getattr(block, "norm2", None), getattr(block, "mlp", None)
+        if not isinstance(norm, nn.Module) or not isinstance(mlp, nn.Module):
+            raise ValueError(f"block {i} ({type(block).__name__}) has no `norm2` and `mlp` modules to put an adapter beside")
+        if isinstance(norm, _Tap):
             raise ValueError(f"block {i} already has an adapter")
         adapter = BottleneckAdapter(dim, bottleneck, generator=generator)
-        block.mlp = ParallelAdapterMLP(mlp, adapter)
+        tap = _Tap(norm)
+        block.norm2 = tap
+        ls = getattr(block, "ls2", None)
+        if isinstance(ls, nn.Module):
+            block.ls2 = AdapterAfterScale(ls, tap, adapter)
+        else:
+            block.mlp = ParallelAdapterMLP(mlp, tap, adapter)
         adapters.append(adapter)
     return adapters

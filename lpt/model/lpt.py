@@ -21,8 +21,10 @@ rest of the query pass and the prompted pass. Their input is a constant for auto
 the shared prompt are frozen in phase 2), so they run under ``no_grad`` and backward never visits them.
 :meth:`LPTModel.forward_two_pass` is the straightforward reference (two full passes).
 
-Adapters (``lift``): :func:`lpt.model.adapters.attach_adapters` puts one beside every block's MLP inside
-the block itself, so the block loop below runs them without knowing; they are trainable in phase 1.
+Adapters (``lift``): :func:`lpt.model.adapters.attach_adapters` puts one on every block's residual, beside
+the MLP branch and outside its layer scale (LIFT's AdaptFormer placement), through wrappers of the block's
+own ``norm2`` / ``ls2`` modules, so the block loop below runs them without knowing; they are trainable in
+phase 1.
 
 The eval-mode forward is ONNX-exportable: python control flow depends only on the phase / method,
 never on data; selection is ``torch.topk`` + ``index_select``.
@@ -44,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lpt.config import BackboneConfig, ModelConfig, Params
-from lpt.methods import METHODS, get_method
+from lpt.methods import METHODS, get_method, own
 from lpt.model.adapters import attach_adapters, default_adapter_dim
 from lpt.model.backbone import backbone_fingerprint, build_architecture, create_backbone
 from lpt.model.families import family_of
@@ -131,7 +133,7 @@ class LPTModel(nn.Module):
             model enters phase 2 (:meth:`set_phase`).
         method: a name of :data:`lpt.methods.METHODS`: ``lpt`` (both phases), ``lpt_phase1`` (phase 1
             only), ``vpt_deep*`` (shared prompt + head), ``linear_probe*`` (head only), ``lift`` (adapters
-            beside every block's MLP + head; ``cfg.adapter_dim`` or LIFT's rule sets their width).
+            on every block's residual + head; ``cfg.adapter_dim`` or LIFT's rule sets their width).
         backbone_cfg: the ``backbone`` section it was built from (stored in checkpoints).
         seed: seeds each component's own generator (:func:`component_generator`).
     """
@@ -158,7 +160,7 @@ class LPTModel(nn.Module):
         self.depth = len(backbone.blocks)
         self.embed_dim: int = backbone.embed_dim
         self.prompt_length: int = cfg.prompt_length
-        self.head_dropout: float = cfg.head_dropout
+        self.head_dropout: float = own(cfg.head_dropout, self.spec.recipe, "head_dropout")  # null: the method's own
         self.shared_blocks: int = self.depth  # blocks that see the shared prompt only; set with the pool
         self.block_reuse: bool = True
         self.backbone = backbone
@@ -174,8 +176,8 @@ class LPTModel(nn.Module):
         self._fingerprint: str | None = None
         self.adapter_dim: int | None = None
         self.adapters: nn.ModuleList | None = None
-        if self.spec.adapter:  # LIFT: a bottleneck adapter beside every block's MLP (lpt.model.adapters)
-            self._fingerprint = backbone_fingerprint(backbone)  # the frozen weights', before the wrap renames MLPs
+        if self.spec.adapter:  # LIFT: an AdaptFormer adapter on every block's residual (lpt.model.adapters)
+            self._fingerprint = backbone_fingerprint(backbone)  # the frozen weights', before the wraps rename modules
             self.adapter_dim = cfg.adapter_dim or default_adapter_dim(num_classes, self.depth)
             self.adapters = attach_adapters(backbone.blocks, self.embed_dim, self.adapter_dim,
                                             generator=component_generator(seed, "adapters"))
@@ -403,7 +405,7 @@ class LPTModel(nn.Module):
         for name, p in parts:
             if p is not None:
                 components[name] = {"params": p.numel(), "shape": list(p.shape), "trainable": p.requires_grad}
-        if self.adapters is not None:  # L adapters of 2 D r + D + r + 1 tensors each
+        if self.adapters is not None:  # L adapters of 2 D r + D + r + 1 + 2 D (their LayerNorm) values each
             per_block = sum(p.numel() for p in self.adapters[0].parameters())
             components["adapters"] = {"params": per_block * len(self.adapters), "shape": [len(self.adapters), per_block],
                                       "trainable": self.adapters[0].down.weight.requires_grad}

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from lpt.config import Params
-from lpt.methods import MethodSpec
+from lpt.config import Params, PhaseConfig
+from lpt.methods import MethodSpec, Recipe, own
 from lpt.utils import atomic_dir
 
 __all__ = ["RESUME_FORMAT", "phase_recipe", "head_init", "fingerprint", "scratch_dir", "ResumeState", "save_resume_state",
@@ -69,7 +69,9 @@ def phase_recipe(params: Params, phase: int, spec: MethodSpec) -> dict[str, Any]
     else:
         loss_keys = _AGCL_PHASE1 + (("key_weight",) if phase == 2 else ())
     model = params.model
-    geometry: dict[str, Any] = {"prompt_length": model.prompt_length, "head_dropout": model.head_dropout,
+    recipe = spec.recipe  # the values of the keys left null (lpt.methods.Recipe)
+    geometry: dict[str, Any] = {"prompt_length": model.prompt_length,
+                                "head_dropout": own(model.head_dropout, recipe, "head_dropout"),
                                 "head_init": head_init(params, spec)}
     if spec.adapter:
         geometry["adapter_dim"] = model.adapter_dim
@@ -87,12 +89,20 @@ def phase_recipe(params: Params, phase: int, spec: MethodSpec) -> dict[str, Any]
                        "hflip": tf.hflip, "mean": None if tf.mean is None else list(tf.mean),
                        "std": None if tf.std is None else list(tf.std)},
         "model": geometry,
-        "loss": {k: getattr(loss, k) for k in loss_keys},
-        "optim": getattr(tr, f"phase{phase}").model_dump(mode="json"),
+        "loss": {k: own(loss.scale, recipe, "scale") if k == "scale" else getattr(loss, k) for k in loss_keys},
+        "optim": _optim(getattr(tr, f"phase{phase}"), recipe),
         "amp": tr.amp,
         "compile": tr.compile,
         "val_batch_size": params.evaluate.batch_size,
     }
+
+
+def _optim(cfg: PhaseConfig, recipe: Recipe) -> dict[str, Any]:
+    """The phase section as JSON, its null recipe keys filled with the method's own values."""
+    out = cfg.model_dump(mode="json")
+    for key in ("weight_decay", "warmup_epochs"):
+        out[key] = own(out[key], recipe, key)
+    return out
 
 
 def fingerprint(recipe: dict[str, Any], inputs: dict[str, Any]) -> str:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from lpt.config import Params, PhaseConfig
-from lpt.methods import PhasePlan, get_method, phase_plan
+from lpt.methods import PhasePlan, get_method, own, phase_plan
 from lpt.train import distributed as D
 from lpt.train.batches import EpochBatches, build_samplers, epoch_indices, epoch_loader, load_phase_data
 from lpt.errors import TrainError
@@ -71,7 +71,10 @@ class _PhaseRun:
 
     def __init__(self, params: Params, phase: int, plan: PhasePlan, on_step: StepHook | None) -> None:
         self.params, self.phase, self.plan, self.on_step = params, phase, plan, on_step
-        self.cfg: PhaseConfig = getattr(params.train, f"phase{phase}")
+        cfg: PhaseConfig = getattr(params.train, f"phase{phase}")
+        recipe = get_method(plan.method).recipe  # null keys are the method's own (lpt.methods.Recipe)
+        self.cfg = cfg.model_copy(update={"weight_decay": own(cfg.weight_decay, recipe, "weight_decay"),
+                                          "warmup_epochs": own(cfg.warmup_epochs, recipe, "warmup_epochs")})
         self.phase_dir = Path(params.train.out_dir) / f"phase{phase}"
         self.dist = D.dist_from_env()
         self.progress = Progress()
@@ -109,6 +112,7 @@ class _PhaseRun:
         scaler = torch.amp.GradScaler("cuda") if tcfg.amp == "fp16" and self.device.startswith("cuda") else None
         self.ctx = StepContext(model=model, forward_model=self._wrap(model), optimizer=optimizer, scheduler=scheduler,
                                scaler=scaler, plan=self.plan, loss_cfg=self.params.loss,
+                               scale=own(self.params.loss.scale, get_method(self.plan.method).recipe, "scale"),
                                class_counts=torch.tensor(self.data.class_counts, dtype=torch.float32,
                                                          device=self.device),
                                device=self.device, amp=tcfg.amp, grad_accum=accum, micro_batch=self.rank_batch // accum,

@@ -38,6 +38,7 @@ class StepContext:
     scaler: Any
     plan: PhasePlan
     loss_cfg: LossConfig
+    scale: float  # loss.scale, or the method's own when null (lpt.methods.own)
     class_counts: torch.Tensor
     device: str
     amp: str
@@ -65,11 +66,11 @@ def stream_loss(ctx: StepContext, out: Any, target: torch.Tensor, stream: str) -
     lcfg = ctx.loss_cfg
     logits = out.logits.float()
     if ctx.plan.loss == "ce":
-        return scaled_ce_loss(logits, target, lcfg.scale)
+        return scaled_ce_loss(logits, target, ctx.scale)
     if ctx.plan.loss == "la":
-        return logit_adjusted_loss(logits, target, ctx.class_counts, lcfg.scale, lcfg.la_tau)
+        return logit_adjusted_loss(logits, target, ctx.class_counts, ctx.scale, lcfg.la_tau)
     gp, gn = (lcfg.gamma_pos_cb, lcfg.gamma_neg_cb) if stream == "cb" else (lcfg.gamma_pos_ib, lcfg.gamma_neg_ib)
-    loss = agcl_loss(logits, target, ctx.class_counts, gp, gn, lcfg)
+    loss = agcl_loss(logits, target, ctx.class_counts, gp, gn, lcfg, scale=ctx.scale)
     if ctx.plan.phase == 2:
         loss = loss - lcfg.key_weight * out.sim
     return loss
