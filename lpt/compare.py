@@ -592,7 +592,8 @@ def run_results(params: Params, methods: list[str], sources: list[str], out: Pat
         sections.append(table.read_text())
         data[source] = json.loads(table.with_suffix(".json").read_text())
     seeds_text = ",".join(str(s) for s in (seeds if seeds is not None else [params.seed]))
-    command = (f"lpt compare --sources {','.join(sources)} --seeds {seeds_text} --out {out}"
+    tte = f" -S evaluate.tte={params.evaluate.tte}" if params.evaluate.tte else ""  # its table is in the page
+    command = (f"lpt compare --sources {','.join(sources)} --seeds {seeds_text}{tte} --out {out}"
                + (f" --readme {readme}" if readme is not None else ""))
     body = "\n".join(sections)
     tables_sha = hashlib.sha256(body.encode()).hexdigest()[:12]

@@ -13,7 +13,7 @@ import torch
 
 from lpt.baselines import logreg_fit, logreg_scores, ncm_fit, ncm_scores
 from lpt.compare import (CompareError, NOTES_MARKER, README_END, README_START, aggregate, budget, call_difference,
-                         run_results, update_readme, verdict_lines)
+                         run_results, tte_table, update_readme, verdict_lines)
 from lpt.config import Params
 
 from conftest import make_tiny_params
@@ -91,6 +91,23 @@ def test_differences_within_the_spread_are_ties() -> None:
     lines = verdict_lines({"linear_probe": probe, "lpt": lpt})
     assert lines == ["- vs linear probe (CE) (`linear_probe`): overall +2.00 points (spread ±2.00): tie (within the "
                      "spread); few +31.00 points (spread ±3.16): **win**"]
+
+
+def test_tte_metrics_get_a_table_of_their_own() -> None:
+    """TTE figures never enter the single-crop table: their own table, rows without TTE left out."""
+    def with_tte(overall: float, few: float, seed: int) -> dict:
+        cell = _cell(overall, few, seed)
+        cell["metrics"].update(tte_overall=overall + 0.01, tte_few=few + 0.02)
+        return cell
+
+    rows = {"pixel_ncm": aggregate([_cell(0.3, 0.2, None)]),
+            "lift": aggregate([with_tte(0.50, 0.30, 0), with_tte(0.52, 0.32, 1)]),
+            "lpt": aggregate([with_tte(0.60, 0.40, 0), with_tte(0.62, 0.44, 1)])}
+    table = tte_table(rows).splitlines()
+    assert table[0].startswith("| method | seeds | overall | many | medium | few (<20) | ECE |")
+    assert [line.split(" | ")[0] for line in table[2:]] == ["| LIFT", "| LPT"]  # no pixel row
+    assert table[3].split(" | ")[2] == "62.00 ± 1.41"  # LPT's tte_overall: 61 and 63
+    assert tte_table({"pixel_ncm": rows["pixel_ncm"]}) is None
 
 
 def test_every_method_gets_the_same_epoch_budget(tiny_params: Params) -> None:
