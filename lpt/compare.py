@@ -367,7 +367,7 @@ def tte_table(rows: dict[str, dict[str, Any]]) -> str | None:
     """Markdown: the test metrics under five-crop test-time ensembling (%), or None when no row has them.
 
     Kept apart from :func:`accuracy_table` so a TTE figure is never read as a single-crop one; rows
-    without TTE (the pixel baselines) show "–".
+    without TTE (the pixel baselines) are left out.
     """
     if not any("tte_overall" in row["mean"] for row in rows.values()):
         return None

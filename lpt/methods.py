@@ -31,8 +31,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["MethodSpec", "PhasePlan", "Recipe", "LPT_RECIPE", "LIFT_RECIPE", "own", "METHODS", "get_method", "phase_plan", "MethodError", "Loss", "Sampling",
-           "HeadInit", "REFERENCE_METHOD", "PROBE_METHOD"]
+__all__ = ["MethodSpec", "PhasePlan", "Recipe", "LPT_RECIPE", "LIFT_RECIPE", "own", "METHODS", "get_method",
+           "phase_plan", "MethodError", "Loss", "Sampling", "HeadInit", "REFERENCE_METHOD", "PROBE_METHOD"]
 
 Loss = Literal["agcl", "ce", "la"]
 """``agcl``: A-GCL (+ the key-matching term in phase 2); ``ce``: cross-entropy on the scaled cosine;

@@ -70,7 +70,10 @@ def phase_schedule(num_samples: int, cfg: PhaseConfig) -> PhaseSchedule:
     full = steps_per_epoch(num_samples, cfg.batch_size)
     per_epoch = full if cfg.max_steps_per_epoch is None else min(cfg.max_steps_per_epoch, full)
     epochs = max(cfg.epochs, -(-cfg.min_steps // per_epoch))  # ceil
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(_set(cfg.warmup_epochs, "warmup_epochs") * per_epoch)
+    if cfg.warmup_steps is not None:
+        warmup = cfg.warmup_steps
+    else:
+        warmup = round(_set(cfg.warmup_epochs, "warmup_epochs") * per_epoch)
     return PhaseSchedule(full, per_epoch, epochs, min(warmup, per_epoch * epochs // 2))
 
 

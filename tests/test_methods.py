@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from lpt.config import Params, TrainConfig
 from lpt.losses import log_class_prior, logit_adjusted_loss, scaled_ce_loss
 from lpt.methods import METHODS, get_method, phase_plan
-from lpt.model.adapters import AdapterAfterScale, BottleneckAdapter, ParallelAdapterMLP, attach_adapters, default_adapter_dim
+from lpt.model.adapters import AdapterBeside, BottleneckAdapter, attach_adapters, default_adapter_dim
 from lpt.model.lpt import create_lpt_model, load_trained_model, save_trained_model
 
 from conftest import make_tiny_params
@@ -104,7 +104,7 @@ def test_default_adapter_dim_is_lifts_rule() -> None:
 def test_adapters_start_as_identity_and_only_they_and_the_head_learn(tiny_params: Params) -> None:
     lift, probe = _model(tiny_params, "lift"), _model(tiny_params, "linear_probe")
     assert lift.backbone_fingerprint() == probe.backbone_fingerprint()  # same frozen weights, wrap or not
-    assert all(isinstance(b.ls2, AdapterAfterScale) for b in lift.backbone.blocks)  # timm Block: after ls2
+    assert all(isinstance(b.ls2, AdapterBeside) for b in lift.backbone.blocks)  # timm Block: after ls2
     assert lift.adapter_dim == default_adapter_dim(C, len(lift.backbone.blocks))
     probe.head.weight.data.copy_(lift.head.weight.data)
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -176,7 +176,7 @@ def test_a_block_without_a_layer_scale_module_gets_the_adapter_inside_its_mlp() 
     block = NoLs()
     frozen = copy.deepcopy(block)
     (a,) = attach_adapters([block], 8, 2)
-    assert isinstance(block.mlp, ParallelAdapterMLP)
+    assert isinstance(block.mlp, AdapterBeside)
     with torch.no_grad():
         a.up.weight.normal_(0, 0.5)
         x = torch.randn(3, 4, 8)

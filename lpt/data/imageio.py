@@ -30,9 +30,8 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["ALLOWED_FORMATS", "MAX_IMAGE_PIXELS", "MAX_IMAGE_SIDE", "ImageRefused", "DECODE_ERRORS", "decode_error", "sniff_format",
-           "file_kind",
-           "read_image_file", "open_image", "to_8bit_gray", "to_rgb_array", "HIGH_BIT_MODES", "UINT16_MODES"]
+__all__ = ["ALLOWED_FORMATS", "MAX_IMAGE_PIXELS", "MAX_IMAGE_SIDE", "ImageRefused", "DECODE_ERRORS", "decode_error",
+           "sniff_format", "file_kind", "read_image_file", "open_image", "to_8bit_gray", "to_rgb_array", "HIGH_BIT_MODES", "UINT16_MODES"]
 
 ALLOWED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
 """Pillow format names the project decodes (PPM covers .ppm/.pgm/.pbm); what the image-folder extensions of

@@ -455,6 +455,14 @@ class ShardImages:
             pass
 
 
+def _check_resolved(cfg) -> None:
+    """Refuse a ``transforms`` section whose nulls (= from the model) were not filled from a backbone."""
+    unresolved = [k for k in ("input_size", "resize", "mean", "std") if getattr(cfg, k) is None]
+    if unresolved:
+        raise ValueError(f"transforms.{unresolved[0]} is null (= from the model) and was not resolved against a "
+                         "backbone (lpt.model.backbone.resolve_transforms); set it explicitly for this command")
+
+
 def build_transform(cfg, train: bool) -> Callable[[Image.Image], "torch.Tensor"]:  # noqa: F821
     """Train or test preprocessing from the ``transforms`` section.
 
@@ -472,11 +480,7 @@ def build_transform(cfg, train: bool) -> Callable[[Image.Image], "torch.Tensor"]
     """
     from torchvision import transforms as T
 
-    unresolved = [k for k in ("input_size", "resize", "mean", "std") if getattr(cfg, k) is None]
-    if unresolved:
-        raise ValueError(f"transforms.{unresolved[0]} is null (= from the model) and was not resolved against a "
-                         "backbone (lpt.model.backbone.resolve_transforms); set it explicitly for this command")
-
+    _check_resolved(cfg)
     if train:
         steps = [T.RandomResizedCrop(cfg.input_size, scale=(cfg.train_scale_min, 1.0), antialias=True)]
         if cfg.hflip:
@@ -506,7 +510,7 @@ def five_crop_transform(cfg) -> Callable[[Image.Image], "torch.Tensor"]:  # noqa
     import torch
     from torchvision import transforms as T
 
-    build_transform(cfg, train=False)  # the same refusal of unresolved fields
+    _check_resolved(cfg)
     size = int(cfg.input_size)
     resize = T.Resize(round(size * TTE_RESIZE_RATIO), interpolation=T.InterpolationMode.BILINEAR, antialias=True)
     crops = T.FiveCrop(size)

@@ -8,13 +8,13 @@ its output to the residual directly, beside the MLP branch and outside its layer
     adapter(x) = scale * up(relu(down(ln(x))))       ln: trainable LayerNorm(D); down: D -> r; up: r -> D
 
 :func:`attach_adapters` does this without touching the block loop: ``norm2`` is wrapped by a :class:`_Tap`
-that keeps its input ``x`` for the rest of the block's forward, and ``ls2`` by :class:`AdapterAfterScale`,
+that keeps its input ``x`` for the rest of the block's forward, and ``ls2`` by :class:`AdapterBeside`,
 which returns ``ls2(y) + adapter(x)``. The layer scale of DeiT-III / DINOv2-style blocks therefore does not
 throttle the adapter (it multiplies the MLP branch only). ``drop_path2`` still wraps the sum; it is an identity
 for the frozen backbone, which stays in eval mode.
 
 A block without an ``ls2`` module (timm ``Eva``: ``gamma_2`` is a bare tensor) gets the adapter inside its MLP
-(:class:`ParallelAdapterMLP`: ``mlp(h) + adapter(x)``, the tapped ``x`` again), which is LIFT's placement
+(:class:`AdapterBeside` around ``mlp``: ``mlp(h) + adapter(x)``, the tapped ``x`` again), which is LIFT's placement
 whenever ``gamma_2`` is None; with a ``gamma_2`` layer scale that one family's adapter is scaled by it.
 
 ``up`` starts at zero, so an untrained adapter leaves the backbone's function exactly unchanged; ``down`` is
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BottleneckAdapter", "AdapterAfterScale", "ParallelAdapterMLP", "attach_adapters", "default_adapter_dim"]
+__all__ = ["BottleneckAdapter", "AdapterBeside", "attach_adapters", "default_adapter_dim"]
 
 
 def default_adapter_dim(num_classes: int, depth: int) -> int:
@@ -84,45 +84,27 @@ class _Tap(nn.Module):
         return self.norm(x)
 
 
-class _Uses:
-    """The adapter and the tap a wrapper reads, held in a tuple so neither is registered a second time."""
+class AdapterBeside(nn.Module):
+    """A block module followed by the adapter's output on the tapped residual: ``inner(y) + adapter(x)``.
 
-    def __init__(self, tap: _Tap, adapter: BottleneckAdapter) -> None:
+    Wraps ``ls2`` (LIFT's placement: outside the layer scale) or, for a block without an ``ls2`` module,
+    ``mlp``. The tap and the adapter are held in a tuple, so neither is registered a second time.
+    """
+
+    def __init__(self, inner: nn.Module, tap: _Tap, adapter: BottleneckAdapter) -> None:
+        super().__init__()
+        self.inner = inner
         self._refs = (tap, adapter)
 
     @property
     def adapter(self) -> BottleneckAdapter:
         return self._refs[1]
 
-    def adapter_out(self) -> torch.Tensor:
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
         tap, adapter = self._refs
         assert tap.x is not None, "the block ran its MLP branch without norm2"
         x, tap.x = tap.x, None
-        return adapter(x)  # [B, N, D]
-
-
-class AdapterAfterScale(nn.Module, _Uses):
-    """A block's ``ls2`` followed by the adapter's output: ``ls2(y) + adapter(x)`` (LIFT's placement)."""
-
-    def __init__(self, ls: nn.Module, tap: _Tap, adapter: BottleneckAdapter) -> None:
-        nn.Module.__init__(self)
-        _Uses.__init__(self, tap, adapter)
-        self.ls = ls
-
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return self.ls(y) + self.adapter_out()  # [B, N, D]
-
-
-class ParallelAdapterMLP(nn.Module, _Uses):
-    """A block's MLP with the adapter beside it, for blocks without an ``ls2`` module: ``mlp(h) + adapter(x)``."""
-
-    def __init__(self, mlp: nn.Module, tap: _Tap, adapter: BottleneckAdapter) -> None:
-        nn.Module.__init__(self)
-        _Uses.__init__(self, tap, adapter)
-        self.mlp = mlp
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.mlp(h) + self.adapter_out()  # [B, N, D]
+        return self.inner(y) + adapter(x)  # [B, N, D]
 
 
 def attach_adapters(blocks: nn.ModuleList | list[nn.Module], dim: int, bottleneck: int,
@@ -150,8 +132,8 @@ def attach_adapters(blocks: nn.ModuleList | list[nn.Module], dim: int, bottlenec
         block.norm2 = tap
         ls = getattr(block, "ls2", None)
         if isinstance(ls, nn.Module):
-            block.ls2 = AdapterAfterScale(ls, tap, adapter)
+            block.ls2 = AdapterBeside(ls, tap, adapter)
         else:
-            block.mlp = ParallelAdapterMLP(mlp, tap, adapter)
+            block.mlp = AdapterBeside(mlp, tap, adapter)
         adapters.append(adapter)
     return adapters

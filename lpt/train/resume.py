@@ -30,7 +30,7 @@ from lpt.config import Params, PhaseConfig
 from lpt.methods import MethodSpec, Recipe, own
 from lpt.utils import atomic_dir
 
-__all__ = ["RESUME_FORMAT", "phase_recipe", "head_init", "fingerprint", "scratch_dir", "ResumeState", "save_resume_state",
+__all__ = ["RESUME_FORMAT", "phase_recipe", "filled_phase", "head_init", "fingerprint", "scratch_dir", "ResumeState", "save_resume_state",
            "load_resume_state", "capture_rng_state", "restore_rng_state", "optimizer_to_flat", "optimizer_from_flat",
            "ResumeStateError", "check_structure", "check_tensors"]
 
@@ -90,19 +90,16 @@ def phase_recipe(params: Params, phase: int, spec: MethodSpec) -> dict[str, Any]
                        "std": None if tf.std is None else list(tf.std)},
         "model": geometry,
         "loss": {k: own(loss.scale, recipe, "scale") if k == "scale" else getattr(loss, k) for k in loss_keys},
-        "optim": _optim(getattr(tr, f"phase{phase}"), recipe),
+        "optim": filled_phase(getattr(tr, f"phase{phase}"), recipe).model_dump(mode="json"),
         "amp": tr.amp,
         "compile": tr.compile,
         "val_batch_size": params.evaluate.batch_size,
     }
 
 
-def _optim(cfg: PhaseConfig, recipe: Recipe) -> dict[str, Any]:
-    """The phase section as JSON, its null recipe keys filled with the method's own values."""
-    out = cfg.model_dump(mode="json")
-    for key in ("weight_decay", "warmup_epochs"):
-        out[key] = own(out[key], recipe, key)
-    return out
+def filled_phase(cfg: PhaseConfig, recipe: Recipe) -> PhaseConfig:
+    """The ``train.phaseN`` section with its null recipe keys (weight decay, warm-up) set to the method's own."""
+    return cfg.model_copy(update={key: own(getattr(cfg, key), recipe, key) for key in ("weight_decay", "warmup_epochs")})
 
 
 def fingerprint(recipe: dict[str, Any], inputs: dict[str, Any]) -> str:

@@ -33,7 +33,8 @@ from lpt.train.batches import EpochBatches, build_samplers, epoch_indices, epoch
 from lpt.errors import TrainError
 from lpt.train.resume import (RESUME_FORMAT, ResumeState, fingerprint, load_resume_state, optimizer_from_flat,
                               optimizer_to_flat, phase_recipe, restore_rng_state, save_resume_state, scratch_dir,
-                              capture_rng_state, check_structure, check_tensors, ResumeStateError, head_init)
+                              capture_rng_state, check_structure, check_tensors, ResumeStateError, head_init,
+                              filled_phase)
 from lpt.optim import build_optimizer, build_scheduler, ib_stream_weight, phase_schedule, scaled_lr, stopped_early
 from lpt.optim import autocast
 from lpt.train.step import StepContext, train_step
@@ -71,10 +72,9 @@ class _PhaseRun:
 
     def __init__(self, params: Params, phase: int, plan: PhasePlan, on_step: StepHook | None) -> None:
         self.params, self.phase, self.plan, self.on_step = params, phase, plan, on_step
-        cfg: PhaseConfig = getattr(params.train, f"phase{phase}")
-        recipe = get_method(plan.method).recipe  # null keys are the method's own (lpt.methods.Recipe)
-        self.cfg = cfg.model_copy(update={"weight_decay": own(cfg.weight_decay, recipe, "weight_decay"),
-                                          "warmup_epochs": own(cfg.warmup_epochs, recipe, "warmup_epochs")})
+        self.spec = get_method(plan.method)
+        # null recipe keys are the method's own (lpt.methods.Recipe)
+        self.cfg: PhaseConfig = filled_phase(getattr(params.train, f"phase{phase}"), self.spec.recipe)
         self.phase_dir = Path(params.train.out_dir) / f"phase{phase}"
         self.dist = D.dist_from_env()
         self.progress = Progress()
@@ -112,7 +112,7 @@ class _PhaseRun:
         scaler = torch.amp.GradScaler("cuda") if tcfg.amp == "fp16" and self.device.startswith("cuda") else None
         self.ctx = StepContext(model=model, forward_model=self._wrap(model), optimizer=optimizer, scheduler=scheduler,
                                scaler=scaler, plan=self.plan, loss_cfg=self.params.loss,
-                               scale=own(self.params.loss.scale, get_method(self.plan.method).recipe, "scale"),
+                               scale=own(self.params.loss.scale, self.spec.recipe, "scale"),
                                class_counts=torch.tensor(self.data.class_counts, dtype=torch.float32,
                                                          device=self.device),
                                device=self.device, amp=tcfg.amp, grad_accum=accum, micro_batch=self.rank_batch // accum,
@@ -121,7 +121,7 @@ class _PhaseRun:
                                        seed=self.params.seed * 1000 + self.phase, rank=self.dist.rank,
                                        world_size=world, streams=self.plan.streams,
                                        samples_per_class=self.cfg.samples_per_class)
-        self.recipe = phase_recipe(self.params, self.phase, get_method(self.plan.method))
+        self.recipe = phase_recipe(self.params, self.phase, self.spec)
         inputs = {"data": self.data.manifest_sha, "backbone": model.backbone_fingerprint(), "world_size": world}
         if self.phase == 2:
             inputs["phase1"] = sha256_file(self._phase1_dir() / "model.safetensors")
@@ -143,7 +143,7 @@ class _PhaseRun:
         if self.phase == 2:
             self._load_phase1_into(model)
             model.set_phase(2)
-        elif head_init(self.params, get_method(self.plan.method)) == "class_mean":
+        elif head_init(self.params, self.spec) == "class_mean":
             # on the training device: a pass over the train split (every rank computes the same means)
             init_head_from_class_means(model.to(self.device), self.data, self.params.evaluate.batch_size,
                                        self.params.train.num_workers)
