@@ -674,10 +674,12 @@ def write_params_atomic(path: str | Path, raw: dict[str, Any]) -> None:
 
 
 def update_params_file(path: str | Path, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Set dotted-key ``overrides`` in a params file, keeping its comments and key order.
+    """Set dotted-key ``overrides`` in a params file, touching only the values that change.
 
     The result is validated by the strict schema *before* anything is written; the file is replaced
-    atomically. Used by ``lpt params preset`` and the Prefect flow's ``overrides`` parameter.
+    atomically. Comments, key order, blank lines and the spelling of every other value stay byte for byte
+    (:func:`lpt.yaml_edit.edit_yaml_text`); an override equal to the file's value leaves the file as it is.
+    Used by ``lpt params preset`` and the Prefect flow's ``overrides`` parameter.
 
     Args:
         path: the params file.
@@ -689,47 +691,18 @@ def update_params_file(path: str | Path, overrides: dict[str, Any]) -> dict[str,
     Raises:
         ParamsError: missing/invalid file or any key/type/range problem (the file is left untouched).
     """
+    from lpt.yaml_edit import edit_yaml_text
+
     path = Path(path)
     raw = apply_overrides(read_raw(path), overrides)
     parse_params(raw, source=f"{path} + overrides {overrides}")
-    text = _round_trip_text(path.read_text(), overrides)
-    if text is not None and load_yaml(text, str(path)) == raw:
+    old = path.read_text()
+    text = edit_yaml_text(old, overrides)
+    if load_yaml(text, str(path)) != raw:  # the edit must read back as the validated mapping, or plain YAML
+        text = yaml.safe_dump(raw, sort_keys=False)
+    if text != old:
         _write_text_atomic(path, text)
-    else:  # no ruamel, or its round trip did not reproduce the validated mapping: plain YAML
-        _write_text_atomic(path, yaml.safe_dump(raw, sort_keys=False))
     return raw
-
-
-def _round_trip_text(text: str, overrides: dict[str, Any]) -> str | None:
-    """``text`` with ``overrides`` set, comments and key order kept; ``None`` without ruamel.yaml."""
-    try:
-        from ruamel.yaml import YAML  # a DVC dependency; DVC itself edits params files this way
-    except ImportError:  # pragma: no cover - the train extra always brings it
-        return None
-    import io
-
-    def _float(representer: Any, value: float) -> Any:
-        # PyYAML (YAML 1.1, what DVC and load_params read) needs a dot in exponent floats: 1.0e-06
-        text = repr(value)
-        if "e" in text and "." not in text.split("e")[0]:
-            text = text.replace("e", ".0e", 1)
-        return representer.represent_scalar("tag:yaml.org,2002:float", text)
-
-    rt = YAML()
-    rt.preserve_quotes = True
-    rt.representer.add_representer(float, _float)
-    doc = rt.load(text)
-    for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        node = doc
-        for part in parents:
-            if node.get(part) is None:
-                node[part] = {}
-            node = node[part]
-        node[leaf] = value
-    buf = io.StringIO()
-    rt.dump(doc, buf)
-    return buf.getvalue()
 
 
 def _write_text_atomic(path: Path, text: str) -> None:

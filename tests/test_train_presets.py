@@ -62,6 +62,48 @@ def test_embedded_default_undoes_a_vitb16_preset(params_copy: Path) -> None:
     assert restored["data"]["source"] == "synthetic"
 
 
+SOURCE_SECTIONS = ("cifar100", "list", "inat", "imagefolder", "fashion_mnist")
+
+
+@pytest.mark.parametrize("name", [p for p in list_presets() if p != "embedded_default"])
+def test_embedded_default_sets_every_key_another_preset_sets(name: str) -> None:
+    """Else applying it after ``name`` would leave that key at ``name``'s value (a data.<source> section
+    other than the default's stays, unused while data.source is synthetic)."""
+    default = set(preset_overrides("embedded_default"))
+    missing = [key for key in preset_overrides(name)
+               if key not in default and key.split(".")[:2][-1] not in SOURCE_SECTIONS]
+    assert missing == []
+
+
+@pytest.mark.parametrize("name", [p for p in list_presets() if p != "embedded_default"])
+def test_a_preset_round_trip_gives_back_the_shipped_bytes(params_copy: Path, name: str) -> None:
+    """`lpt params preset NAME` then `lpt params preset embedded_default`: params.yaml is byte for byte the
+    shipped file (comments, blank lines, `null`, flow lists, comment columns), but for the data.<source>
+    section NAME added."""
+    shipped = params_copy.read_text()
+    apply_preset(name, params_copy)
+    applied = params_copy.read_text()
+    assert applied != shipped
+    apply_preset("embedded_default", params_copy)
+    restored = read_raw(params_copy)
+    added = [s for s in SOURCE_SECTIONS if s in restored["data"] and s not in read_raw(REPO / "params.yaml")["data"]]
+    text = params_copy.read_text()
+    for section in added:  # what the preset added stays; everything else is the shipped text
+        start = text.index(f"  {section}:\n")
+        end = start + len(f"  {section}:\n")
+        while text[end:].startswith("    "):
+            end = text.index("\n", end) + 1
+        text = text[:start] + text[end:]
+    assert text == shipped
+
+
+def test_applying_the_default_to_the_default_writes_nothing(params_copy: Path) -> None:
+    before = params_copy.read_bytes()
+    mtime = params_copy.stat().st_mtime_ns
+    assert apply_preset("embedded_default", params_copy) == []
+    assert params_copy.read_bytes() == before and params_copy.stat().st_mtime_ns == mtime
+
+
 def test_unknown_preset_is_a_clear_error(params_copy: Path) -> None:
     with pytest.raises(FileNotFoundError, match="available"):
         apply_preset("no_such_preset", params_copy)
