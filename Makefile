@@ -15,13 +15,15 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/python -m pip install -q -e '.[dev]'
 	touch $@
 
-.PHONY: install repro pretrain test test-all serve bench check-lock
+.PHONY: install repro pretrain test test-all serve bench check-lock exps
 install: $(VENV)/.installed
 
 # A failed (or interrupted) `dvc repro` leaves the failed stage's outputs removed or half-written: put back
-# what dvc.lock names (persist outputs excluded), then exit with dvc's status.
+# what dvc.lock names (persist outputs excluded). Then print what the run achieved (pipelines/summary.py:
+# metrics, gate verdict, model and pack sizes, wall time per stage) and exit with dvc's status.
 repro: install
-	$(VENV)/bin/dvc repro || { rc=$$?; $(VENV)/bin/python -m pipelines.restore; exit $$rc; }
+	@start=$$(date +%s); rc=0; $(VENV)/bin/dvc repro || { rc=$$?; $(VENV)/bin/python -m pipelines.restore; }; \
+	$(VENV)/bin/python -m pipelines.summary --since $$start --status $$rc; exit $$rc
 
 # The embedded backbone, on purpose: the `pretrain` stage is frozen (its outputs are committed, so `make repro`
 # never re-runs it); this runs its command and records the new outputs in dvc.lock. Then commit
@@ -45,3 +47,9 @@ serve: install
 
 bench: install
 	$(VENV)/bin/python -m bench.all
+
+# The experiments side by side in 80 columns: the params that differ and the test metrics compared first
+# (`dvc exp show` alone prints every param, dependency hash and metric: hundreds of columns).
+EXPS_DROP := Created|State|Executor|.*/.*|(top5|mean_per_class|num_samples|val_acc|trainable_params|backbone_params|trainable_share|prompt_params|prompt_share|gate_passed|.*_authors)$$
+exps: install
+	$(VENV)/bin/dvc exp show --no-pager --only-changed --drop '$(EXPS_DROP)' --precision 3

@@ -33,6 +33,46 @@ def _main(version: Annotated[bool, typer.Option("--version", help="print the ver
                                                 callback=_version)] = False) -> None:
     """LPT: long-tailed prompt tuning — ingest, validate, train, evaluate, export, predict."""
     _ignore_file_size_signal()
+    record_stage_time()
+
+
+STAGE_TIMES_DIR = Path(".lpt/runs")
+"""Under the pipeline root: ``<stage>.json`` with the wall time of the stage's last command (read by
+``python -m pipelines.summary``); not a pipeline output, so no timing enters a tracked file."""
+
+
+def record_stage_time(environ: dict[str, str] | None = None) -> Path | None:
+    """When this command runs as a pipeline stage, record its wall time at exit (rank 0 only).
+
+    A DVC stage's command gets ``DVC_STAGE`` (the stage's name) and ``DVC_ROOT`` in its environment; anywhere
+    else this does nothing. The record is ``{"stage", "seconds", "finished"}`` (``finished`` in seconds since
+    the epoch), written whole or not at all.
+
+    Returns:
+        The record's path, or ``None`` when this is not a stage's command.
+    """
+    import atexit
+    import os
+    import re
+    import time
+
+    env = os.environ if environ is None else environ
+    stage, root = env.get("DVC_STAGE"), env.get("DVC_ROOT")
+    if not stage or not root or env.get("RANK", "0") != "0":
+        return None
+    path = Path(root) / STAGE_TIMES_DIR / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', stage)}.json"
+    started = time.perf_counter()
+
+    def _write() -> None:
+        from lpt.utils import write_json_atomic
+
+        with contextlib.suppress(OSError):  # a timing is never worth failing the stage for
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(path, {"stage": stage, "seconds": round(time.perf_counter() - started, 3),
+                                     "finished": time.time()})
+
+    atexit.register(_write)
+    return path
 
 
 def _ignore_file_size_signal() -> None:
@@ -176,13 +216,17 @@ def backbones(
 @app.command()
 def ingest(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Turn the configured source into WebDataset shards + manifest (data.out_dir)."""
-    from lpt.data.ingest import run_ingest
+    from lpt.data.ingest import run_ingest, untracked_inputs
 
     p = _load(params, set_)
     with _library_errors():
         result = run_ingest(p)
     typer.echo(f"images: {result.summary()}")
     typer.echo(f"shards: {p.data.out_dir}  manifest: {result.manifest_path}")
+    for key, path in untracked_inputs(p).items():
+        typer.echo(f"note: {key} ({path}) is outside data.source_dir ({p.data.source_dir}), so DVC does not see it "
+                   f"change and `dvc repro` will not re-ingest when it does: copy, `dvc add` or `dvc import` it "
+                   f"under {p.data.source_dir} (docs/data.md, \"Tracked source files\")")
 
 
 @app.command()

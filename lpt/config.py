@@ -205,6 +205,9 @@ class DataConfig(_Strict):
 
     source: Literal["synthetic", "fashion_mnist", "cifar100", "list", "imagefolder", "inat"] = "synthetic"
     out_dir: Path = Field(Path("data/shards"), description="shards + manifest.json (the manifest always lives here)")
+    source_dir: Path = Field(Path("data/source"), description="the folder of source files DVC tracks as the ingest "
+                             "stage's dependency: data placed (or `dvc add`/`dvc import`ed) here re-ingests when it "
+                             "changes")
     imbalance_ratio: float = Field(100.0, ge=1.0, le=1e6, description="n_max / n_min of the train split")
     max_per_class: int = Field(500, ge=1, le=MAX_PER_CLASS, description="train images of the head class")
     val_per_class: int = Field(20, ge=1, le=MAX_PER_CLASS,
@@ -403,6 +406,9 @@ class TrainConfig(_Strict):
     num_workers: int = Field(0, ge=0, le=MAX_PROCESSES)
     threads: int = Field(0, ge=0, le=MAX_PROCESSES, description="torch CPU threads; 0 = torch default")
     checkpoint_every: int = Field(200, ge=1, le=MAX_STEPS, description="steps between atomic checkpoints")
+    curve_points: int = Field(20, ge=0, le=10_000, description="training-curve points per phase, evenly spaced in "
+                              "optimizer steps (loss since the previous point, val accuracy, lr), besides each "
+                              "epoch end; 0 = epoch ends only. Model selection stays at epoch ends")
     out_dir: Path = Path("models")
     in_memory: bool = Field(True, description="decode the train split into RAM (small datasets) instead of random shard access")
 

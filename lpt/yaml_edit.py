@@ -1,13 +1,13 @@
 """Edit values in a YAML file's text the way a person would: only the values that change, nothing else.
 
-A value that sits on its key's line (a scalar or a flow list such as ``[0.5, 0.5, 0.5]``) is replaced in
-place: the key, the spelling of every other value (``null``, ``1.0e-6``), blank lines and comments stay
-byte for byte. An inline comment keeps its column when the new value fits before it; one pushed right by a
-long value (two spaces after it) goes back to the column of its siblings' comments when a shorter value
-returns, so a preset
-round trip (``lpt params preset X``, then back) gives back the original bytes. A key the file lacks, or a
-value written as a block, goes through ruamel.yaml's round trip (what DVC uses to edit params files),
-with ``null`` kept as ``null``.
+A value on its key's line (a scalar, a flow list such as ``[0.5, 0.5, 0.5]``, an empty null) or a block list
+of scalars is replaced in place, written the way the file writes such values (``null`` or an empty value;
+non-empty lists flow or block: a file with any block list gets block lists, as DVC's writer makes them).
+The key, the spelling of every other value (``1.0e-6``), blank lines and comments stay byte for byte. An
+inline comment keeps its column when the new value fits before it; one pushed right by a long value (two
+spaces after it) goes back to the column of its siblings' comments when a shorter value returns, so a
+preset round trip (``lpt params preset X``, then back) gives back the original bytes. A key the file lacks,
+or any other value, goes through ruamel.yaml's round trip (what DVC uses to edit params files).
 
     >>> text = "a:\\n  b: 1        # one\\n  c: [1, 2]   # two\\n"
     >>> print(edit_yaml_text(text, {"a.b": 20000000000, "a.c": [3]}), end="")
@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import re
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -84,39 +85,104 @@ def _comment_column(line: str, end: int) -> int | None:
     return None if match is None else match.end() - 1
 
 
+def _comment_after_key(line: str, key_col: int, key: str) -> int | None:
+    """Column of the inline comment on a key's line (``None``: none)."""
+    match = _COMMENT.search(line, key_col + len(key) + 1)
+    return None if match is None else match.end() - 1
+
+
 def _sibling_column(lines: list[str], node: Any, leaf: str) -> int | None:
-    """The most common inline-comment column among ``leaf``'s one-line siblings (``None``: none have one)."""
+    """The most common inline-comment column on the lines of ``leaf``'s siblings (``None``: none have one)."""
     columns = []
     for key in node:
-        if key == leaf:
+        if key == leaf or not isinstance(key, str):
             continue
-        row, col = node.lc.value(key)
-        line = lines[row] if row < len(lines) else ""
-        if row != node.lc.key(key)[0]:
-            continue
-        end = _value_end(line, col)
-        column = None if end is None else _comment_column(line, end)
+        row, col = node.lc.key(key)
+        column = _comment_after_key(lines[row], col, key) if row < len(lines) else None
         if column is not None:
             columns.append(column)
     return Counter(columns).most_common(1)[0][0] if columns else None
 
 
-def _edit_line(lines: list[str], node: Any, leaf: str, value: Any) -> bool:
-    """Replace ``node[leaf]``'s one-line value in ``lines`` with ``value``; False when it is not one line."""
+@dataclass(frozen=True)
+class _Style:
+    """How the file writes what DVC's writer may rewrite: ``null`` or an empty value; lists flow or block."""
+
+    null: str
+    block_lists: bool
+
+    @classmethod
+    def of(cls, text: str, doc: Any) -> _Style:
+        has_null_word = re.search(r":[ \t]+null[ \t]*(#.*)?$", text, re.M) is not None
+        return cls(null="null" if has_null_word or not _has_none(doc) else "",
+                   block_lists=re.search(r"^[ \t]*- ", text, re.M) is not None)
+
+
+def _has_none(node: Any) -> bool:
+    if isinstance(node, dict):
+        return any(v is None or _has_none(v) for v in node.values())
+    if isinstance(node, list):
+        return any(v is None or _has_none(v) for v in node)
+    return False
+
+
+def _block_rows(lines: list[str], node: Any, leaf: str, key_row: int, key_col: int) -> int | None:
+    """How many ``- scalar`` lines below the key hold its block list (``None``: not such a list)."""
+    old = node[leaf]
+    if not isinstance(old, list) or any(isinstance(item, (dict, list)) for item in old):
+        return None
+    rows = lines[key_row + 1: key_row + 1 + len(old)]
+    if len(rows) != len(old) or not all(r.startswith(" " * key_col + "- ") for r in rows):
+        return None
+    return len(old)
+
+
+def _edit_line(lines: list[str], node: Any, leaf: str, value: Any, style: _Style) -> bool:
+    """Replace ``node[leaf]``'s value in ``lines`` (a value on the key's line, an empty null, or a block list of
+    scalars) with ``value`` written in the file's style; False when it is none of those (the round trip's)."""
     from ruamel.yaml.comments import CommentedMap
 
-    new = flow_text(value)
-    if new is None or isinstance(node.get(leaf), CommentedMap) or leaf not in node:
+    if leaf not in node or not isinstance(leaf, str) or isinstance(node[leaf], CommentedMap) \
+            or isinstance(value, dict):
         return False
-    row, col = node.lc.value(leaf)
-    if row != node.lc.key(leaf)[0]:
-        return False  # a block value on the lines below its key
-    line = lines[row]
-    end = _value_end(line, col)
-    if end is None:
-        return False
-    head, tail = line[:col] + new, line[end:]
-    comment = _comment_column(line, end)
+    key_row, key_col = node.lc.key(leaf)
+    line = lines[key_row]
+    start = key_col + len(leaf) + 1
+    if line[key_col:start] != f"{leaf}:":
+        return False  # a quoted or otherwise spelt key
+    block = 0
+    if node.lc.value(leaf)[0] != key_row and node[leaf] is not None:
+        block = _block_rows(lines, node, leaf, key_row, key_col)
+        if block is None:
+            return False
+        end = start
+    else:
+        first = len(line) - len(line[start:].lstrip(" ")) if line[start:].strip() else len(line)
+        if first >= len(line) or line[first] == "#":
+            end = start  # an empty value: null
+        else:
+            end = _value_end(line, first)
+            if end is None:
+                return False
+    items: list[str] = []
+    old = node[leaf]
+    if isinstance(old, list) and old:  # a list keeps its form: block stays block, flow stays flow
+        as_block = bool(block)
+    else:  # a list replacing a scalar, a null or [] takes the file's form
+        as_block = style.block_lists
+    if isinstance(value, (list, tuple)) and value and as_block:
+        items = [flow_text(item) for item in value]  # type: ignore[misc]
+        if any(text is None or isinstance(item, (list, tuple)) for text, item in zip(items, value)):
+            return False
+        new = ""
+    elif value is None:
+        new = style.null
+    else:
+        new = flow_text(value)  # type: ignore[assignment]
+        if new is None:
+            return False
+    head, tail = line[:start] + (" " + new if new else ""), line[end:]
+    comment = _comment_column(line, end) if tail.strip() else None
     if comment is not None:
         siblings = _sibling_column(lines, node, leaf)
         pushed = line[end:comment] == "  "  # what a value too long for the comment's column leaves
@@ -126,9 +192,10 @@ def _edit_line(lines: list[str], node: Any, leaf: str, value: Any) -> bool:
             target = comment  # stays where it is
         else:
             target = len(head) + 2  # pushed right
-        lines[row] = head + " " * (target - len(head)) + tail.lstrip()
+        new_line = head + " " * (target - len(head)) + tail.lstrip()
     else:
-        lines[row] = head + tail
+        new_line = head
+    lines[key_row: key_row + 1 + block] = [new_line] + [" " * key_col + "- " + text for text in items]
     return True
 
 
@@ -141,8 +208,8 @@ def _same(old: Any, new: Any) -> bool:
     return old == new and (old is None) == (new is None)
 
 
-def _round_trip(text: str, overrides: dict[str, Any]) -> str:
-    """``text`` with ``overrides`` set through ruamel.yaml's round trip (``null`` written as ``null``)."""
+def _round_trip(text: str, overrides: dict[str, Any], style: _Style) -> str:
+    """``text`` with ``overrides`` set through ruamel.yaml's round trip (``null`` as the file writes it)."""
     from ruamel.yaml import YAML
 
     def _null(representer: Any, _: None) -> Any:
@@ -151,11 +218,18 @@ def _round_trip(text: str, overrides: dict[str, Any]) -> str:
     def _float(representer: Any, value: float) -> Any:
         return representer.represent_scalar("tag:yaml.org,2002:float", flow_text(value) or repr(value))
 
+    from ruamel.yaml.representer import RoundTripRepresenter
+
+    class _Representer(RoundTripRepresenter):  # add_representer is per class: never touch ruamel's own
+        pass
+
+    if style.null:
+        _Representer.add_representer(type(None), _null)
+    _Representer.add_representer(float, _float)
     rt = YAML()
+    rt.Representer = _Representer
     rt.preserve_quotes = True
     rt.width = 10**6
-    rt.representer.add_representer(type(None), _null)
-    rt.representer.add_representer(float, _float)
     doc = rt.load(text)
     for dotted, value in overrides.items():
         *parents, leaf = dotted.split(".")
@@ -182,20 +256,20 @@ def edit_yaml_text(text: str, overrides: dict[str, Any]) -> str:
     """
     from ruamel.yaml import YAML
 
-    doc = YAML().load(text)
-    lines = text.splitlines(keepends=False)
-    ends_with_newline = text.endswith("\n")
+    style = _Style.of(text, YAML().load(text))
     rest: dict[str, Any] = {}
-    for dotted, value in overrides.items():
+    for dotted, value in overrides.items():  # one at a time: an edit may add or remove lines
+        node = YAML().load(text)
         *parents, leaf = dotted.split(".")
-        node = doc
         for part in parents:
             node = node.get(part) if hasattr(node, "get") else None
             if node is None:
                 break
         if node is not None and hasattr(node, "get") and leaf in node and _same(node[leaf], value):
             continue  # unchanged: its text stays as it is
-        if node is None or not hasattr(node, "lc") or not _edit_line(lines, node, leaf, value):
+        lines = text.splitlines(keepends=False)
+        if node is None or not hasattr(node, "lc") or not _edit_line(lines, node, leaf, value, style):
             rest[dotted] = value
-    edited = "\n".join(lines) + ("\n" if ends_with_newline else "")
-    return _round_trip(edited, rest) if rest else edited
+            continue
+        text = "\n".join(lines) + ("\n" if text.endswith("\n") else "")
+    return _round_trip(text, rest, style) if rest else text

@@ -47,6 +47,7 @@ __all__ = ["lpt", "run_stage", "StageFailed", "STAGE_RETRIES", "STAGE_RETRY_DELA
 STAGE_RETRIES = 2
 STAGE_RETRY_DELAYS = [3, 15]
 _ERROR_LINES = 12  # output lines quoted in the failure message
+_LOG_TAIL_LINES = 100  # output lines kept in the failure's Markdown artifact
 
 
 class StageFailed(RuntimeError):
@@ -62,6 +63,8 @@ class StageFailed(RuntimeError):
         deterministic: ``exit_code`` is a verdict on the inputs (``lpt.exitcodes.DETERMINISTIC``): never retried.
         transient: not deterministic and the output shows I/O or lock trouble: retried.
         command_started: DVC had started the command (and so had removed the stage's outputs).
+        error_line: the command's last ``error: ...`` line (what went wrong, in the project's words), if any.
+        tail: the last output lines, for the failure artifact.
     """
 
     def __init__(self, stage: str, returncode: int, tail: list[str], exit_code: int | None = None,
@@ -71,12 +74,16 @@ class StageFailed(RuntimeError):
         self.deterministic = exit_code in DETERMINISTIC
         self.transient = is_transient_failure(exit_code, tail)
         self.command_started = command_started
+        self.tail = list(tail)
+        errors = [line.strip() for line in tail if line.strip().startswith("error: ")]
+        self.error_line = errors[-1] if errors else None
         # drop blank lines and Python's ^^^^ underlines: they only use up the quoted lines
         useful = [line for line in tail if line.strip() and set(line.strip()) - set("^~")]
         last = "\n".join(useful[-_ERROR_LINES:])
-        super().__init__(f"stage '{stage}' failed: {self._reason()}; last lines:\n{last}")
+        what = f" — {self.error_line}" if self.error_line else ""
+        super().__init__(f"stage '{stage}' failed: {self.reason()}{what}; last lines:\n{last}")
 
-    def _reason(self) -> str:
+    def reason(self) -> str:
         if self.exit_code is None:
             not_run = "" if self.command_started else " before running the command"
             return f"dvc exited with {self.returncode}{not_run}"
@@ -86,7 +93,7 @@ class StageFailed(RuntimeError):
 
     def __reduce__(self) -> tuple[Any, ...]:  # keep it picklable for Prefect's result handling
         state = {k: getattr(self, k) for k in ("stage", "returncode", "exit_code", "verdict", "deterministic",
-                                                "transient", "command_started")}
+                                                "transient", "command_started", "error_line", "tail")}
         return (_rebuild_stage_failed, (str(self), state))
 
 
@@ -129,7 +136,7 @@ def run_stage(stage: str, repo_dir: str, force: bool = False) -> dict[str, Any]:
         if line.strip():  # DVC's blank spacer lines add nothing to the run log
             logger.info("%s", line)
 
-    run = run_dvc_stage(repo_dir, stage, force=force, on_line=log_line)
+    run = run_dvc_stage(repo_dir, stage, force=force, on_line=log_line, tail_lines=_LOG_TAIL_LINES)
     if run.status == "failed":
         raise StageFailed(stage, run.returncode, run.tail, exit_code=run.exit_code,
                           command_started=run.command_started)
@@ -170,6 +177,30 @@ def _restore_after_failure(root: Path, stage: DvcStage, err: BaseException, logg
     else:
         logger.warning("stage %r: dvc checkout exited with %d (is DVC's cache missing them?); outputs not "
                        "restored", stage.name, result.returncode)
+
+
+def failure_markdown(err: StageFailed) -> str:
+    """The failed stage's Markdown artifact: what failed, its ``error:`` line, and its log tail."""
+    lines = [f"# Stage `{err.stage}` failed", "", f"- {err.reason()}"]
+    if err.error_line:
+        lines.append(f"- `{err.error_line}`")
+    lines += ["- its previous outputs were put back from the DVC cache where it had removed them", "",
+              f"## The last {len(err.tail)} output lines", "", "```text", *err.tail, "```"]
+    return "\n".join(lines) + "\n"
+
+
+def _report_failure(stage: DvcStage, err: BaseException, logger: Any) -> None:
+    """Say why the stage failed in one run-log line (what ``--watch`` shows) and publish its log tail."""
+    if not isinstance(err, StageFailed):
+        return
+    logger.error("stage %r failed: %s", stage.name, err.error_line or err.reason())
+    try:
+        from prefect.artifacts import create_markdown_artifact
+
+        create_markdown_artifact(failure_markdown(err), key="stage-failure",
+                                 description=f"why stage {stage.name} failed, with its log tail")
+    except Exception as publish_err:  # noqa: BLE001 - an artifact must never mask the stage's error
+        logger.warning("the failure artifact of stage %r was not published: %s", stage.name, publish_err)
 
 
 def _publish(root: Path, stage: DvcStage, sources: Any, stage_ok: bool, logger: Any) -> None:
@@ -221,6 +252,7 @@ def lpt(
             except BaseException as err:  # a failed stage, Ctrl-C, a cancellation (TerminationSignal)
                 _publish(root, stage, sources, False, logger)  # first: the failed run's reports are the point
                 _restore_after_failure(root, stage, err, logger)
+                _report_failure(stage, err, logger)
                 raise
             _publish(root, stage, sources, True, logger)
     ran = [r["stage"] for r in results if r["status"] == "ran"]

@@ -384,3 +384,16 @@ def test_preset_link_out_of_the_presets_folder_is_refused(tmp_path: Path, monkey
     with pytest.raises(ParamsError, match="outside configs/"):
         apply_preset("mine", "params.yaml")
     assert (tmp_path / "params.yaml").read_text() == (REPO_ROOT / "params.yaml").read_text()
+
+
+def test_ingest_into_its_tracked_input_folder_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """(A data.out_dir that holds data.source_dir holds something that is not ingest's: refused before this.)"""
+    out = "data/source/shards"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data/source").mkdir(parents=True)
+    params = _tiny(tmp_path / "out", data__out_dir=out, data__source_dir="data/source")
+    result = _cli("ingest", "--params", str(_params_file(tmp_path, params)))
+    assert result.exit_code == 2, result.output
+    _one_error_line(result.output, "data.out_dir", repr(out), "data.source_dir", "overlap")
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if "data" in p.parts) == \
+        ["data", "data/source"]

@@ -78,6 +78,10 @@ JSON_CASES = {  # a string where a number belongs, nan, counters outside the pha
     "progress_counters_inconsistent": _set("progress", "global_step", value=2),
     "sampler_offset_negative": lambda m: [s.update(offset=-5) for s in m["ranks"][0]["samplers"].values()],
     "history_without_epochs": _set("progress", "history", value=[{"epoch": "one"}]),
+    "curve_row_not_numbers": _set("progress", "curve", value=[{"step": "one"}]),
+    "curve_point_in_the_future": _set("progress", "curve", value=[
+        {"step": 10**6, "epoch": 1.0, "loss": 1.0, "lr": 0.1, "val_acc": 0.5}]),
+    "window_steps_negative": _set("progress", "window_steps", value=-1),
 }
 TENSOR_CASES = {  # tensors of another shape or dtype, or not this model's
     "model_tensor_shape": lambda t: t.update({"model.head.weight": torch.zeros(10, 47)}),

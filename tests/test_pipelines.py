@@ -95,6 +95,7 @@ def _project_repo(root: Path) -> Path:
     for package in ("lpt", "pipelines"):  # stage deps; stage commands may run `python -m pipelines.launch`
         shutil.copytree(REPO_ROOT / package, root / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     (root / "params.yaml").write_text(yaml.safe_dump(tiny_raw_params(), sort_keys=False))
+    shutil.copytree(REPO_ROOT / "data" / "source", root / "data" / "source")  # ingest's tracked input folder
     # the frozen pretrain stage's committed outputs (unused by the tiny params: backbone.weights none)
     shutil.copytree(REPO_ROOT / "models" / "pretrain", root / "models" / "pretrain")
     _sh("git", "add", "-A", cwd=root)
@@ -569,6 +570,46 @@ def project_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _project_repo(tmp_path_factory.mktemp("project") / "repo")
 
 
+def _image_folder(root: Path, per_class: dict[str, int]) -> None:
+    """``root/{train,test}/<class>/<i>.png``: 8x8 grey images, ``per_class`` train and 2 test images each."""
+    import numpy as np
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c, (name, n) in enumerate(per_class.items()):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(n if split == "train" else 2):
+                Image.fromarray(np.full((8, 8), 20 * c + i, np.uint8), mode="L").save(root / split / name / f"{i}.png")
+
+
+def test_an_image_added_to_the_tracked_source_folder_re_ingests(tmp_path: Path) -> None:
+    """data.source_dir is an ingest dependency: `dvc status` sees an added image and `dvc repro` re-ingests;
+    a folder outside it still ingests, with a note that DVC cannot see it change."""
+    repo = _project_repo(tmp_path / "repo")
+    _image_folder(repo / "data/source/images", {"a": 12, "b": 7})
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    raw["data"].update(source="imagefolder", imagefolder={"root": "data/source/images"}, val_per_class=1)
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    out = _sh(PY, "-m", "dvc", "repro", "-q", "ingest", cwd=repo)
+    assert "note:" not in out
+    assert "ingest" not in _sh(PY, "-m", "dvc", "status", "ingest", cwd=repo)
+    before = json.loads((repo / "data/shards/manifest.json").read_text())["full_train_counts"]
+
+    _image_folder(repo / "data/source/images", {"a": 13, "b": 7})  # one more image of class a
+    status = _sh(PY, "-m", "dvc", "status", "ingest", cwd=repo)
+    assert "ingest:" in status and "modified:" in status and "data/source" in status
+    _sh(PY, "-m", "dvc", "repro", "-q", "ingest", cwd=repo)
+    after = json.loads((repo / "data/shards/manifest.json").read_text())["full_train_counts"]
+    assert (before, after) == ([12, 7], [13, 7])
+
+    outside = tmp_path / "elsewhere"
+    _image_folder(outside, {"a": 12, "b": 7})
+    raw["data"]["imagefolder"] = {"root": str(outside)}
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    out = _sh(PY, "-m", "dvc", "repro", "ingest", cwd=repo)
+    assert f"note: data.imagefolder.root ({outside}) is outside data.source_dir (data/source)" in out
+
+
 def test_real_ingest_validate_then_cached_then_validation_failure(prefect_harness: None, project_repo: Path) -> None:
     upstream = [s.name for s in pipeline_order(project_repo, target="validate")]  # ingest (and a params check)
     assert "ingest" in upstream and upstream[-1] == "validate"
@@ -596,6 +637,10 @@ def test_real_ingest_validate_then_cached_then_validation_failure(prefect_harnes
     runs = _task_runs(third.state_details.flow_run_id)
     assert [(r.name, r.run_count) for r in runs] == [(name, 1) for name in upstream]  # no retry of a verdict
     assert "exited with 3 (VALIDATION_FAILED" in third.message
+    assert "— error: data validation failed" in third.message  # the stage's own error line, up front
+    failure = _artifacts(third.state_details.flow_run_id)["stage-failure"]
+    assert failure.type == "markdown" and "# Stage `validate` failed" in failure.data
+    assert "- `error: data validation failed" in failure.data and "```text" in failure.data
     failed_rows = json.loads(_artifacts(third.state_details.flow_run_id)["data-validation"].data)
     assert any(r["success"] is False and "sha256" in str(r["details"]) for r in failed_rows)
     assert (project_repo / "params.yaml").read_bytes() == params_before  # override rolled back

@@ -303,8 +303,32 @@ def test_resume_reaches_the_uninterrupted_result(tiny_shards: Params, tmp_path: 
     meta_a = json.loads((tmp_path / "a/models/phase1/model.json").read_text())
     meta_b = json.loads((tmp_path / "b/models/phase1/model.json").read_text())
     assert meta_a["history"] == meta_b["history"]
-    loss_rows = (tmp_path / "b/models/phase1/live/plots/metrics/train/loss.tsv").read_text().strip().splitlines()
-    assert len(loss_rows) == 1 + 2  # header + one row per epoch, no duplicates after the resume
+    curves = [(tmp_path / f"{run}/models/phase1/live/plots/metrics/train/loss.tsv").read_text() for run in "ab"]
+    assert curves[1] == curves[0]  # the resumed run's curve is the uninterrupted one's: no duplicates, none lost
+    steps = [int(row.split("\t")[0]) for row in curves[0].strip().splitlines()[1:]]
+    assert steps == sorted(set(steps)) and len(steps) > 2  # points between the epoch ends too
+
+
+def test_curve_points_add_points_and_change_nothing_else(tiny_shards: Params, tmp_path: Path) -> None:
+    """train.curve_points: val passes between the epoch ends draw the curve; the trained tensors, the epoch
+    history and the model selection are those of a run with points at the epoch ends only."""
+    from lpt.train.run import curve_spacing
+
+    runs = {points: run_phase(_params(tiny_shards, tmp_path / str(points), train__phase1__epochs=2,
+                                      train__curve_points=points), 1) for points in (0, 4)}
+    a, b = load_file(runs[0]["checkpoint"]), load_file(runs[4]["checkpoint"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    meta = {p: json.loads((tmp_path / f"{p}/models/phase1/model.json").read_text()) for p in runs}
+    assert meta[0]["history"] == meta[4]["history"] and meta[0]["best_epoch"] == meta[4]["best_epoch"]
+    rows = {p: (tmp_path / f"{p}/models/phase1/live/plots/metrics/val/acc.tsv").read_text().strip().splitlines()[1:]
+            for p in runs}
+    epoch_steps = [row["step"] for row in meta[0]["history"]]
+    assert [int(r.split("\t")[0]) for r in rows[0]] == epoch_steps
+    every = curve_spacing(meta[4]["steps"], 4)
+    expected = sorted({s for s in range(every, meta[4]["steps"] + 1, every)} | set(epoch_steps))
+    assert [int(r.split("\t")[0]) for r in rows[4]] == expected and len(expected) > len(epoch_steps)
+    at_epoch_ends = {int(r.split("\t")[0]): float(r.split("\t")[1]) for r in rows[4]}
+    assert [at_epoch_ends[s] for s in epoch_steps] == [row["val_acc"] for row in meta[0]["history"]]
 
 
 def test_stale_resume_state_from_another_config_is_not_used(tiny_shards: Params, tmp_path: Path) -> None:
@@ -417,7 +441,7 @@ def test_metrics_logging_works_in_a_git_repo_without_commits(tiny_shards: Params
     monkeypatch.chdir(tmp_path)
     run_phase(_params(tiny_shards, tmp_path, train__method="linear_probe"), 1)
     rows = (tmp_path / "models/phase1/live/plots/metrics/val/acc.tsv").read_text().splitlines()
-    assert rows[0] == "step\tacc" and len(rows) == 2
+    assert rows[0] == "step\tacc" and len(rows) >= 2
     assert not (tmp_path / "dvc.yaml").exists()  # dvclive must not write a dvc.yaml of its own
 
 

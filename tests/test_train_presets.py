@@ -154,7 +154,7 @@ def test_preset_flags_are_one_word_each(capsys: pytest.CaptureFixture[str], monk
     assert "'" not in " ".join(words) and words[0] == "-S"
     assert "backbone.name=vit_base_patch16_224.augreg_in21k" in words
     assert words[words.index("~backbone.timm_kwargs") + 2] == "+backbone.timm_kwargs={}"  # replaced whole
-    assert "+data.list.root=data/raw/places365" in words or any(w.startswith("+data.list.") for w in words)
+    assert "+data.list.root=data/source/places365" in words or any(w.startswith("+data.list.") for w in words)
 
 
 def test_presets_come_from_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -73,6 +73,9 @@ def test_new_keys_and_block_values_go_through_the_round_trip_with_null_kept() ->
     assert loaded["data"]["imagefolder"] == {"root": "data/source/images"} and loaded["train"]["list"] == [3]
     assert "cap: null                   # null = all" in out  # ruamel would write `cap:` without the fix
     assert "eps: 1.0e-6" in out and "# a header comment" in out
+    from ruamel.yaml.representer import RoundTripRepresenter  # our representers are our own class's
+
+    assert RoundTripRepresenter.yaml_representers[type(None)] is RoundTripRepresenter.represent_none
 
 
 @pytest.mark.parametrize("value, text", [(None, "null"), (True, "true"), (1e-06, "1.0e-06"), (3, "3"),
@@ -94,3 +97,26 @@ def test_update_params_file_does_not_touch_an_unchanged_file(tmp_path: Path) -> 
     with pytest.raises(ParamsError, match="seed"):
         update_params_file(path, {"seed": -1})
     assert "seed: 3\n" in path.read_text()
+
+
+def test_dvc_exp_run_set_rewrites_only_the_line_it_changes() -> None:
+    """`dvc exp run -S` writes params.yaml through DVC's own YAML writer: params.yaml is kept in the form
+    that writer gives (a null is an empty value), so DVC's round trip leaves every other byte as it is."""
+    import shutil
+    import tempfile
+
+    from dvc.utils.serialize import modify_yaml
+
+    from conftest import REPO_ROOT
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "params.yaml"
+        shutil.copy(REPO_ROOT / "params.yaml", path)
+        with modify_yaml(str(path)):
+            pass
+        assert path.read_text() == (REPO_ROOT / "params.yaml").read_text()
+        with modify_yaml(str(path)) as data:
+            data["train"]["phase2"]["epochs"] = 8
+        changed = [(a, b) for a, b in zip((REPO_ROOT / "params.yaml").read_text().splitlines(),
+                                          path.read_text().splitlines()) if a != b]
+        assert [b for _, b in changed] == ["    epochs: 8                 # ~60 s/epoch on 2 cores"]

@@ -27,9 +27,10 @@ from lpt.data.shards import SplitWriteResult, encoded_items, write_split
 from lpt.data.sources import MODULES
 from lpt.data.sources.base import BadItems, IngestError, SourceData
 from lpt.escaping import text_line
-from lpt.utils import atomic_dir, check_output_dir, write_json_atomic
+from lpt.utils import OutputDirError, atomic_dir, check_output_dir, write_json_atomic
 
-__all__ = ["IngestError", "IngestResult", "run_ingest", "load_source", "build_manifest", "full_train_counts"]
+__all__ = ["IngestError", "IngestResult", "run_ingest", "load_source", "build_manifest", "full_train_counts",
+           "source_inputs", "untracked_inputs"]
 
 SPLITS = ("train", "val", "test")
 _OUTPUT = {"what": "data.out_dir", "own": (*SPLITS, MANIFEST_FILE), "key": MANIFEST_FILE}
@@ -128,6 +129,33 @@ def _write_all(params, data: SourceData, bad: BadItems, out: Path) -> dict[str, 
     return written
 
 
+def source_inputs(params) -> dict[str, Path]:
+    """The files and folders ``data.source`` reads, by params key (none for ``synthetic``: it renders its own).
+
+    >>> from lpt.config import load_params
+    >>> source_inputs(load_params("params.yaml", {"data.source": "fashion_mnist"}))
+    {'data.fashion_mnist.root': PosixPath('/usr/share/datasets/fashion-mnist')}
+    """
+    name = params.data.source
+    section = getattr(params.data, name)
+    return {f"data.{name}.{key}": value for key, value in section if isinstance(value, Path)}
+
+
+def untracked_inputs(params) -> dict[str, Path]:
+    """The source's inputs outside ``data.source_dir``: DVC does not see them change (docs/data.md)."""
+    watched = Path(params.data.source_dir).resolve()
+    return {key: path for key, path in source_inputs(params).items()
+            if not Path(path).resolve().is_relative_to(watched)}
+
+
+def _check_apart(out_dir: Path, source_dir: Path) -> None:
+    """Ingest's output may not lie in its tracked input folder, nor hold it (it would be its own input)."""
+    out, watched = out_dir.resolve(), source_dir.resolve()
+    if out == watched or out.is_relative_to(watched) or watched.is_relative_to(out):
+        raise OutputDirError(f"data.out_dir {str(out_dir)!r} and data.source_dir {str(source_dir)!r} overlap: "
+                             "ingest's output would be its own tracked input; keep them apart")
+
+
 def run_ingest(params) -> IngestResult:
     """Ingest ``data.source`` into shards under ``data.out_dir``, with its ``manifest.json``.
 
@@ -146,6 +174,7 @@ def run_ingest(params) -> IngestResult:
     start = time.perf_counter()
     out_dir = Path(params.data.out_dir)
     check_output_dir(out_dir, **_OUTPUT)  # before reading the source: a refused folder costs nothing
+    _check_apart(out_dir, Path(params.data.source_dir))
     bad = BadItems(params.data.skip_bad)
     data = load_source(params, bad)
     manifest_path = out_dir / MANIFEST_FILE

@@ -34,7 +34,7 @@ __all__ = ["RESUME_FORMAT", "phase_recipe", "filled_phase", "head_init", "finger
            "load_resume_state", "capture_rng_state", "restore_rng_state", "optimizer_to_flat", "optimizer_from_flat",
            "ResumeStateError", "check_structure", "check_tensors"]
 
-RESUME_FORMAT = 2
+RESUME_FORMAT = 3
 """Version of the ``last/`` layout; a different version is never resumed."""
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
@@ -286,7 +286,7 @@ _META_TYPES: dict[str, type] = {"format": int, "fingerprint": str, "progress": d
                                 "scheduler": dict, "ranks": list}
 _PROGRESS_TYPES: dict[str, type | tuple[type, ...]] = {
     "epoch": int, "step_in_epoch": int, "global_step": int, "loss_sum": (int, float), "best_val_acc": (int, float),
-    "best_epoch": int, "history": list}
+    "best_epoch": int, "history": list, "curve": list, "window_loss": (int, float), "window_steps": int}
 
 
 _SAMPLER_KEYS = frozenset({"kind", "epoch", "offset", "seed", "rank", "world_size", "num_samples"})

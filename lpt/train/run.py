@@ -56,6 +56,9 @@ class Progress:
     best_val_acc: float = -1.0
     best_epoch: int = -1
     history: list[dict[str, float]] = field(default_factory=list)
+    curve: list[dict[str, float]] = field(default_factory=list)  # training-curve points (dvclive), step order
+    window_loss: float = 0.0  # sum of step losses since the last curve point
+    window_steps: int = 0
     sampler_states: dict[str, Any] = field(default_factory=dict)  # states before set_epoch(epoch)
 
 
@@ -122,7 +125,9 @@ class _PhaseRun:
                                        world_size=world, streams=self.plan.streams,
                                        samples_per_class=self.cfg.samples_per_class)
         self.recipe = phase_recipe(self.params, self.phase, self.spec)
-        inputs = {"data": self.data.manifest_sha, "backbone": model.backbone_fingerprint(), "world_size": world}
+        inputs = {"data": self.data.manifest_sha, "backbone": model.backbone_fingerprint(), "world_size": world,
+                  "curve_points": tcfg.curve_points}  # a resume keeps the curve's spacing
+        self.curve_every = curve_spacing(self.epochs * self.steps_per_epoch, tcfg.curve_points)
         if self.phase == 2:
             inputs["phase1"] = sha256_file(self._phase1_dir() / "model.safetensors")
         self.fingerprint = fingerprint(self.recipe, inputs)
@@ -243,7 +248,8 @@ class _PhaseRun:
 
     def _check_progress(self, prog: dict[str, Any], where: str) -> None:
         """Counters of a resumable point of this phase: epoch e, step s of it, e * steps_per_epoch + s steps
-        done, one history row per finished epoch, a best epoch among them, finite numbers."""
+        done, one history row per finished epoch, a best epoch among them, curve points at increasing steps
+        already done, finite numbers."""
         spe, epochs = self.steps_per_epoch, self.epochs
         epoch, step = prog["epoch"], prog["step_in_epoch"]
         history, best = prog["history"], prog["best_epoch"]
@@ -251,8 +257,15 @@ class _PhaseRun:
         rows_ok = all(isinstance(row, dict) and set(row) == {"epoch", "step", "loss", "lr", "val_acc"}
                       and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
                               for v in row.values()) for row in history)
+        curve = prog["curve"]
+        curve_ok = all(isinstance(row, dict) and set(row) == {"step", "epoch", "loss", "lr", "val_acc"}
+                       and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                               for v in row.values()) for row in curve)
+        steps = [row["step"] for row in curve] if curve_ok else []
+        curve_ok = curve_ok and steps == sorted(set(steps)) and all(0 < s <= prog["global_step"] for s in steps) \
+            and 0 <= prog["window_steps"] <= prog["global_step"] and math.isfinite(prog["window_loss"])
         if not (0 <= epoch <= epochs and 0 <= step <= spe and prog["global_step"] == epoch * spe + step
-                and len(history) == epoch and rows_ok and finite and -1 <= best <= epoch
+                and len(history) == epoch and rows_ok and curve_ok and finite and -1 <= best <= epoch
                 and (best == -1) == (epoch == 0) and -1.0 <= prog["best_val_acc"] <= 1.0):
             raise ResumeStateError(f"{where}: progress {json.dumps({k: v for k, v in prog.items() if k != 'history'})[:200]} "
                                    f"is not a point of this phase ({epochs} epochs of {spe} steps)")
@@ -293,9 +306,9 @@ class _PhaseRun:
         D.barrier(self.dist)
 
     # ------------------------------------------------------------------------------------ the epoch loop
-    def train_epoch(self, epoch: int) -> None:
+    def train_epoch(self, epoch: int, live: Any = None) -> None:
         """Steps ``progress.step_in_epoch..steps_per_epoch-1`` of ``epoch``, checkpointing every
-        ``train.checkpoint_every`` steps."""
+        ``train.checkpoint_every`` steps and adding a curve point every ``curve_every`` steps."""
         prog = self.progress
         streams = epoch_indices(self.samplers, prog.sampler_states, epoch, self.steps_per_epoch * self.rank_batch)
         ib_w = ib_stream_weight(epoch, self.epochs, self.params.loss.ib_weight) if self.plan.dual_sampling else 1.0
@@ -312,9 +325,15 @@ class _PhaseRun:
         for batches in loader:
             loss = train_step(self.ctx, batches, ib_w, prog.global_step)
             prog.loss_sum += loss
+            prog.window_loss += loss
+            prog.window_steps += 1
             prog.step_in_epoch += 1
             prog.global_step += 1
             bar.update(1)
+            if self.curve_every and prog.global_step % self.curve_every == 0 \
+                    and prog.step_in_epoch < self.steps_per_epoch:  # an epoch's end has its own point
+                self.curve_point(self.val_accuracy(), live)
+                self.model.train()
             if prog.global_step % self.params.train.checkpoint_every == 0:
                 self.save_checkpoint()
             if self.on_step is not None:
@@ -341,9 +360,22 @@ class _PhaseRun:
         counts = D.all_reduce_sum(self.dist, counts, self.device)
         return float(counts[0] / counts[1].clamp_min(1))
 
+    def curve_point(self, acc: float, live: Any) -> None:
+        """One point of the training curve at the current step: the mean loss since the previous point, the
+        val accuracy, the lr and the (fractional) epoch; logged to dvclive (rank 0) and kept for a resume."""
+        prog = self.progress
+        row = {"step": prog.global_step, "epoch": round(prog.global_step / self.steps_per_epoch, 4),
+               "loss": prog.window_loss / max(1, prog.window_steps),
+               "lr": float(self.ctx.scheduler.get_last_lr()[0]), "val_acc": acc}
+        prog.curve.append(row)
+        prog.window_loss, prog.window_steps = 0.0, 0
+        if live is not None:
+            _log_live(live, row)
+
     def end_epoch(self, epoch: int, live: Any) -> None:
         """Validate, keep the best tensors, log one line, checkpoint the epoch boundary."""
         acc = self.val_accuracy()
+        self.curve_point(acc, live)
         prog = self.progress
         row = {"epoch": epoch + 1, "step": prog.global_step, "loss": prog.loss_sum / max(1, self.steps_per_epoch),
                "lr": float(self.ctx.scheduler.get_last_lr()[0]), "val_acc": acc}
@@ -352,7 +384,6 @@ class _PhaseRun:
             prog.best_val_acc, prog.best_epoch = acc, epoch + 1
             self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.trainable_state_dict().items()}
         if self.dist.is_main:
-            _log_live(live, row)
             print(f"[train] phase {self.phase} epoch {epoch + 1}/{self.epochs}: loss {row['loss']:.4f}  "
                   f"lr {row['lr']:.2e}  val acc {acc:.4f}  (best {prog.best_val_acc:.4f} @ epoch {prog.best_epoch})",
                   flush=True)
@@ -366,7 +397,7 @@ class _PhaseRun:
         resumed = self.try_resume()
         if self.dist.is_main:
             self._print_start(resumed)
-        live = _open_live(self.scratch / "live", self.progress.history) if self.dist.is_main else None
+        live = _open_live(self.scratch / "live", self.progress.curve) if self.dist.is_main else None
         try:
             for epoch in range(self.progress.epoch, self.epochs):
                 if stopped_early(self.progress.epoch, self.progress.best_epoch, self.cfg.patience):
@@ -375,7 +406,7 @@ class _PhaseRun:
                               f"{self.epochs}, no better val accuracy in {self.cfg.patience} epochs "
                               f"(train.phase{self.phase}.patience)", flush=True)
                     break
-                self.train_epoch(epoch)
+                self.train_epoch(epoch, live)
                 self.end_epoch(epoch, live)
         finally:
             if live is not None:
@@ -480,8 +511,18 @@ def _sha256_json(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _open_live(live_dir: Path, history: list[dict[str, float]]) -> Any:
-    """A fresh dvclive folder with the epochs already done replayed (so a resume leaves no duplicates).
+def curve_spacing(total_steps: int, points: int) -> int:
+    """Optimizer steps between two training-curve points: ``points`` evenly spaced over the phase (0: none
+    besides the epoch ends).
+
+    >>> curve_spacing(170, 20), curve_spacing(600, 20), curve_spacing(10, 20), curve_spacing(170, 0)
+    (9, 30, 1, 0)
+    """
+    return 0 if points <= 0 else max(1, -(-total_steps // points))
+
+
+def _open_live(live_dir: Path, curve: list[dict[str, float]]) -> Any:
+    """A fresh dvclive folder with the curve points already logged replayed (so a resume leaves no duplicates).
 
     dvclive is used as a file logger only: ``dvc.yaml`` declares the plots itself, so the logger must
     neither edit ``dvc.yaml`` nor save experiments, and its DVC/Git probing is skipped (it raises in a
@@ -496,7 +537,7 @@ def _open_live(live_dir: Path, history: list[dict[str, float]]) -> Any:
 
     shutil.rmtree(live_dir, ignore_errors=True)
     live = _FileOnlyLive(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None)
-    for row in history:
+    for row in curve:
         _log_live(live, row)
     return live
 
