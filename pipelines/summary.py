@@ -113,9 +113,13 @@ def summary_text(repo: str | Path = ".", since: float | None = None, status: int
     lines = [f"== {head} ==", _metrics_line(_read(repo / metrics_path), metrics_path)]
     lines += _gate_lines(_read(repo / gate_path), gate_path, metrics_path)
     model, pack = Path(params.export.out_dir) / MODEL_FILE, Path(params.pack.out_dir) / f"{params.pack.name}{PACK_SUFFIX}"
-    lines += [_artifact_line("exported model", repo / model).replace(str(repo / model), str(model)),
-              _artifact_line("task pack", repo / pack).replace(str(repo / pack), str(pack))]
     rows = stage_rows(repo, since)
+    ran = {name for name, state, _ in rows if state == "ran"}
+    for label, stage, path in (("exported model", "export", model), ("task pack", "pack", pack)):
+        line = _artifact_line(label, repo / path).replace(str(repo / path), str(path))
+        if since is not None and stage not in ran and (repo / path).is_file():
+            line += f"; from an earlier run ({stage} did not run this time)"
+        lines.append(line)
     if rows:
         width = max(len(name) for name, _, _ in rows)
         lines.append(f"{'stage'.ljust(width)}  {'run':6}  wall time of its last command")

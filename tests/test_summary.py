@@ -43,7 +43,7 @@ def test_a_passing_run_shows_metrics_gate_artifacts_and_stage_times(tmp_path: Pa
     assert lines[0] == "== what this run achieved (dvc repro exit status 0) =="
     assert lines[1] == "test (reports/metrics.json, %): overall 73.19 | many 69.54 | medium 79.17 | few 70.47 | ECE 1.66"
     assert lines[2] == "gate: passed (reports/gate.json)"
-    assert lines[3] == "exported model: models/export/model.onnx (2.5 MB)"
+    assert lines[3] == "exported model: models/export/model.onnx (2.5 MB); from an earlier run (export did not run this time)"
     assert lines[4] == "task pack: not written (models/pack/synthetic_lt.pack)"
     rows = {line.split()[0]: line.split()[1:] for line in lines[6:]}
     assert rows["ingest"] == ["cached", "4.0", "s", "(earlier)"] and rows["phase1"] == ["ran", "95.2", "s"]
@@ -53,6 +53,7 @@ def test_a_passing_run_shows_metrics_gate_artifacts_and_stage_times(tmp_path: Pa
 def test_a_failed_gate_names_its_thresholds_and_how_to_get_the_passing_reports_back(tmp_path: Path) -> None:
     repo = _project(tmp_path, {"passed": False, "failures": ["few = 0.1000 < min_few = 0.2000"]})
     text = summary_text(repo, status=4)
+    assert "exported model: models/export/model.onnx (2.5 MB)\n" in text  # no --since: no claim on when
     assert "gate: FAILED (reports/gate.json); export and pack refuse this checkpoint" in text
     assert "  - few = 0.1000 < min_few = 0.2000" in text
     assert ("`git checkout -- reports/metrics.json reports/gate.json && python -m pipelines.restore evaluate`"
