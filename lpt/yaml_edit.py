@@ -85,12 +85,6 @@ def _comment_column(line: str, end: int) -> int | None:
     return None if match is None else match.end() - 1
 
 
-def _comment_after_key(line: str, key_col: int, key: str) -> int | None:
-    """Column of the inline comment on a key's line (``None``: none)."""
-    match = _COMMENT.search(line, key_col + len(key) + 1)
-    return None if match is None else match.end() - 1
-
-
 def _sibling_column(lines: list[str], node: Any, leaf: str) -> int | None:
     """The most common inline-comment column on the lines of ``leaf``'s siblings (``None``: none have one)."""
     columns = []
@@ -98,7 +92,7 @@ def _sibling_column(lines: list[str], node: Any, leaf: str) -> int | None:
         if key == leaf or not isinstance(key, str):
             continue
         row, col = node.lc.key(key)
-        column = _comment_after_key(lines[row], col, key) if row < len(lines) else None
+        column = _comment_column(lines[row], col + len(key) + 1) if row < len(lines) else None
         if column is not None:
             columns.append(column)
     return Counter(columns).most_common(1)[0][0] if columns else None
@@ -256,10 +250,11 @@ def edit_yaml_text(text: str, overrides: dict[str, Any]) -> str:
     """
     from ruamel.yaml import YAML
 
-    style = _Style.of(text, YAML().load(text))
+    doc = YAML().load(text)
+    style = _Style.of(text, doc)
     rest: dict[str, Any] = {}
     for dotted, value in overrides.items():  # one at a time: an edit may add or remove lines
-        node = YAML().load(text)
+        node = doc
         *parents, leaf = dotted.split(".")
         for part in parents:
             node = node.get(part) if hasattr(node, "get") else None
@@ -272,4 +267,5 @@ def edit_yaml_text(text: str, overrides: dict[str, Any]) -> str:
             rest[dotted] = value
             continue
         text = "\n".join(lines) + ("\n" if text.endswith("\n") else "")
+        doc = YAML().load(text)  # line positions after the edit
     return _round_trip(text, rest, style) if rest else text

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from lpt.config import ParamsError, load_params
+from lpt.utils import JsonFileError, read_json
 
 __all__ = ["metric_differences", "main"]
 
@@ -60,7 +61,10 @@ def _committed(repo: Path, ref: str, path: Path) -> dict[str, Any]:
     result = subprocess.run(["git", "show", f"{ref}:{path.as_posix()}"], cwd=repo, capture_output=True, text=True)
     if result.returncode != 0:
         raise FileNotFoundError(f"{ref}:{path}: not in git ({result.stderr.strip() or 'git show failed'})")
-    return json.loads(result.stdout)
+    value = json.loads(result.stdout)
+    if not isinstance(value, dict):
+        raise ValueError(f"{ref}:{path}: expected a JSON object of metrics, got {type(value).__name__}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -79,10 +83,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        current = json.loads((repo / path).read_text())
-    except (OSError, ValueError) as err:
-        print(f"error: {path}: cannot read this run's metrics ({err.__class__.__name__}: {err}); run the "
-              "pipeline first (`make repro`)", file=sys.stderr)
+        current = read_json(repo / path, "metrics file")
+    except JsonFileError as err:
+        print(f"error: {path}: cannot read this run's metrics ({err}); run the pipeline first (`make repro`)",
+              file=sys.stderr)
         return 2
     problems = metric_differences(committed, current, args.tolerance)
     for line in problems:

@@ -16,13 +16,13 @@ Exit status: 0 (the summary is a report, not a verdict; ``make repro`` exits wit
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from lpt.config import ParamsError, load_params
+from lpt.utils import JsonFileError, read_json
 
 __all__ = ["RUNS_DIR", "stage_rows", "summary_text", "main"]
 
@@ -31,11 +31,11 @@ RUNS_DIR = Path(".lpt/runs")
 
 
 def _read(path: Path) -> dict[str, Any] | None:
+    """The JSON object at ``path``; ``None`` when it is missing or damaged (the summary says "not written")."""
     try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
+        return read_json(path)
+    except JsonFileError:
         return None
-    return value if isinstance(value, dict) else None
 
 
 def _size(path: Path) -> str:
@@ -54,10 +54,10 @@ def stage_rows(repo: Path, since: float | None) -> list[tuple[str, str, str]]:
     rows = []
     for name in stages:
         record = _read(repo / RUNS_DIR / f"{name}.json")
-        if record is None or not isinstance(record.get("seconds"), (int, float)):
-            rows.append((name, "-", "-"))
+        if record is None or not all(isinstance(record.get(k), (int, float)) for k in ("seconds", "finished")):
+            rows.append((name, "-", "-"))  # none, or not one this command wrote
             continue
-        ran = since is None or float(record.get("finished", 0)) >= since
+        ran = since is None or record["finished"] >= since
         rows.append((name, "ran" if ran else "cached", f"{record['seconds']:.1f} s" + ("" if ran else " (earlier)")))
     return rows
 

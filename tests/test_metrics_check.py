@@ -40,6 +40,9 @@ def test_the_command_passes_within_the_tolerance_and_names_what_is_not(tmp_path:
     assert "num_samples: 9999 vs committed 10000 (counts must be equal)" in err and "few" not in err
     assert main(["--repo", str(tmp_path), "--tolerance", "0.02"]) == 1  # the count still differs
     assert "overall" not in capsys.readouterr().err
+    metrics.write_text("[1, 2]")  # JSON, but not an object of metrics: one line, no traceback
+    assert main(["--repo", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: reports/metrics.json: cannot read this run's metrics")
     metrics.unlink()
     assert main(["--repo", str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith("error: reports/metrics.json: cannot read this run's metrics")

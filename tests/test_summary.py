@@ -39,6 +39,7 @@ def test_a_passing_run_shows_metrics_gate_artifacts_and_stage_times(tmp_path: Pa
     now = time.time()
     (runs / "ingest.json").write_text(json.dumps({"stage": "ingest", "seconds": 4.04, "finished": now - 100}))
     (runs / "phase1.json").write_text(json.dumps({"stage": "phase1", "seconds": 95.25, "finished": now}))
+    (runs / "evaluate.json").write_text(json.dumps({"stage": "evaluate", "seconds": 3.0, "finished": "soon"}))
     lines = summary_text(repo, since=now - 10, status=0).splitlines()
     assert lines[0] == "== what this run achieved (dvc repro exit status 0) =="
     assert lines[1] == "test (reports/metrics.json, %): overall 73.19 | many 69.54 | medium 79.17 | few 70.47 | ECE 1.66"
