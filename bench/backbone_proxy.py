@@ -8,7 +8,10 @@ its test split, scored two ways:
 
 * nearest class mean: cosine to the L2-normalised per-class mean of the L2-normalised train features;
 * balanced linear probe: multinomial logistic regression on standardised features, classes weighted by
-  ``N / (C * n_c)``, L2 1e-3, L-BFGS (300 iterations).
+  ``N / (C * n_c)``, L2 1e-3, L-BFGS (300 iterations);
+
+and described by the validation features' mean pairwise cosine (near 1: every feature points the same
+way, which caps a cosine head such as LPT's; docs/training.md).
 
 Candidates: ``--pixels`` (the 32 x 32 x 3 normalised pixels), ``--backbone params`` (``params.yaml``'s
 backbone with its weights, e.g. the committed embedded one: the CLS feature LPT's head sees),
@@ -51,6 +54,13 @@ def nearest_class_mean(ftr: torch.Tensor, ytr: torch.Tensor, fva: torch.Tensor, 
     ftr, fva = F.normalize(ftr, dim=1), F.normalize(fva, dim=1)
     means = torch.stack([ftr[ytr == c].mean(0) for c in range(int(ytr.max()) + 1)])
     return float(((fva @ F.normalize(means, dim=1).T).argmax(1) == yva).float().mean())
+
+
+def mean_pairwise_cosine(f: torch.Tensor) -> float:
+    """Mean cosine between distinct rows: near 1 = every feature points the same way (a cosine head's cap)."""
+    f = F.normalize(f, dim=1)
+    n = len(f)
+    return float(((f @ f.T).sum() - n) / max(1, n * (n - 1)))
 
 
 def balanced_linear_probe(ftr: torch.Tensor, ytr: torch.Tensor, fva: torch.Tensor, yva: torch.Tensor,
@@ -116,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     if not candidates:
         ap.error("nothing to score: give --pixels, --backbone or --lite0")
     rows = []
-    print(f"{'candidate':<70} {'dim':>5} {'NCM':>6} {'probe':>6}")
+    print(f"{'candidate':<70} {'dim':>5} {'NCM':>6} {'probe':>6} {'cos':>6}")
     for label, size, fn in candidates:
         t0 = time.perf_counter()
         xtr, ytr = _split(args.shards, "train", 32)
@@ -125,10 +135,11 @@ def main(argv: list[str] | None = None) -> int:
             xtr, xva = (F.interpolate(x, size=size, mode="bilinear", align_corners=False) for x in (xtr, xva))
         ftr, fva = _features(fn, xtr), _features(fn, xva)
         row = {"candidate": label, "dim": int(ftr.shape[1]), "ncm": nearest_class_mean(ftr, ytr, fva, yva),
-               "probe": balanced_linear_probe(ftr, ytr, fva, yva), "val_images": int(len(yva)),
+               "probe": balanced_linear_probe(ftr, ytr, fva, yva), "mean_cos": mean_pairwise_cosine(fva),
+               "val_images": int(len(yva)),
                "seconds": round(time.perf_counter() - t0, 1)}
         rows.append(row)
-        print(f"{label:<70} {row['dim']:>5} {100 * row['ncm']:>6.1f} {100 * row['probe']:>6.1f}", flush=True)
+        print(f"{label:<70} {row['dim']:>5} {100 * row['ncm']:>6.1f} {100 * row['probe']:>6.1f} {row['mean_cos']:>6.3f}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
     return 0

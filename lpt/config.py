@@ -307,6 +307,12 @@ class PretrainConfig(_Strict):
     teacher_stages: int = Field(4, ge=1, le=7, description="distil the output of the teacher's first N block stages, "
                                 "average-pooled whole and 2 x 2 (5 C values); 7 = its pooled 1280-d pre-logits")
     kd_weight: float = Field(10.0, ge=0.0, le=1000.0, description="weight of the distillation loss (1 - cosine)")
+    teacher_standardise: bool = Field(
+        False, description="z-score each teacher feature over the training images before the cosine, so the "
+        "hint's shared mean direction does not dominate it")
+    kd_bias: bool = Field(
+        True, description="the student -> teacher projection has a bias; false (with teacher_standardise) makes "
+        "the backbone's own feature carry no shared offset, which a cosine head cannot use")
     epochs: int = Field(8, ge=1, le=MAX_EPOCHS)
     batch_size: int = Field(128, ge=1, le=MAX_BATCH)
     lr: float = Field(1e-3, gt=0.0, le=10.0)

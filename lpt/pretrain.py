@@ -48,7 +48,7 @@ from lpt.optim import autocast, build_scheduler
 from lpt.utils import (atomic_path, refuse_protected, resolve_device, seed_everything, sha256_file,
                        write_json_atomic)
 
-__all__ = ["pretrain_backbone", "pretraining_data", "teacher_features", "load_teacher", "teacher_weights_path",
+__all__ = ["pretrain_backbone", "pretraining_data", "teacher_features", "standardise_features", "load_teacher", "teacher_weights_path",
            "random_resized_crop", "PretrainData", "REPORT_FILE", "REGENERATE_COMMAND"]
 
 REPORT_FILE = "pretrain.json"
@@ -273,6 +273,24 @@ def teacher_features(params: Params, data: PretrainData, device: str) -> torch.T
     return features
 
 
+def standardise_features(target: torch.Tensor, train_idx: torch.Tensor) -> torch.Tensor:
+    """Z-score each feature dimension with the mean / std of the training images (both views).
+
+    Args:
+        target: (2, N, D) teacher features (images, mirror images).
+        train_idx: indices of the training images (the held-out ones do not set the statistics).
+
+    Returns:
+        (2, N, D) standardised features.
+
+    >>> t = torch.tensor([[[1.0, 10.0], [3.0, 30.0], [5.0, 50.0]]] * 2)
+    >>> [round(v, 3) for v in standardise_features(t, torch.tensor([0, 1]))[0, :, 0].tolist()]  # mean 2, std 2/3^.5
+    [-0.866, 0.866, 2.598]
+    """
+    fit = target[:, train_idx].reshape(-1, target.shape[-1])  # (2 n, D)
+    return (target - fit.mean(0)) / (fit.std(0) + 1e-6)
+
+
 # -------------------------------------------------------------------------------------------- train
 def _pooled(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The backbone's feature LPT's head sees: CLS after the final norm (B, D)."""
@@ -356,6 +374,8 @@ def pretrain_backbone(params: Params) -> dict[str, Any]:
     y_all = torch.from_numpy(data.labels)
     use_teacher = pcfg.teacher != "none" and pcfg.kd_weight > 0
     target = teacher_features(params, data, device) if use_teacher else None  # (2, N, D)
+    if target is not None and pcfg.teacher_standardise:
+        target = standardise_features(target, torch.from_numpy(train_idx))
 
     model = create_backbone(bcfg.model_copy(update={"weights": "none"}), num_classes=len(data.class_names),
                             frozen=False)
@@ -365,7 +385,8 @@ def pretrain_backbone(params: Params) -> dict[str, Any]:
                 "tensors": load_lite0_stem(model, teacher_weights_path("efficientnet_lite0"))}
         for p in model.patch_embed.backbone.parameters():
             p.requires_grad_(False)
-    proj = nn.Linear(model.num_features, target.shape[-1]) if target is not None else None  # student -> teacher dim
+    proj = (nn.Linear(model.num_features, target.shape[-1], bias=pcfg.kd_bias)  # student -> teacher dim
+            if target is not None else None)
     model.to(device)
     modules = [model] + ([proj.to(device)] if proj is not None else [])
     named = [(n, p) for m in modules for n, p in m.named_parameters() if p.requires_grad]

@@ -31,34 +31,40 @@ def _lite0_reference() -> Path:
 
 
 # ------------------------------------------------------------------------------------------ hybrid
-def test_hybrid_is_a_promptable_vit_with_the_imagenet_stem_frozen_in_both_modes() -> None:
+@pytest.mark.parametrize("name, size, stages, channels, tensors", [
+    ("vit_hybrid_lite0s8", 32, 3, 40, 75),  # stride 8 at 32 px
+    ("vit_hybrid_lite0s16", 64, 4, 80, 120),  # stride 16 at 64 px: the same 4 x 4 grid, one stage deeper
+])
+def test_hybrid_is_a_promptable_vit_with_the_imagenet_stem_frozen_in_both_modes(
+        name: str, size: int, stages: int, channels: int, tensors: int) -> None:
     import timm
     from timm.models.vision_transformer import VisionTransformer
 
     from lpt.model.hybrid import load_lite0_stem
     from lpt.pretrain import load_teacher
 
-    model = timm.create_model("vit_hybrid_lite0s8", img_size=32, embed_dim=48, depth=2, num_heads=3, num_classes=0)
+    model = timm.create_model(name, embed_dim=48, depth=2, num_heads=3, num_classes=0)
     assert isinstance(model, VisionTransformer) and model.num_prefix_tokens == 1 and model.cls_token is not None
-    assert model.patch_embed.grid_size == (4, 4) and model.patch_embed.num_patches == 16  # stride 8 at 32 px
-    assert load_lite0_stem(model, _lite0_reference()) == 75
+    assert model.patch_embed.img_size == (size, size)  # the registered default input size
+    assert model.patch_embed.grid_size == (4, 4) and model.patch_embed.num_patches == 16
+    assert load_lite0_stem(model, _lite0_reference()) == tensors
     # reference result: the stem computes exactly the ImageNet CNN's first stages (timm tf_efficientnet_lite0)
     teacher = load_teacher("efficientnet_lite0")
-    x = torch.randn(3, 3, 32, 32)
+    x = torch.randn(3, 3, size, size)
     with torch.no_grad():
         ref = teacher.bn1(teacher.conv_stem(x))
-        for block in teacher.blocks[:3]:
+        for block in teacher.blocks[:stages]:
             ref = block(ref)
         model.train()  # frozen batch norms: train mode computes the same function
         got_train = model.patch_embed.backbone(x)
         model.eval()
         got_eval = model.patch_embed.backbone(x)
-    assert ref.shape == (3, 40, 4, 4)
+    assert ref.shape == (3, channels, 4, 4)
     # FrozenBatchNorm2d folds the statistics into one scale and shift: float32 rounding only
     torch.testing.assert_close(got_train, ref, atol=1e-4, rtol=1e-4)
     assert torch.equal(got_train, got_eval)
-    with pytest.raises(RuntimeError, match="no hub weights"):
-        timm.create_model("vit_hybrid_lite0s8", pretrained=True)
+    with pytest.raises(RuntimeError, match=f"{name} has no hub weights"):
+        timm.create_model(name, pretrained=True)
 
 
 def test_reference_weights_map_onto_timm_by_position_with_shapes_checked() -> None:
@@ -109,16 +115,20 @@ def test_random_resized_crop_keeps_size_and_full_crop_is_identity() -> None:
     torch.testing.assert_close(random_resized_crop(x, 1.0, torch.Generator().manual_seed(0)), x, atol=1e-5, rtol=0)
 
 
-def test_hybrid_pretraining_with_the_distillation_teacher(tmp_path: Path) -> None:
+@pytest.mark.parametrize("standardise, bias", [(False, True), (True, False)])  # the default; the centred hint
+def test_hybrid_pretraining_with_the_distillation_teacher(tmp_path: Path, standardise: bool, bias: bool) -> None:
     from safetensors.torch import load_file
 
     from lpt.model.backbone import create_backbone, pretrained_backbone_path
     from lpt.pretrain import load_teacher, pretrain_backbone
 
     params = make_tiny_params(tmp_path, backbone__weights="pretrain", pretrain__teacher="efficientnet_lite0",
-                              pretrain__teacher_size=32, **{k.replace(".", "__"): v for k, v in TINY_HYBRID.items()})
+                              pretrain__teacher_size=32, pretrain__teacher_standardise=standardise,
+                              pretrain__kd_bias=bias, **{k.replace(".", "__"): v for k, v in TINY_HYBRID.items()})
     pretrain_backbone(params)
     report = json.loads((tmp_path / "models/pretrain/pretrain.json").read_text())
+    assert (report["params"]["pretrain"]["teacher_standardise"], report["params"]["pretrain"]["kd_bias"]) == (
+        standardise, bias)
     assert report["teacher"]["name"] == "efficientnet_lite0" and report["teacher"]["input_size"] == 32
     assert -1.0 <= report["holdout"]["teacher_cosine"] <= 1.0 and report["stem"]["tensors"] == 75
     assert sorted(p.name for p in (tmp_path / "data/pretrain").iterdir())[0].startswith("source-")

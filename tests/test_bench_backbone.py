@@ -1,0 +1,41 @@
+"""The backbone-candidate benches: the proxy's scores against hand-computed values, and the candidate's params."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from bench.backbone_candidate import candidate_params
+from bench.backbone_proxy import mean_pairwise_cosine, nearest_class_mean
+from lpt.config import ParamsError, load_params
+from tests.conftest import REPO_ROOT
+
+
+def test_mean_pairwise_cosine_is_one_for_parallel_and_zero_for_orthogonal_features() -> None:
+    assert mean_pairwise_cosine(torch.tensor([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0]])) == pytest.approx(1.0)
+    assert mean_pairwise_cosine(torch.eye(4)) == pytest.approx(0.0)
+    # pairs (a, b), (a, c), (b, c) of a = (1, 0), b = (0, 1), c = (1, 1)/√2: (0 + 0.7071 + 0.7071) / 3
+    assert mean_pairwise_cosine(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])) == pytest.approx(0.4714, abs=1e-4)
+
+
+def test_nearest_class_mean_assigns_by_cosine_to_the_class_means() -> None:
+    ftr = torch.tensor([[1.0, 0.1], [1.0, -0.1], [0.1, 1.0], [-0.1, 1.0]])
+    ytr = torch.tensor([0, 0, 1, 1])
+    fva = torch.tensor([[5.0, 1.0], [1.0, 5.0], [1.0, 0.9]])  # nearest in angle: 0, 1, 0
+    assert nearest_class_mean(ftr, ytr, fva, torch.tensor([0, 1, 0])) == pytest.approx(1.0)
+    assert nearest_class_mean(ftr, ytr, fva, torch.tensor([0, 1, 1])) == pytest.approx(2 / 3)
+
+
+def test_a_candidate_pretrains_into_its_own_folder_and_a_bad_override_is_refused(tmp_path: Path) -> None:
+    path = candidate_params(REPO_ROOT / "params.yaml", ["pretrain.epochs=3", "pretrain.kd_bias=false"],
+                            tmp_path / "c1", tmp_path / "cache")
+    params = load_params(path)
+    assert params.pretrain.epochs == 3 and params.pretrain.kd_bias is False
+    assert params.pretrain.out_dir == tmp_path / "c1" / "pretrain" and params.pretrain.cache_dir == tmp_path / "cache"
+    assert yaml.safe_load(path.read_text())["backbone"]["name"] == load_params(REPO_ROOT / "params.yaml").backbone.name
+    with pytest.raises(ParamsError, match="pretrain.kd_bais"):
+        candidate_params(REPO_ROOT / "params.yaml", ["pretrain.kd_bais=false"], tmp_path / "c2", tmp_path / "cache")
+    assert not (tmp_path / "c2").exists()  # refused before anything was written
