@@ -359,6 +359,7 @@ def pretrain_backbone(params: Params) -> dict[str, Any]:
     refuse_protected(pcfg.out_dir, "pretrain.out_dir")
     if bcfg.weights != "pretrain":
         return _marker(params)
+    from timm.optim import param_groups_weight_decay
     from tqdm import tqdm
 
     from lpt.model.backbone import create_backbone, pretrained_backbone_path, save_backbone
@@ -390,10 +391,10 @@ def pretrain_backbone(params: Params) -> dict[str, Any]:
     model.to(device)
     modules = [model] + ([proj.to(device)] if proj is not None else [])
     named = [(n, p) for m in modules for n, p in m.named_parameters() if p.requires_grad]
-    no_decay = [p for n, p in named if p.ndim <= 1 or n.endswith(("pos_embed", "cls_token"))]
-    decay = [p for n, p in named if not (p.ndim <= 1 or n.endswith(("pos_embed", "cls_token")))]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": pcfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=pcfg.lr)
+    # timm's split: no decay on norms, biases and the model's own no_weight_decay() (positions, CLS)
+    groups = param_groups_weight_decay(nn.ModuleList(modules), pcfg.weight_decay,
+                                       no_weight_decay_list=[f"0.{n}" for n in getattr(model, "no_weight_decay", set)()])
+    optimizer = torch.optim.AdamW(groups, lr=pcfg.lr)
     steps = max(1, len(train_idx) // pcfg.batch_size)  # per epoch, drop_last
     scheduler = build_scheduler(optimizer, steps * pcfg.epochs, warmup_steps=steps, warmup_lr=pcfg.lr * 0.01)
     trainable = sum(p.numel() for _, p in named)
