@@ -226,6 +226,8 @@ def run_cell(params: Params, method: str, seed: int, inputs: dict[str, str] | No
     if cell is not None:
         print(f"[compare] {params.data.source} / {method} / seed {seed}: reused {path}", flush=True)
         return {**cell, "reused": True}
+    # training rewrites this cell's models: an earlier run's record must not outlive them if this run dies
+    path.unlink(missing_ok=True)
     started = time.perf_counter()
     val_acc = None
     for phase in (1, 2):  # phase 2 of the one-phase methods copies the phase-1 model

@@ -236,3 +236,22 @@ def test_gate_reads_the_compare_probe_of_the_same_seed(tmp_path: Path) -> None:
 
     params = make_tiny_params(tmp_path, seed=3)
     assert probe_metrics_path(params) == tmp_path / "reports/compare/synthetic/linear_probe/seed3/eval/metrics.json"
+
+
+def test_a_cell_that_trains_again_drops_its_stale_record_before_training(
+        tiny_shards: Params, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run killed half-way must not leave an earlier run's cell.json beside its own partial models."""
+    from lpt import compare
+
+    params = make_tiny_params(tmp_path, data__out_dir=str(tiny_shards.data.out_dir))
+    path = compare.compare_cell_dir(params, "lpt", 0) / compare.CELL_FILE
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"key": "another run's inputs", "metrics": {"overall": 0.5}}))
+
+    def killed(*args, **kwargs):  # the process dies during training
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("lpt.train.run_phase", killed)
+    with pytest.raises(KeyboardInterrupt):
+        compare.run_cell(params, "lpt", 0)
+    assert not path.exists()
