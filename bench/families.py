@@ -18,7 +18,6 @@ are small; the figure shows the graph computes the same function, not a trained 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -35,6 +34,7 @@ import torch  # noqa: E402
 from bench.train_step import Bench, Preset  # noqa: E402
 from lpt.config import BackboneConfig, ModelConfig  # noqa: E402
 from lpt.model.families import FAMILIES, FamilyInfo, prefix_breakdown  # noqa: E402
+from bench.timing import write_figures
 
 
 def _preset(fam: FamilyInfo, batch: int) -> Preset:
@@ -142,9 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         print()
         print(format_markdown(res))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2))
+    write_figures(args.json, res)
     return 0
 
 

@@ -41,6 +41,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.timing import write_figures
+
 STAGES = ("ingest", "validate", "phase1", "phase2", "evaluate", "export")
 PRESET = Path("configs/inat2018_synthetic.yaml")
 
@@ -212,9 +214,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not args.keep and args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     _print(figures)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    write_figures(args.json, figures)
     return figures
 
 

@@ -29,7 +29,6 @@ on the weights.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -42,7 +41,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
-from bench.timing import round_robin  # noqa: E402
+from bench.timing import round_robin, write_figures  # noqa: E402
 from lpt.config import Params, load_params  # noqa: E402
 from lpt.export import export_onnx, quantize_int8  # noqa: E402
 from lpt.model.lpt import CheckpointError, LPTModel, create_lpt_model, load_trained_model  # noqa: E402
@@ -183,9 +182,7 @@ def main() -> None:
     res = run(load_params(args.params), threads=args.threads, rounds=args.rounds, int8=not args.no_int8,
               optimize=args.optimize)
     print(format_table(res))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2, default=str) + "\n")
+    write_figures(args.json, res)
 
 
 if __name__ == "__main__":

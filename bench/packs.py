@@ -45,7 +45,7 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench.timing import round_robin  # noqa: E402  (torch-free: the memory children import this module)
+from bench.timing import round_robin, write_figures  # noqa: E402  (torch-free: the memory children import this module)
 
 GOAL_MEMORY_16 = 1.2
 GOAL_LATENCY = 1.1
@@ -349,9 +349,7 @@ def main(argv: list[str] | None = None) -> None:
     res = run(load_params(args.params), counts, threads=args.threads, rounds=args.rounds,
               latency_tasks=args.latency_tasks, mem_batch=args.mem_batch)
     print(format_table(res))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2, default=str) + "\n")
+    write_figures(args.json, res)
 
 
 if __name__ == "__main__":

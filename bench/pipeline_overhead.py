@@ -24,7 +24,6 @@ contender goes first; the figure is the median of each. Goal: ``flow`` at most 1
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import shutil
@@ -44,6 +43,7 @@ os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 import yaml  # noqa: E402
 
 from pipelines.dvc_stages import dvc_env  # noqa: E402
+from bench.timing import write_figures
 
 ROOT = Path(__file__).resolve().parents[1]
 GOAL_OVERHEAD_PCT = 10.0
@@ -181,9 +181,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{res['cpu_overhead_pct']:+.1f} % (less sensitive to a busy machine than wall time)")
     print("  flow, per stage (one dvc call each): "
           + ", ".join(f"{k} {v:.1f} s" for k, v in res["flow_stage_dvc_call_s"].items()))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2) + "\n")
+    write_figures(args.json, res)
     return 0
 
 

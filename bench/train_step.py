@@ -23,7 +23,6 @@ Self-contained: imports only torch, lpt.config, lpt.model and lpt.losses.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import threading
@@ -43,6 +42,7 @@ from lpt.config import BackboneConfig, LossConfig, ModelConfig  # noqa: E402
 from lpt.losses import agcl_loss  # noqa: E402
 from lpt.model.backbone import create_backbone  # noqa: E402
 from lpt.model.lpt import LPTModel  # noqa: E402
+from bench.timing import write_figures
 
 
 @dataclass(frozen=True)
@@ -348,9 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds or (10 if cuda else 5)
     res = run(args.preset, args.device, args.batch, rounds, args.warmup, args.amp, args.threads)
     print(format_table(res))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2, default=str) + "\n")
+    write_figures(args.json, res)
     return 0
 
 

@@ -39,3 +39,15 @@ def test_a_candidate_pretrains_into_its_own_folder_and_a_bad_override_is_refused
     with pytest.raises(ParamsError, match="pretrain.kd_bais"):
         candidate_params(REPO_ROOT / "params.yaml", ["pretrain.kd_bais=false"], tmp_path / "c2", tmp_path / "cache")
     assert not (tmp_path / "c2").exists()  # refused before anything was written
+
+
+def test_bench_figures_are_written_as_json_into_a_new_folder_and_none_writes_nothing(tmp_path: Path) -> None:
+    import json
+
+    from bench.timing import write_figures
+
+    write_figures(None, {"a": 1})
+    assert list(tmp_path.iterdir()) == []
+    out = tmp_path / "new" / "figures.json"
+    write_figures(out, {"ms": 1.5, "path": Path("models/x")})
+    assert json.loads(out.read_text()) == {"ms": 1.5, "path": "models/x"} and out.read_text().endswith("}\n")
