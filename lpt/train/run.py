@@ -254,13 +254,9 @@ class _PhaseRun:
         epoch, step = prog["epoch"], prog["step_in_epoch"]
         history, best = prog["history"], prog["best_epoch"]
         finite = all(math.isfinite(prog[k]) for k in ("loss_sum", "best_val_acc"))
-        rows_ok = all(isinstance(row, dict) and set(row) == {"epoch", "step", "loss", "lr", "val_acc"}
-                      and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                              for v in row.values()) for row in history)
+        rows_ok = _rows_ok(history)
         curve = prog["curve"]
-        curve_ok = all(isinstance(row, dict) and set(row) == {"step", "epoch", "loss", "lr", "val_acc"}
-                       and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                               for v in row.values()) for row in curve)
+        curve_ok = _rows_ok(curve)
         steps = [row["step"] for row in curve] if curve_ok else []
         curve_ok = curve_ok and steps == sorted(set(steps)) and all(0 < s <= prog["global_step"] for s in steps) \
             and 0 <= prog["window_steps"] <= prog["global_step"] and math.isfinite(prog["window_loss"])
@@ -509,6 +505,13 @@ def _sha256_json(value: Any) -> str:
     import hashlib
 
     return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _rows_ok(rows: list[Any]) -> bool:
+    """Every row an epoch-end or curve point: exactly epoch, step, loss, lr and val_acc, each a finite number."""
+    return all(isinstance(row, dict) and set(row) == {"epoch", "step", "loss", "lr", "val_acc"}
+               and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                       for v in row.values()) for row in rows)
 
 
 def curve_spacing(total_steps: int, points: int) -> int:
