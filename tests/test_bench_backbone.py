@@ -51,3 +51,18 @@ def test_bench_figures_are_written_as_json_into_a_new_folder_and_none_writes_not
     out = tmp_path / "new" / "figures.json"
     write_figures(out, {"ms": 1.5, "path": Path("models/x")})
     assert json.loads(out.read_text()) == {"ms": 1.5, "path": "models/x"} and out.read_text().endswith("}\n")
+
+
+def test_bad_bench_input_is_one_error_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import argparse
+
+    from bench.backbone_candidate import main as candidate
+    from bench.backbone_proxy import lite_spec
+
+    assert lite_spec("2:4@64") == (2, 4, 64)
+    for bad in ("2:4", "5:4@64", "0:8@64", "0:4@8", "x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected N:STAGES@SIZE"):
+            lite_spec(bad)
+    out = tmp_path / "out"
+    assert candidate(["--name", "c", "--shards", str(tmp_path / "none"), "--out", str(out)]) == 2
+    assert "shards manifest not found" in capsys.readouterr().err and not out.exists()
