@@ -37,11 +37,7 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import json
-import time
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,13 +45,14 @@ from typing import Any
 import torch
 
 from lpt.config import Params
-from lpt.export import (ExportError, ParityFailed, _check, _class_names, _compare_on_test, _export_rewrites,
-                        build_metadata, load_gated_model, optimize_graph, write_metadata)
+from lpt.export import build_metadata
 from lpt.model.backbone import ResolvedTransforms
 from lpt.model.lpt import LPTModel
 from lpt.runtime import (BACKBONE_KIND, INPUT_NAME, LOGITS_NAME, LPT_FORMAT, PACK_FORMAT, PACK_METADATA_KEY,
                          PACK_SUFFIX, SELECTED_NAME, TASK_INPUTS, PredictError, Predictor)
-from lpt.utils import atomic_dir, atomic_path, check_output_dir, read_json, sha256_file, write_json_atomic
+from lpt.ship import (ExportError, check_graph, compare_on_test, parity_failures, raise_parity_failures, shipping,
+                      trace_graph, write_metadata)
+from lpt.utils import atomic_path, read_json, sha256_file, write_json_atomic
 
 __all__ = [
     "PackError",
@@ -66,7 +63,6 @@ __all__ = [
     "PREPROCESSING_KEYS",
     "pack_tensors",
     "pack_geometry",
-    "BackboneGraph",
     "export_backbone_graph",
     "backbone_graph_metadata",
     "build_pack_metadata",
@@ -181,53 +177,6 @@ def pack_geometry(model: LPTModel, input_size: int | None = None) -> dict[str, A
     }
 
 
-@contextlib.contextmanager
-def _task_tensors(model: LPTModel, tensors: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Let ``model`` compute with ``tensors`` (pack names) in place of its own task parameters, then restore.
-
-    The tracer then records every use of a task tensor as a use of the graph input it was given, so the
-    exported graph takes the task as inputs. (``torch.func.functional_call`` does the same swap but
-    refuses to run under the tracer.)
-    """
-    by_pack_name = {v: k for k, v in PACK_TENSORS.items()}
-    saved = []
-    try:
-        for name, value in tensors.items():
-            owner_name, _, attr = by_pack_name[name].rpartition(".")
-            owner = model.get_submodule(owner_name)
-            saved.append((owner, attr, owner._parameters[attr]))
-            owner._parameters[attr] = value  # a plain tensor where the Parameter was
-        yield
-    finally:
-        for owner, attr, param in reversed(saved):
-            owner._parameters[attr] = param
-
-
-class BackboneGraph(torch.nn.Module):
-    """Eval-mode LPT inference whose task tensors are forward arguments (what the backbone graph exports).
-
-    ``forward(image, *task)`` with the task tensors in :func:`pack_geometry` ``task_inputs`` order returns
-    the model's own :class:`~lpt.export.LPTInference` outputs: ``(logits, selected)`` or ``(logits,)``.
-
-    Args:
-        model: an :class:`~lpt.model.lpt.LPTModel` of the method family and geometry to export; its own
-            task tensors are only used as example shapes.
-    """
-
-    def __init__(self, model: LPTModel) -> None:
-        super().__init__()
-        self.model = model
-        self.task_inputs = list(pack_tensors(model))
-        self.has_selected = model.group_pool is not None and model.phase == 2
-        self.eval()
-
-    def forward(self, image: torch.Tensor, *task: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """[B, 3, S, S] normalised + the task tensors -> logits [B, C] (and selected [B, k] for LPT)."""
-        with _task_tensors(self.model, dict(zip(self.task_inputs, task, strict=True))):
-            out = self.model(image)
-        return (out.logits, out.selected) if self.has_selected else (out.logits,)
-
-
 def _canonical_task(model: LPTModel) -> list[torch.Tensor]:
     """Example task tensors of fixed small sizes (T = 2, P = k + 1, C = 3): the traced graph then depends on
     the backbone and the geometry only, so every task of one backbone exports byte-identical graphs."""
@@ -244,35 +193,25 @@ def export_backbone_graph(model: LPTModel, path: str | Path, *, opset: int = 18,
 
     Inputs ``image`` float32 ``[batch, 3, S, S]`` and the task tensors (:func:`pack_geometry`
     ``task_inputs``; dynamic T, P, C); outputs as :func:`lpt.export.export_onnx`. Same export-time
-    rewrites and folding as the single-task export (``optimize``); TorchScript exporter; one file.
+    rewrites and folding as the single-task export (``optimize``); TorchScript exporter; one file
+    (:func:`lpt.ship.trace_graph` with the task tensors as graph inputs).
 
     Args:
         model: a model of the geometry to export (its task values are not used: any pack of the same
             backbone and geometry runs on the graph).
         path: destination ``.onnx``.
         opset: ONNX opset (>= 17).
-        optimize: :func:`lpt.export._export_rewrites` + :func:`lpt.export.optimize_graph` (``export.optimize``).
+        optimize: :func:`lpt.ship.export_rewrites` + :func:`lpt.ship.optimize_graph` (``export.optimize``).
         input_size: image side; default the backbone's ``patch_embed.img_size``.
 
     Returns:
         ``path``.
     """
-    path = Path(path)
-    wrapper = BackboneGraph(model.eval())
-    if input_size is None:
-        input_size = int(model.backbone.patch_embed.img_size[0])
-    example = (torch.randn(2, 3, input_size, input_size), *_canonical_task(model))
-    outputs = [LOGITS_NAME] + ([SELECTED_NAME] if wrapper.has_selected else [])
-    names = [INPUT_NAME, *wrapper.task_inputs, *outputs]
-    with warnings.catch_warnings(), torch.no_grad(), _export_rewrites(model, optimize):
-        warnings.simplefilter("ignore")  # tracer chatter about python ints
-        torch.onnx.export(wrapper, example, str(path), dynamo=False, input_names=[INPUT_NAME, *wrapper.task_inputs],
-                          output_names=outputs, opset_version=opset, do_constant_folding=True,
-                          dynamic_axes={n: _DYNAMIC_AXES[n] for n in names})
-    model.eval()
-    if optimize:
-        optimize_graph(path)
-    return path
+    by_pack_name = {v: k for k, v in PACK_TENSORS.items()}
+    task = {name: (by_pack_name[name], value)
+            for name, value in zip(pack_tensors(model), _canonical_task(model), strict=True)}
+    return trace_graph(model, path, task=task, dynamic_axes=_DYNAMIC_AXES, opset=opset, input_size=input_size,
+                       optimize=optimize)
 
 
 def backbone_graph_metadata(model: LPTModel, checkpoint_meta: dict[str, Any], geometry: dict[str, Any], *,
@@ -376,26 +315,48 @@ def _scalar_metrics(params: Params) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, bool)) or v is None}
 
 
-_OUTPUT = {"what": "pack.out_dir", "own": (BACKBONE_GRAPH_FILE, REPORT_FILE, f"*{PACK_SUFFIX}")}
+_OWN = (BACKBONE_GRAPH_FILE, REPORT_FILE, f"*{PACK_SUFFIX}")
 """What ``pack.out_dir`` holds: a folder with anything else is never replaced (:func:`lpt.utils.check_output_dir`)."""
 
 
-class _PackConsumer:
-    """The torch-free consumer (backbone graph + one pack as read from disk) with an ORT session's ``run``."""
+def _consumer_runner(graph: Path, pack: Path) -> Any:
+    """The torch-free consumer under test: the backbone graph + the pack as read back from disk."""
+    try:  # the consumer reads what was written: the check covers the files, not just the tensors in memory
+        consumer = Predictor(graph, packs=[pack], providers=["CPUExecutionProvider"],
+                             intra_op_num_threads=torch.get_num_threads())
+    except PredictError as err:
+        raise PackError(f"the written pack does not load in the runtime: {err}") from None
+    return lambda images: consumer.run(images, task=0)
 
-    def __init__(self, predictor: Predictor) -> None:
-        self.predictor = predictor
 
-    def run(self, output_names: Any, feed: dict[str, Any]) -> list[Any]:
-        logits, selected = self.predictor.run(feed[INPUT_NAME], task=0)
-        return [logits] if selected is None else [logits, selected]
+def _report(params: Params, model: LPTModel, ckpt: dict[str, Any], geometry: dict[str, Any],
+            stats: dict[str, Any], files: dict[str, Path]) -> dict[str, Any]:
+    """``pack.json``: the geometry, parity figures, test top-1 counts, each file's size and sha256."""
+    got = stats["pack"]
+    return {
+        "pack_format": PACK_FORMAT,
+        "name": params.pack.name,
+        "method": model.method,
+        "phase": model.phase,
+        "geometry": geometry,
+        "parity": {"max_abs_diff": got["max_abs_diff"], "top1_agreement": got["top1_agreement"],
+                   "prompt_agreement": got["prompt_agreement"],
+                   "thresholds": params.export.parity.model_dump(mode="json")},
+        "test": {"num_images": stats["num_images"], "torch_correct": stats["torch_correct"],
+                 "pack_correct": got["correct"], "torch_accuracy": stats["torch_accuracy"],
+                 "pack_accuracy": got["accuracy"]},
+        "files": {name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for name, p in files.items()},
+        "backbone_fingerprint": model.backbone_fingerprint(),
+        "recipe_sha256": str(ckpt.get("recipe_sha256", "")),
+        "checkpoint_sha256": ckpt["weights_sha256"],
+    }
 
 
 def run_pack(params: Params) -> PackResult:
     """Write the task pack of the final trained model and its backbone graph, gated on parity (``lpt pack``).
 
-    Steps: load the trained model; refuse it without a passed gate verdict of its own
-    (:func:`lpt.export.check_gate_verdict`); export the backbone graph (``export.opset``, ``export.optimize``);
+    Steps (:func:`lpt.ship.shipping` frames them: output-folder check, the model refused without a passed gate
+    verdict of its own, atomic folder): export the backbone graph (``export.opset``, ``export.optimize``);
     write ``<pack.name>.pack``; read both back through :class:`lpt.runtime.Predictor` and compare with the
     torch model over the test split (``export.parity`` thresholds); write ``pack.json``; move the folder
     into place.
@@ -414,75 +375,38 @@ def run_pack(params: Params) -> PackResult:
             pack's (it is replaced whole). In every case nothing is written to ``pack.out_dir``.
     """
     out_dir = Path(params.pack.out_dir)
-    check_output_dir(out_dir, **_OUTPUT)  # before any work: a refusal costs nothing
-    started = time.time()
-    model, ckpt, verdict, transforms = load_gated_model(params, PackError)
-    tensors = pack_tensors(model)  # refuses an unsupported method before any work
-    class_names = _class_names(params, model.num_classes)
-    metrics = _scalar_metrics(params)
-    size = transforms.input_size
-    geometry = pack_geometry(model, size)
-    parity = params.export.parity
     pack_file = f"{params.pack.name}{PACK_SUFFIX}"
-
-    with atomic_dir(out_dir, **_OUTPUT) as tmp:
-        graph = export_backbone_graph(model, tmp / BACKBONE_GRAPH_FILE, opset=params.export.opset,
+    with shipping(params, out_dir, what="pack.out_dir", own=_OWN, label="pack", error=PackError) as ship:
+        model, size = ship.model, ship.transforms.input_size
+        tensors = pack_tensors(model)  # refuses an unsupported method before any work
+        metrics = _scalar_metrics(params)
+        geometry = pack_geometry(model, size)
+        graph = export_backbone_graph(model, ship.folder / BACKBONE_GRAPH_FILE, opset=params.export.opset,
                                       optimize=params.export.optimize, input_size=size)
         doc = (f"LPT backbone graph for task packs ({model.backbone_cfg.name if model.backbone_cfg else 'ViT'}): image "
                f"[B,3,{size},{size}] normalised + task tensors {geometry['task_inputs']} -> logits (cosine)"
                + (" + selected (group prompts)" if SELECTED_NAME in geometry["outputs"] else "")
                + ". See metadata_props.")
-        write_metadata(graph, backbone_graph_metadata(model, ckpt, geometry, opset=params.export.opset,
+        write_metadata(graph, backbone_graph_metadata(model, ship.checkpoint, geometry, opset=params.export.opset,
                                                       optimize=params.export.optimize), doc)
-        _check(graph)
-        pack = write_pack(tmp / pack_file, tensors,
-                          build_pack_metadata(params, model, class_names, ckpt, metrics, verdict, geometry,
-                                              transforms))
-        try:  # the consumer reads what was written: the check covers the files, not just the tensors in memory
-            consumer = Predictor(graph, packs=[pack], providers=["CPUExecutionProvider"],
-                                 intra_op_num_threads=torch.get_num_threads())
-        except PredictError as err:
-            raise PackError(f"the written pack does not load in the runtime: {err}") from None
+        check_graph(graph)
+        pack = write_pack(ship.folder / pack_file, tensors,
+                          build_pack_metadata(params, model, ship.class_names, ship.checkpoint, metrics, ship.verdict,
+                                              geometry, ship.transforms))
         try:
-            stats = _compare_on_test(model, {"pack": _PackConsumer(consumer)}, params, transforms)
+            stats = compare_on_test(model, {"pack": _consumer_runner(graph, pack)}, params, ship.transforms)
         except PredictError as err:
             raise PackError(f"the written pack does not run in the runtime: {err}") from None
-        got = stats["pack"]
-        failures = []
-        if not got["max_abs_diff"] <= parity.max_abs_diff:
-            failures.append(f"pack-vs-torch max abs logit diff {got['max_abs_diff']:.3g} > "
-                            f"export.parity.max_abs_diff {parity.max_abs_diff:g}")
-        if not got["top1_agreement"] >= parity.min_agreement:
-            failures.append(f"pack-vs-torch top-1 agreement {got['top1_agreement']:.4f} < "
-                            f"export.parity.min_agreement {parity.min_agreement:g}")
-        if failures:
-            raise ParityFailed(f"pack parity gate failed on the test split ({stats['num_images']} images); nothing "
-                               "written:\n" + "\n".join(f"  - {f}" for f in failures))
-        report = {
-            "pack_format": PACK_FORMAT,
-            "name": params.pack.name,
-            "method": model.method,
-            "phase": model.phase,
-            "geometry": geometry,
-            "parity": {"max_abs_diff": got["max_abs_diff"], "top1_agreement": got["top1_agreement"],
-                       "prompt_agreement": got["prompt_agreement"], "thresholds": parity.model_dump(mode="json")},
-            "test": {"num_images": stats["num_images"], "torch_correct": stats["torch_correct"],
-                     "pack_correct": got["correct"], "torch_accuracy": stats["torch_accuracy"],
-                     "pack_accuracy": got["accuracy"]},
-            "files": {name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-                      for name, p in ((pack_file, pack), (BACKBONE_GRAPH_FILE, graph))},
-            "backbone_fingerprint": model.backbone_fingerprint(),
-            "recipe_sha256": str(ckpt.get("recipe_sha256", "")),
-            "checkpoint_sha256": ckpt["weights_sha256"],
-        }
-        write_json_atomic(tmp / REPORT_FILE, report)
-        pack_bytes, graph_bytes = pack.stat().st_size, graph.stat().st_size
-    print(f"[pack] done in {time.time() - started:.1f} s", flush=True)
+        raise_parity_failures(parity_failures(stats["pack"], params, "pack-vs-torch"), "pack", stats["num_images"])
+        files = {pack_file: pack, BACKBONE_GRAPH_FILE: graph}
+        write_json_atomic(ship.folder / REPORT_FILE, _report(params, model, ship.checkpoint, geometry, stats, files))
+        sizes = {name: p.stat().st_size for name, p in files.items()}
+    got = stats["pack"]
     return PackResult(pack_path=out_dir / pack_file, backbone_path=out_dir / BACKBONE_GRAPH_FILE,
                       report_path=out_dir / REPORT_FILE, max_abs_diff=got["max_abs_diff"],
                       top1_agreement=got["top1_agreement"], num_images=stats["num_images"],
                       torch_correct=stats["torch_correct"], pack_correct=got["correct"],
-                      pack_bytes=pack_bytes, backbone_bytes=graph_bytes)
+                      pack_bytes=sizes[pack_file], backbone_bytes=sizes[BACKBONE_GRAPH_FILE])
 
 
 def result_summary(result: PackResult) -> str:

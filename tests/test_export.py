@@ -13,7 +13,8 @@ import torch
 
 from lpt.config import Params
 from lpt.data.reader import ShardImages, build_transform, load_manifest
-from lpt.export import ExportError, GateNotPassed, ParityFailed, _ClsOnlyBlock, _export_rewrites, export_onnx, run_export
+from lpt.export import ExportError, GateNotPassed, ParityFailed, export_onnx, run_export
+from lpt.ship import ClsOnlyBlock, export_rewrites
 from lpt.model.lpt import create_lpt_model, load_trained_model, save_trained_model
 from lpt.runtime import Predictor
 from lpt.utils import OutputDirError, seed_everything
@@ -311,10 +312,10 @@ def test_optimized_export_is_faster_graph_with_same_outputs(tmp_path: Path, tiny
     assert {n.domain for n in g_opt.node} <= {"", "ai.onnx"}
     assert len(g_opt.node) < len(g_plain.node)
     assert not {"Sqrt", "Identity"} & {n.op_type for n in g_opt.node}  # SDPA's runtime scale is gone, folded
-    with _export_rewrites(model, True) as applied:  # what export_onnx(optimize=True) ran
+    with export_rewrites(model, True) as applied:  # what export_onnx(optimize=True) ran
         assert applied == {"explicit_attention": True, "cls_only_last_block": True}
         cls_only = model.backbone.blocks[-1]
-        assert isinstance(cls_only, _ClsOnlyBlock)
+        assert isinstance(cls_only, ClsOnlyBlock)
         tokens = torch.randn(3, 17 + params.model.prompt_length, model.backbone.embed_dim)
         with torch.inference_mode():  # the CLS row of the full block, from one row of Q / MLP
             np.testing.assert_allclose(cls_only(tokens).numpy(), cls_only.block(tokens)[:, :1].numpy(), atol=1e-6)

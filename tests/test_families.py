@@ -21,7 +21,8 @@ from conftest import REPO_ROOT
 from lpt.cli import app
 from lpt.config import BackboneConfig, LossConfig, ModelConfig, Params, TransformConfig
 from lpt.data.reader import build_transform
-from lpt.export import _export_rewrites, export_onnx, write_metadata
+from lpt.export import export_onnx, write_metadata
+from lpt.ship import export_rewrites
 from lpt.losses import agcl_loss
 from lpt.model.backbone import (
     BackboneError,
@@ -160,7 +161,7 @@ def test_onnx_export_passes_parity_and_the_torch_free_predictor_reproduces_it(
     assert tf.input_size == fam.tiny_kwargs["img_size"] and tf.mean == tuple(bb.pretrained_cfg["mean"])
     path = export_onnx(model, tmp_path / "model.onnx", input_size=tf.input_size, optimize=True)
     leading_rows = model.family.feature_rows(bb) is not None and type(bb.blocks[-1]).__name__ == "Block"
-    with _export_rewrites(model, True) as applied:  # CLS-only last block only where the feature reads leading rows
+    with export_rewrites(model, True) as applied:  # CLS-only last block only where the feature reads leading rows
         assert applied["cls_only_last_block"] == leading_rows
     assert leading_rows == (fam.name in ("vit", "deit3", "clip", "dinov2_reg", "deit_distilled"))
     write_metadata(path, {"lpt_format": "1", "class_names": json.dumps([f"c{i}" for i in range(C)]),
