@@ -50,8 +50,7 @@ def _parity(bench: Bench, images: int) -> tuple[float, float]:
 
     from lpt.export import export_onnx
 
-    model = bench.model
-    model.set_phase(2)
+    model = bench.models[2]
     model.eval()
     size = bench.preset.img_size
     x = torch.randn(images, 3, size, size, generator=torch.Generator().manual_seed(1))

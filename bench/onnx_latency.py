@@ -63,7 +63,7 @@ def load_model(params: Params) -> tuple[LPTModel, str]:
     cfg.backbone.weights = "none"
     cfg.train.method = "lpt"
     num_classes = cfg.data.synthetic.num_classes if cfg.data.source == "synthetic" else 100
-    model = create_lpt_model(cfg, num_classes).set_phase(2)
+    model = create_lpt_model(cfg, num_classes, phase=2)
     return model.eval(), "random weights (no trained checkpoint)"
 
 

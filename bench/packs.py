@@ -142,7 +142,7 @@ def build(params: Any, folder: Path, n: int, seed: int = 0) -> dict[str, Any]:
     cfg.train.method = "lpt"
     num_classes = cfg.data.synthetic.num_classes if cfg.data.source == "synthetic" else 100
     seed_everything(seed)
-    model = create_lpt_model(cfg, num_classes).set_phase(2).eval()
+    model = create_lpt_model(cfg, num_classes, phase=2).eval()
     size = cfg.transforms.input_size
     geometry = pack_geometry(model, size)
     (folder / "geometry.json").write_text(json.dumps(geometry))

@@ -194,8 +194,10 @@ class Bench:
         self.amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if amp else nullcontext()
         self.loss_cfg = LossConfig()
         backbone = create_backbone(preset.backbone)
-        self.model = LPTModel(backbone, preset.num_classes, preset.model, "lpt", backbone_cfg=preset.backbone)
-        self.model.to(device)
+        # one model per phase on the one frozen backbone (a model's phase is fixed at construction)
+        self.models = {phase: LPTModel(backbone, preset.num_classes, preset.model, "lpt", backbone_cfg=preset.backbone,
+                                       phase=phase).to(device) for phase in (1, 2)}
+        self.model = self.models[1]
         self.x = torch.randn(batch, 3, preset.img_size, preset.img_size, device=device)
         self.y = torch.randint(0, preset.num_classes, (batch,), device=device)
         # a long-tailed count profile 500 -> 5
@@ -204,9 +206,8 @@ class Bench:
         self.opt: torch.optim.Optimizer | None = None
 
     def configure(self, phase: int, reuse: bool, train: bool) -> None:
-        m = self.model
-        m.set_phase(phase)
-        m.cfg = m.cfg.model_copy(update={"block_reuse": reuse})
+        m = self.model = self.models[phase]
+        m.block_reuse = reuse  # read by every phase-2 forward
         m.train(train)
         params = [p for p in m.parameters() if p.requires_grad]
         self.opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=0.01)

@@ -23,13 +23,16 @@ scale, head dropout, weight decay, warm-up), which is what the params keys ``los
 ``model.head_dropout``, ``train.phaseN.weight_decay`` and ``train.phaseN.warmup_epochs`` mean when they are
 null (:func:`own`). Epochs, step floors, batch size and lr stay the harness's, the same for every method.
 
-Nothing else in the project compares method strings: code asks the :class:`MethodSpec` what to do.
+Nothing else in the project compares method strings: code asks the :class:`MethodSpec` what to do. What a
+method trains is a list of tensor names; each tensor's shape and phases are in :mod:`lpt.tensors`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
+
+from lpt.tensors import get_tensor, method_phases
 
 __all__ = ["MethodSpec", "PhasePlan", "Recipe", "LPT_RECIPE", "LIFT_RECIPE", "own", "METHODS", "get_method",
            "phase_plan", "MethodError", "Loss", "Sampling", "HeadInit", "REFERENCE_METHOD", "PROBE_METHOD"]
@@ -79,34 +82,54 @@ class MethodSpec:
 
     Attributes:
         name: ``train.method``.
-        shared_prompt: the model has the VPT-deep shared prompt.
-        group_pool: the model gets the keyed group prompt pool in phase 2 (LPT).
+        tensors: the trained tensors it has (names of :data:`lpt.tensors.TRAINED_TENSORS`); the spec says in
+            which phase each one exists and is trained, so they also decide the method's phases.
         sampling: ``ib``, ``cb`` or ``dual`` (:data:`Sampling`).
         loss: ``agcl``, ``ce`` or ``la`` (:data:`Loss`).
-        adapter: bottleneck adapters in parallel to every block's MLP (LIFT).
         head_init: how the cosine head starts (:data:`HeadInit`).
         label: the name comparison tables print.
         recipe: the method's own hyper-parameters (:class:`Recipe`).
     """
 
     name: str
-    shared_prompt: bool
-    group_pool: bool
+    tensors: tuple[str, ...]
     sampling: Sampling
     loss: Loss
-    adapter: bool = False
     head_init: HeadInit = "random"
     label: str = ""
     recipe: Recipe = LPT_RECIPE
 
     def __post_init__(self) -> None:
+        for name in self.tensors:
+            get_tensor(name)  # a name the spec has
+        assert "head" in self.tensors, "every method has the cosine head"
         assert not (self.group_pool and not self.shared_prompt), "the group pool builds on the shared prompt"
         assert not (self.adapter and self.shared_prompt), "a model has prompts or adapters, not both"
 
     @property
+    def shared_prompt(self) -> bool:
+        """The model has the VPT-deep shared prompt."""
+        return "shared_prompt" in self.tensors
+
+    @property
+    def group_pool(self) -> bool:
+        """The model gets the keyed group prompt pool in phase 2 (LPT)."""
+        return "group_prompts" in self.tensors
+
+    @property
+    def adapter(self) -> bool:
+        """Bottleneck adapters in parallel to every block's MLP (LIFT)."""
+        return "adapters" in self.tensors
+
+    @property
+    def phases(self) -> tuple[int, ...]:
+        """``(1,)``, or ``(1, 2)`` when one of its tensors first exists in phase 2 (:func:`lpt.tensors.method_phases`)."""
+        return method_phases(self.tensors)
+
+    @property
     def trains_phase2(self) -> bool:
-        """Only a method with a group pool trains a second phase; the others copy phase 1 as final."""
-        return self.group_pool
+        """Only a method with a phase-2 tensor (LPT's pool) trains a second phase; the others copy phase 1 as final."""
+        return 2 in self.phases
 
     @property
     def dual_sampling(self) -> bool:
@@ -146,15 +169,15 @@ class PhasePlan:
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
-        MethodSpec("linear_probe", False, False, "ib", "ce", label="linear probe (CE)"),
-        MethodSpec("linear_probe_la", False, False, "ib", "la", label="linear probe (LA)"),
-        MethodSpec("linear_probe_cb", False, False, "cb", "ce", label="linear probe (CB sampling)"),
-        MethodSpec("vpt_deep", True, False, "ib", "ce", label="VPT-deep (CE)"),
-        MethodSpec("vpt_deep_la", True, False, "ib", "la", label="VPT-deep (LA)"),
-        MethodSpec("lift", False, False, "ib", "la", adapter=True, head_init="class_mean", label="LIFT",
+        MethodSpec("linear_probe", ("head",), "ib", "ce", label="linear probe (CE)"),
+        MethodSpec("linear_probe_la", ("head",), "ib", "la", label="linear probe (LA)"),
+        MethodSpec("linear_probe_cb", ("head",), "cb", "ce", label="linear probe (CB sampling)"),
+        MethodSpec("vpt_deep", ("shared_prompt", "head"), "ib", "ce", label="VPT-deep (CE)"),
+        MethodSpec("vpt_deep_la", ("shared_prompt", "head"), "ib", "la", label="VPT-deep (LA)"),
+        MethodSpec("lift", ("adapters", "head"), "ib", "la", head_init="class_mean", label="LIFT",
                    recipe=LIFT_RECIPE),
-        MethodSpec("lpt_phase1", True, False, "dual", "agcl", label="LPT phase 1"),
-        MethodSpec("lpt", True, True, "dual", "agcl", label="LPT"),
+        MethodSpec("lpt_phase1", ("shared_prompt", "head"), "dual", "agcl", label="LPT phase 1"),
+        MethodSpec("lpt", ("shared_prompt", "group_prompts", "keys", "head"), "dual", "agcl", label="LPT"),
     )
 }
 """Every method by name, in the order comparison tables list them (floors first, LPT last)."""

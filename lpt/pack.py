@@ -49,9 +49,10 @@ from lpt.export import build_metadata
 from lpt.model.backbone import ResolvedTransforms
 from lpt.model.lpt import LPTModel
 from lpt.runtime import (BACKBONE_KIND, INPUT_NAME, LOGITS_NAME, LPT_FORMAT, PACK_FORMAT, PACK_METADATA_KEY,
-                         PACK_SUFFIX, SELECTED_NAME, TASK_INPUTS, PredictError, Predictor)
+                         PACK_SUFFIX, SELECTED_NAME, PredictError, Predictor)
 from lpt.ship import (ExportError, check_graph, compare_on_test, parity_failures, raise_parity_failures, shipping,
                       trace_graph, write_metadata)
+from lpt.tensors import dynamic_axes, pack_names, task_inputs
 from lpt.utils import atomic_path, read_json, sha256_file, write_json_atomic
 
 __all__ = [
@@ -71,13 +72,9 @@ __all__ = [
     "result_summary",
 ]
 
-PACK_TENSORS: dict[str, str] = {
-    "shared_prompt.prompt": "shared_prompt",
-    "group_pool.prompts": "group_prompts",
-    "group_pool.keys": "keys",
-    "head.weight": "head",
-}
-"""Trainable tensor of :class:`~lpt.model.lpt.LPTModel` -> its name in a pack and as a backbone-graph input."""
+PACK_TENSORS: dict[str, str] = pack_names()
+"""Trainable tensor of :class:`~lpt.model.lpt.LPTModel` -> its name in a pack and as a backbone-graph input
+(:func:`lpt.tensors.pack_names`: every packable tensor of the spec)."""
 
 BACKBONE_GRAPH_FILE = "backbone.onnx"
 REPORT_FILE = "pack.json"
@@ -85,18 +82,6 @@ REPORT_FILE = "pack.json"
 PREPROCESSING_KEYS: tuple[str, ...] = ("input_size", "resize", "resize_mode", "interpolation", "antialias", "crop",
                                        "color", "pixel_scale", "mean", "std", "layout")
 """The single-task export's preprocessing metadata keys (:func:`lpt.export.build_metadata`) a pack carries."""
-
-# T, P and C may differ from pack to pack: dynamic axes of the backbone graph (L, D, S, k are fixed)
-_DYNAMIC_AXES: dict[str, dict[int, str]] = {
-    INPUT_NAME: {0: "batch"},
-    "shared_prompt": {1: "prompt_length"},
-    "group_prompts": {0: "pool_size", 2: "prompt_length"},
-    "keys": {0: "pool_size"},
-    "head": {0: "num_classes"},
-    LOGITS_NAME: {0: "batch", 1: "num_classes"},
-    SELECTED_NAME: {0: "batch"},
-}
-
 
 class PackError(ExportError):
     """A pack cannot be made (unsupported method, missing inputs, foreign files in ``pack.out_dir``)."""
@@ -143,13 +128,14 @@ def pack_tensors(model: LPTModel) -> dict[str, torch.Tensor]:
     # also a trainable tensor living inside the backbone (an adapter wrapping a block): the graph would bake
     # it in as a constant of the backbone, so no other task could run on that graph
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    unsupported = sorted((set(state) | trainable) - set(PACK_TENSORS))
+    names = pack_names()
+    unsupported = sorted((set(state) | trainable) - set(names))
     if unsupported:
         raise PackError(f"method {model.method!r} is not supported by task packs: its trainable tensors "
-                        f"{unsupported} have no backbone-graph input (supported: {sorted(PACK_TENSORS)})")
-    # graph-input order (TASK_INPUTS), so the pack, the graph and the geometry list them alike
-    order = {name: i for i, name in enumerate(TASK_INPUTS)}
-    return dict(sorted(((PACK_TENSORS[k], v.float().contiguous()) for k, v in state.items()),
+                        f"{unsupported} have no backbone-graph input (supported: {sorted(names)})")
+    # graph-input order (the spec's), so the pack, the graph and the geometry list them alike
+    order = {name: i for i, name in enumerate(task_inputs())}
+    return dict(sorted(((names[k], v.float().contiguous()) for k, v in state.items()),
                        key=lambda kv: order[kv[0]]))
 
 
@@ -184,7 +170,8 @@ def _canonical_task(model: LPTModel) -> list[torch.Tensor]:
     sizes = {"L": model.depth, "D": model.embed_dim, "L-S": model.depth - model.shared_blocks,
              "T": 2, "P": k + 1, "C": 3}
     gen = torch.Generator().manual_seed(0)
-    return [torch.randn(*(sizes[d] for d in TASK_INPUTS[name]), generator=gen) for name in pack_tensors(model)]
+    dims = task_inputs()
+    return [torch.randn(*(sizes[d] for d in dims[name]), generator=gen) for name in pack_tensors(model)]
 
 
 def export_backbone_graph(model: LPTModel, path: str | Path, *, opset: int = 18, optimize: bool = True,
@@ -207,10 +194,13 @@ def export_backbone_graph(model: LPTModel, path: str | Path, *, opset: int = 18,
     Returns:
         ``path``.
     """
-    by_pack_name = {v: k for k, v in PACK_TENSORS.items()}
+    by_pack_name = {v: k for k, v in pack_names().items()}
     task = {name: (by_pack_name[name], value)
             for name, value in zip(pack_tensors(model), _canonical_task(model), strict=True)}
-    return trace_graph(model, path, task=task, dynamic_axes=_DYNAMIC_AXES, opset=opset, input_size=input_size,
+    dims = task_inputs()
+    axes = {INPUT_NAME: {0: "batch"}, **{name: dynamic_axes(dims[name]) for name in task},
+            LOGITS_NAME: {0: "batch", 1: "num_classes"}, SELECTED_NAME: {0: "batch"}}
+    return trace_graph(model, path, task=task, dynamic_axes=axes, opset=opset, input_size=input_size,
                        optimize=optimize)
 
 

@@ -47,6 +47,8 @@ from PIL import Image
 
 from lpt.data.imageio import DECODE_ERRORS, ImageRefused, decode_error, open_image, read_image_file, to_rgb_array
 from lpt.escaping import csv_cell, text_line
+from lpt.tensors import DYNAMIC_DIMS
+from lpt.tensors import task_inputs as spec_task_inputs
 
 __all__ = [
     "ModelFileError",
@@ -103,14 +105,10 @@ hash map whose order changes from process to process: one key keeps the file's b
 BACKBONE_KIND = "backbone"
 """``lpt_kind`` metadata of a backbone graph for task packs (single-task exports have no ``lpt_kind``)."""
 
-TASK_INPUTS: dict[str, tuple[str, ...]] = {
-    "shared_prompt": ("L", "T", "D"),  # the shared (VPT-deep) prompt, every block
-    "group_prompts": ("P", "L-S", "T", "D"),  # the group prompt pool, blocks S..L-1
-    "keys": ("P", "D"),  # one key per group prompt
-    "head": ("C", "D"),  # cosine classifier weights
-}
-"""The task tensors a backbone graph can take as inputs (name -> dims). L, D, S are fixed by the graph
-(``geometry``); T (prompt length), P (pool size) and C (classes) may differ from pack to pack."""
+TASK_INPUTS: dict[str, tuple[str, ...]] = spec_task_inputs()
+"""The task tensors a backbone graph can take as inputs (name -> dims; :func:`lpt.tensors.task_inputs`). L, D, S
+are fixed by the graph (``geometry``); T (prompt length), P (pool size) and C (classes) may differ from pack to
+pack."""
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 """Files picked up when a *folder* is given; files named explicitly are always tried."""
@@ -415,8 +413,9 @@ def read_pack(path: str | os.PathLike[str]) -> TaskPack:
     task_inputs = geometry.get("task_inputs")
     if not isinstance(fingerprint, str) or not fingerprint:
         raise PredictError(f"{path}: task-pack metadata has no backbone fingerprint")
-    if not (isinstance(task_inputs, list) and task_inputs and all(n in TASK_INPUTS for n in task_inputs)):
-        raise PredictError(f"{path}: geometry.task_inputs must list some of {list(TASK_INPUTS)}, got {task_inputs!r}")
+    known = spec_task_inputs()
+    if not (isinstance(task_inputs, list) and task_inputs and all(n in known for n in task_inputs)):
+        raise PredictError(f"{path}: geometry.task_inputs must list some of {list(known)}, got {task_inputs!r}")
     if sorted(tensors) != sorted(task_inputs):
         raise PredictError(f"{path}: holds tensors {sorted(tensors)} but its geometry names {sorted(task_inputs)}")
     class_names = [str(c) for c in meta["class_names"]]
@@ -425,12 +424,12 @@ def read_pack(path: str | os.PathLike[str]) -> TaskPack:
         arr = tensors[name]
         if arr.dtype != np.float32:
             raise PredictError(f"{path}: tensor {name!r} is {arr.dtype}, expected float32")
-        symbols = TASK_INPUTS[name]
+        symbols = known[name]
         if arr.ndim != len(symbols):
             raise PredictError(f"{path}: tensor {name!r} has shape {list(arr.shape)}, expected "
                                f"[{', '.join(symbols)}]")
         for symbol, size in zip(symbols, arr.shape):
-            if dims.get(symbol) is None and symbol in ("T", "P"):
+            if dims.get(symbol) is None and symbol in DYNAMIC_DIMS:  # T and P: read from the tensors
                 dims[symbol] = int(size)
             if dims.get(symbol) != size:
                 raise PredictError(f"{path}: tensor {name!r} has shape {list(arr.shape)}: its {symbol} is {size}, "

@@ -47,7 +47,7 @@ def _save_untrained(params: Params, collapse_head: bool = False) -> Params:
 
     manifest = load_manifest(params.data.out_dir)
     seed_everything(params.seed)  # the same random backbone evaluation rebuilds (backbone.weights: none)
-    model = create_lpt_model(params, manifest["num_classes"]).set_phase(2)
+    model = create_lpt_model(params, manifest["num_classes"], phase=2)
     if collapse_head:  # every class weight identical: (near-)tied cosines, one class predicted for everything
         with torch.no_grad():
             model.head.weight.fill_(1.0)

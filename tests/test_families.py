@@ -60,9 +60,8 @@ def backbones() -> dict[str, nn.Module]:
 
 
 def _model(fam: FamilyInfo, bb: nn.Module, method: str = "lpt", phase: int = 1) -> LPTModel:
-    model = LPTModel(bb, C, GEOMETRY, method, backbone_cfg=_cfg(fam), seed=0)
+    model = LPTModel(bb, C, GEOMETRY, method, backbone_cfg=_cfg(fam), seed=0, phase=phase)
     if phase == 2:
-        model.set_phase(2)
         with torch.no_grad():  # a non-trivial pool, so selection and the prompted pass matter
             model.group_pool.prompts.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
             model.group_pool.keys.normal_(0, 1.0, generator=torch.Generator().manual_seed(2))

@@ -85,7 +85,7 @@ def test_non_finite_trained_tensor_fails_the_gate_by_name(tmp_path: Path, tiny_s
     params = params_on_shared_shards(tmp_path, tiny_shards)
     seed_everything(params.seed)  # the backbone evaluate rebuilds (backbone.weights: none)
     manifest = load_manifest(params.data.out_dir)
-    model = create_lpt_model(params, manifest["num_classes"]).set_phase(2)
+    model = create_lpt_model(params, manifest["num_classes"], phase=2)
     state = model.trainable_state_dict()
     assert tensor in state, sorted(state)
     with torch.no_grad():

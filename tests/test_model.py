@@ -28,9 +28,10 @@ def _images(n: int = 6, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
-def _model(params: Params, method: str = "lpt") -> LPTModel:
-    torch.manual_seed(0)
-    return create_lpt_model(params.model_copy(update={"train": params.train.model_copy(update={"method": method})}), C)
+def _model(params: Params, method: str = "lpt", phase: int = 1) -> LPTModel:
+    torch.manual_seed(0)  # the same random backbone every call
+    return create_lpt_model(params.model_copy(update={"train": params.train.model_copy(update={"method": method})}), C,
+                            phase=phase)
 
 
 def _grads(model: nn.Module) -> dict[str, bool]:
@@ -188,10 +189,12 @@ def test_phase1_model_does_not_depend_on_phase2_knobs(tiny_params: Params) -> No
 
 
 def test_phase2_freezes_shared_prompt_and_keeps_head(tiny_params: Params) -> None:
-    model = _model(tiny_params)
-    head_before = model.head.weight.detach().clone()
-    model.set_phase(2).train()
-    assert torch.equal(model.head.weight, head_before)  # inherited, not re-initialised
+    phase1 = _model(tiny_params)
+    model = _model(tiny_params, phase=2).train()
+    # the phase-1 components start alike in both phases (each draws from its own generator)
+    assert torch.equal(model.head.weight, phase1.head.weight)
+    assert torch.equal(model.shared_prompt.prompt, phase1.shared_prompt.prompt)
+    assert phase1.group_pool is None and model.group_pool is not None
     out = model(_images())
     assert out.selected.shape == (6, tiny_params.model.top_k) and out.selected.dtype == torch.int64
     (agcl_loss(out.logits, torch.arange(6) % C, COUNTS, 0.0, 4.0, tiny_params.loss, scale=20.0) - 0.5 * out.sim).backward()
@@ -200,11 +203,11 @@ def test_phase2_freezes_shared_prompt_and_keeps_head(tiny_params: Params) -> Non
     assert not got["shared_prompt.prompt"]
     assert got["group_pool.prompts"] and got["group_pool.keys"] and got["head.weight"]
     with pytest.raises(ValueError, match="phase 2"):
-        _model(tiny_params, "vpt_deep").set_phase(2)
+        _model(tiny_params, "vpt_deep", phase=2)
 
 
 def test_keys_learn_only_from_the_matching_term(tiny_params: Params) -> None:
-    model = _model(tiny_params).set_phase(2).train()
+    model = _model(tiny_params, phase=2).train()
     out = model(_images())
     agcl_loss(out.logits, torch.arange(6) % C, COUNTS, 0.5, 8.0, tiny_params.loss, scale=20.0).backward(retain_graph=True)
     assert model.group_pool.keys.grad is None and model.group_pool.prompts.grad is not None
@@ -217,7 +220,7 @@ def test_keys_learn_only_from_the_matching_term(tiny_params: Params) -> None:
 @pytest.mark.parametrize("shared_blocks", [0, 2, 3])
 def test_block_reuse_equals_two_passes(tiny_params: Params, shared_blocks: int) -> None:
     params = tiny_params.model_copy(update={"model": tiny_params.model.model_copy(update={"shared_blocks": shared_blocks})})
-    model = _model(params).set_phase(2).eval()
+    model = _model(params, phase=2).eval()
     with torch.no_grad():  # make the pool non-trivial so selection matters
         model.group_pool.prompts.normal_(0, 0.5)
         model.group_pool.keys.normal_(0, 1.0)
@@ -228,9 +231,7 @@ def test_block_reuse_equals_two_passes(tiny_params: Params, shared_blocks: int) 
     torch.testing.assert_close(fast.features, ref.features, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fast.sim, ref.sim)
     # the query really is the phase-1 feature: selection follows the phase-1 CLS
-    model.set_phase(1)
-    q = model(x).features
-    model.set_phase(2)
+    q = _model(params).eval()(x).features  # the phase-1 model: the same backbone and shared prompt
     keys = torch.nn.functional.normalize(model.group_pool.keys, dim=-1)
     expected_sel = (torch.nn.functional.normalize(q, dim=-1) @ keys.t()).topk(params.model.top_k, 1).indices
     assert torch.equal(fast.selected, expected_sel)
@@ -245,7 +246,7 @@ def test_parameter_count_matches_formula(tiny_params: Params) -> None:
     assert rep["trainable"] == L * T * D + C * D
     assert rep["backbone"] == sum(p.numel() for p in model.backbone.parameters())
     assert rep["trainable"] + rep["frozen"] == rep["total"]
-    model.set_phase(2)
+    model = _model(tiny_params, phase=2)
     rep2 = model.parameter_report()
     assert rep2["tuned_total"] == L * T * D + P * (L - S) * T * D + P * D + C * D
     assert rep2["trainable"] == P * (L - S) * T * D + P * D + C * D
@@ -258,7 +259,7 @@ def test_save_and_load_trained_model_roundtrip(tiny_params: Params, tmp_path: Pa
     save_backbone(create_backbone(tiny_params.backbone), tmp_path / "bb.safetensors")
     params = tiny_params.model_copy(update={"backbone": tiny_params.backbone.model_copy(
         update={"weights": str(tmp_path / "bb.safetensors")})})
-    model = create_lpt_model(params, C).set_phase(2)
+    model = create_lpt_model(params, C, phase=2)
     with torch.no_grad():
         model.group_pool.prompts.normal_(0, 0.3)
     folder = Path(params.train.out_dir) / "phase2"
@@ -280,7 +281,7 @@ def test_save_and_load_trained_model_roundtrip(tiny_params: Params, tmp_path: Pa
 
 def test_eval_forward_exports_to_onnx(tiny_params: Params, tmp_path: Path) -> None:
     ort = pytest.importorskip("onnxruntime")
-    model = _model(tiny_params).set_phase(2).eval()
+    model = _model(tiny_params, phase=2).eval()
 
     class Logits(nn.Module):
         def __init__(self, m: LPTModel) -> None:

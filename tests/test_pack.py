@@ -290,12 +290,12 @@ def test_pack_parity_failure_writes_nothing(tmp_path: Path, tiny_shards: Params)
 
 def test_method_with_tensors_a_graph_cannot_take_is_refused(tiny_params: Params) -> None:
     """A method that trains more than prompts, keys and head (e.g. adapters) gets one clear line."""
-    model = create_lpt_model(tiny_params, 10).set_phase(2)
+    model = create_lpt_model(tiny_params, 10, phase=2)
     model.register_parameter("adapter", torch.nn.Parameter(torch.zeros(3)))
     with pytest.raises(PackError) as info:
         pack_tensors(model)
     _one_line(info.value, "method 'lpt'", "['adapter']", "not supported by task packs")
-    inside = create_lpt_model(tiny_params, 10).set_phase(2)  # trainable, but inside the frozen backbone
+    inside = create_lpt_model(tiny_params, 10, phase=2)  # trainable, but inside the frozen backbone
     inside.backbone.blocks[0].mlp.register_parameter("adapter", torch.nn.Parameter(torch.zeros(3)))
     with pytest.raises(PackError) as info:
         pack_tensors(inside)
@@ -313,7 +313,7 @@ def test_pack_out_dir_with_foreign_files_is_refused(tmp_path: Path, tiny_shards:
 
 
 def test_write_pack_is_deterministic(tmp_path: Path, tiny_params: Params) -> None:
-    model = create_lpt_model(tiny_params, 10).set_phase(2)
+    model = create_lpt_model(tiny_params, 10, phase=2)
     meta = {"b": [1, 2], "a": {"z": 1, "y": "x"}}
     first = write_pack(tmp_path / "1.pack", pack_tensors(model), meta).read_bytes()
     assert write_pack(tmp_path / "2.pack", pack_tensors(model), dict(reversed(meta.items()))).read_bytes() == first

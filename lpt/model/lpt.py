@@ -11,7 +11,7 @@ shared tokens are appended after all the model's tokens, ``[prefix, patches, sha
 after the block the prompt outputs are dropped ([B, N, D]). The feature is the model's own pooling of the
 final hidden state (final-norm CLS for a CLS ViT; see the families); dropout; cosine head.
 
-Phase 2 (``lpt`` after :meth:`LPTModel.set_phase`): a query pass with the shared prompt only gives
+Phase 2 (``lpt`` built with ``phase=2``): a query pass with the shared prompt only gives
 q = that feature (no grad); q picks the top-k group prompts by cosine to the keys; their mean is the
 sample's group prompt; blocks S..L-1 of the prompted pass see ``[prefix, patches, shared_i, group_i]``.
 
@@ -30,8 +30,8 @@ The eval-mode forward is ONNX-exportable: python control flow depends only on th
 never on data; selection is ``torch.topk`` + ``index_select``.
 
 Independence of the phases: every component (shared prompt, head, pool) draws its initial values from a
-generator of its own, seeded by ``(seed, component name)``, and the pool is built only when the model
-enters phase 2. Phase 1 therefore reads no phase-2 knob (``pool_size``, ``top_k``, ``shared_blocks``,
+generator of its own, seeded by ``(seed, component name)``, and only a phase-2 model has the pool: which
+tensors a model has and trains comes from the spec (:mod:`lpt.tensors`) and the phase it is built for. Phase 1 therefore reads no phase-2 knob (``pool_size``, ``top_k``, ``shared_blocks``,
 ``block_reuse``), and resizing the pool never changes a phase-1 number.
 """
 
@@ -51,6 +51,7 @@ from lpt.model.adapters import attach_adapters, default_adapter_dim
 from lpt.model.backbone import backbone_fingerprint, build_architecture, create_backbone
 from lpt.model.families import family_of
 from lpt.model.prompts import GroupPromptPool, SharedPrompt
+from lpt.tensors import TrainedTensor, trained_tensors
 from lpt.utils import atomic_path, read_json, sha256_file, write_json_atomic
 
 __all__ = [
@@ -63,6 +64,7 @@ __all__ = [
     "create_lpt_model",
     "save_trained_model",
     "load_trained_model",
+    "read_trained_tensors",
     "format_parameter_report",
 ]
 
@@ -130,12 +132,18 @@ class LPTModel(nn.Module):
         num_classes: C.
         cfg: the ``model`` params section. Phase 1 reads ``prompt_length`` and ``head_dropout`` only; the
             pool fields (``pool_size``, ``shared_blocks``, ``top_k``, ``block_reuse``) are read when the
-            model enters phase 2 (:meth:`set_phase`).
+            model is built for phase 2.
         method: a name of :data:`lpt.methods.METHODS`: ``lpt`` (both phases), ``lpt_phase1`` (phase 1
             only), ``vpt_deep*`` (shared prompt + head), ``linear_probe*`` (head only), ``lift`` (adapters
             on every block's residual + head; ``cfg.adapter_dim`` or LIFT's rule sets their width).
         backbone_cfg: the ``backbone`` section it was built from (stored in checkpoints).
         seed: seeds each component's own generator (:func:`component_generator`).
+        phase: the phase the model is for, fixed at construction: its tensors are those of the method that
+            exist in this phase (:mod:`lpt.tensors`; the pool from phase 2 on), trainable in the phases the
+            spec lists. Phase 2 reads the pool fields of ``cfg``.
+
+    Raises:
+        ValueError: a phase the method does not have, or ``model.shared_blocks`` outside the backbone depth.
     """
 
     def __init__(
@@ -146,73 +154,92 @@ class LPTModel(nn.Module):
         method: Method = "lpt",
         backbone_cfg: BackboneConfig | None = None,
         seed: int = 0,
+        phase: int = 1,
     ) -> None:
         super().__init__()
         assert method in METHODS, f"method must be one of {tuple(METHODS)}, got {method!r}"
         assert num_classes >= 1, num_classes
         self.method: str = method
         self.spec = get_method(method)
+        if phase not in self.spec.phases:
+            raise ValueError(f"method {method!r} has no phase {phase} (its phases: "
+                             f"{', '.join(map(str, self.spec.phases))}; only 'lpt' has phase 2)")
+        depth = len(backbone.blocks)
+        self.phase = phase
+        self.tensors = trained_tensors(self.spec.tensors, phase)  # what this model has (lpt.tensors)
+        has = {t.name for t in self.tensors}
+        pool = "group_prompts" in has
+        if pool and not 0 <= cfg.shared_blocks < depth:
+            raise ValueError(f"model.shared_blocks ({cfg.shared_blocks}) must be in 0..{depth - 1} "
+                             f"(backbone depth {depth})")
         self.cfg = cfg
         self.seed = int(seed)
         self.backbone_cfg = backbone_cfg
         self.family = family_of(backbone, backbone_cfg.name if backbone_cfg is not None else None)  # stateless
         self.num_classes = num_classes
-        self.depth = len(backbone.blocks)
+        self.depth = depth
         self.embed_dim: int = backbone.embed_dim
         self.prompt_length: int = cfg.prompt_length
         self.head_dropout: float = own(cfg.head_dropout, self.spec.recipe, "head_dropout")  # null: the method's own
-        self.shared_blocks: int = self.depth  # blocks that see the shared prompt only; set with the pool
-        self.block_reuse: bool = True
+        self.shared_blocks: int = cfg.shared_blocks if pool else depth  # blocks that see the shared prompt only
+        self.block_reuse: bool = cfg.block_reuse if pool else True
         self.backbone = backbone
         self.shared_prompt = (
             SharedPrompt(self.depth, self.prompt_length, self.embed_dim,
                          generator=component_generator(seed, "shared_prompt"))
-            if self.spec.shared_prompt else None
+            if "shared_prompt" in has else None
         )
-        self.group_pool: GroupPromptPool | None = None  # built by set_phase(2)
         self.head_drop = nn.Dropout(self.head_dropout)
         self.head = CosineHead(self.embed_dim, num_classes, generator=component_generator(seed, "head"))
-        self.phase = 1
         self._fingerprint: str | None = None
         self.adapter_dim: int | None = None
         self.adapters: nn.ModuleList | None = None
-        if self.spec.adapter:  # LIFT: an AdaptFormer adapter on every block's residual (lpt.model.adapters)
+        if "adapters" in has:  # LIFT: an AdaptFormer adapter on every block's residual (lpt.model.adapters)
             self._fingerprint = backbone_fingerprint(backbone)  # the frozen weights', before the wraps rename modules
             self.adapter_dim = cfg.adapter_dim or default_adapter_dim(num_classes, self.depth)
             self.adapters = attach_adapters(backbone.blocks, self.embed_dim, self.adapter_dim,
                                             generator=component_generator(seed, "adapters"))
+        # registered last, after the phase-1 components (the parameter order a phase-2 run has always had)
+        self.group_pool = (
+            GroupPromptPool(cfg.pool_size, self.depth - cfg.shared_blocks, self.prompt_length, self.embed_dim,
+                            cfg.top_k, generator=component_generator(self.seed, "group_pool"))
+            if pool else None
+        )
+        self.extra_tensors = self._extra_tensors()
         self._apply_trainable()
         self.backbone.eval()
 
+    def _extra_tensors(self) -> nn.ParameterDict | None:
+        """Spec tensors under ``extra_tensors.<name>``: those without a component of their own above (a tensor
+        just added to :mod:`lpt.tensors`), each a plain parameter of its spec shape drawn from its own
+        generator. ``None`` when there are none (every tensor of today's methods has its component)."""
+        extra = [t for t in self.tensors if t.path.startswith("extra_tensors.")]
+        if not extra:
+            return None
+        sizes = self.symbol_sizes()
+        out = nn.ParameterDict()
+        for tensor in extra:
+            value = torch.empty(*(sizes[d] for d in tensor.dims))
+            nn.init.trunc_normal_(value, std=0.02, a=-0.04, b=0.04, generator=component_generator(self.seed, tensor.name))
+            out[tensor.path.removeprefix("extra_tensors.")] = nn.Parameter(value)
+        return out
+
+    def symbol_sizes(self) -> dict[str, int]:
+        """The sizes of the spec's shape symbols for this model: L, S, L-S, T, D, P (configured), C."""
+        return {"L": self.depth, "S": self.shared_blocks, "L-S": self.depth - self.shared_blocks,
+                "T": self.prompt_length, "D": self.embed_dim, "P": self.cfg.pool_size, "C": self.num_classes}
+
     # ------------------------------------------------------------------------------ phases & modes
-    def set_phase(self, phase: int) -> LPTModel:
-        """Switch phase. Phase 2 builds the pool (first time), freezes the shared prompt and trains pool,
-        keys and the inherited head.
+    def tensor_parameters(self, tensor: TrainedTensor) -> dict[str, nn.Parameter]:
+        """The parameters (by name) that one spec tensor of this model is: one, or a group's (adapters)."""
+        path = tensor.path
+        return {name: p for name, p in self.named_parameters() if name == path or name.startswith(path + ".")}
 
-        Raises:
-            ValueError: a method without phase 2, or ``model.shared_blocks`` outside the backbone depth.
-        """
-        if phase not in (1, 2):
-            raise ValueError(f"phase must be 1 or 2, got {phase}")
-        if phase == 2 and not self.spec.group_pool:
-            raise ValueError(f"method {self.method!r} has no phase 2 (only 'lpt' does)")
-        if phase == 2 and self.group_pool is None:
-            self._build_pool()
-        self.phase = phase
-        self._apply_trainable()
-        return self
-
-    def _build_pool(self) -> None:
-        cfg = self.cfg
-        if not 0 <= cfg.shared_blocks < self.depth:
-            raise ValueError(f"model.shared_blocks ({cfg.shared_blocks}) must be in 0..{self.depth - 1} "
-                             f"(backbone depth {self.depth})")
-        self.shared_blocks = cfg.shared_blocks
-        self.block_reuse = cfg.block_reuse
-        device = self.head.weight.device
-        self.group_pool = GroupPromptPool(cfg.pool_size, self.depth - cfg.shared_blocks, self.prompt_length,
-                                          self.embed_dim, cfg.top_k,
-                                          generator=component_generator(self.seed, "group_pool")).to(device)
+    def trainable_names(self, phase: int | None = None) -> list[str]:
+        """Names of the trained tensors a model of this method has in ``phase`` (default: this model's phase),
+        as :meth:`trainable_state_dict` keys them."""
+        wanted = {t.name for t in trained_tensors(self.spec.tensors, self.phase if phase is None else phase)}
+        return [name for t in self.tensors if t.name in wanted for name in self.tensor_parameters(t)]
 
     def model_config(self) -> dict[str, Any]:
         """The geometry this model was built with (what ``model.json`` records and :func:`load_trained_model`
@@ -226,15 +253,12 @@ class LPTModel(nn.Module):
         return out
 
     def _apply_trainable(self) -> None:
+        """Frozen backbone; each trained tensor trainable exactly in the phases the spec lists for it."""
         for p in self.backbone.parameters():
             p.requires_grad_(False)
-        if self.shared_prompt is not None:
-            self.shared_prompt.requires_grad_(self.phase == 1)
-        if self.group_pool is not None:
-            self.group_pool.requires_grad_(self.phase == 2)
-        if self.adapters is not None:
-            self.adapters.requires_grad_(self.phase == 1)
-        self.head.requires_grad_(True)
+        for tensor in self.tensors:
+            for p in self.tensor_parameters(tensor).values():
+                p.requires_grad_(self.phase in tensor.phases)
 
     def train(self, mode: bool = True) -> LPTModel:
         """Train/eval mode for the head dropout; the frozen backbone always stays in eval mode."""
@@ -349,22 +373,26 @@ class LPTModel(nn.Module):
             if not name.startswith("backbone.")
         }
 
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True,
+                                  phase: int | None = None) -> None:
         """Load tensors written by :meth:`trainable_state_dict`.
 
         Args:
             state: name -> tensor.
-            strict: require exactly the model's trainable tensors (else missing ones keep their values).
+            strict: require exactly the trained tensors of ``phase`` (else missing ones keep their values).
+            phase: whose tensors ``state`` holds: default this model's phase; ``1`` loads a phase-1 checkpoint
+                into a phase-2 model (the pool keeps its initial values).
 
         Raises:
             CheckpointError: unknown / missing names or a shape mismatch (named).
         """
         own = {n: p for n, p in self.named_parameters() if not n.startswith("backbone.")}
-        unexpected = sorted(set(state) - set(own))
-        missing = sorted(set(own) - set(state))
+        expected = set(self.trainable_names(phase)) if phase is not None else set(own)
+        unexpected = sorted(set(state) - expected)
+        missing = sorted(expected - set(state))
         if unexpected or (strict and missing):
             raise CheckpointError(
-                f"trainable tensors do not match the model (method {self.method!r}): "
+                f"trainable tensors do not match the model (method {self.method!r}, phase {phase or self.phase}): "
                 f"missing {missing}, unexpected {unexpected}"
             )
         with torch.no_grad():
@@ -396,19 +424,15 @@ class LPTModel(nn.Module):
             ``components`` (name -> {params, trainable}).
         """
         components: dict[str, dict[str, Any]] = {}
-        parts: list[tuple[str, nn.Parameter | None]] = [
-            ("shared_prompt", self.shared_prompt.prompt if self.shared_prompt is not None else None),
-            ("group_prompts", self.group_pool.prompts if self.group_pool is not None else None),
-            ("keys", self.group_pool.keys if self.group_pool is not None else None),
-            ("head", self.head.weight),
-        ]
-        for name, p in parts:
-            if p is not None:
-                components[name] = {"params": p.numel(), "shape": list(p.shape), "trainable": p.requires_grad}
-        if self.adapters is not None:  # L adapters of 2 D r + D + r + 1 + 2 D (their LayerNorm) values each
-            per_block = sum(p.numel() for p in self.adapters[0].parameters())
-            components["adapters"] = {"params": per_block * len(self.adapters), "shape": [len(self.adapters), per_block],
-                                      "trainable": self.adapters[0].down.weight.requires_grad}
+        for tensor in self.tensors:  # spec order
+            params = list(self.tensor_parameters(tensor).values())
+            if tensor.dims:  # one tensor
+                shape = list(params[0].shape)
+            else:  # a group of per-block tensors (adapters): L x the values of one block's
+                group = self.get_submodule(tensor.path)
+                shape = [len(group), sum(p.numel() for p in group[0].parameters())]
+            components[tensor.name] = {"params": sum(p.numel() for p in params), "shape": shape,
+                                       "trainable": any(p.requires_grad for p in params)}
         backbone = sum(p.numel() for p in self.backbone.parameters())
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.parameters())
@@ -458,9 +482,8 @@ def create_lpt_model(params: Params, num_classes: int, phase: int = 1) -> LPTMod
     """
     family_of(build_architecture(params.backbone), params.backbone.name)  # refuse a family before loading weights
     backbone = create_backbone(params.backbone, pretrain_dir=params.pretrain.out_dir)
-    model = LPTModel(backbone, num_classes, params.model, params.train.method, backbone_cfg=params.backbone,
-                     seed=params.seed)
-    return model.set_phase(2) if phase == 2 else model
+    return LPTModel(backbone, num_classes, params.model, params.train.method, backbone_cfg=params.backbone,
+                    seed=params.seed, phase=phase)
 
 
 def final_model_dir(train_out_dir: str | Path) -> Path:
@@ -542,6 +565,37 @@ _META_FIELDS: dict[str, type] = {"method": str, "phase": int, "num_classes": int
                                  "model_config": dict, "weights_sha256": str}
 
 
+def read_trained_tensors(phase_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The trained tensors of a checkpoint folder and its ``model.json``, the weights sha256-checked against it.
+
+    The one reader of trained tensors: :func:`load_trained_model` and phase 2 (which starts from phase 1's)
+    both go through it.
+
+    Returns:
+        ``(name -> tensor as :meth:`LPTModel.trainable_state_dict` keys them, checkpoint meta dict)``.
+
+    Raises:
+        CheckpointError: missing ``model.json`` or weights, a sha256 that differs from the one recorded, or
+            a file safetensors cannot read (each message names the file).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    phase_dir = Path(phase_dir)
+    weights_path = phase_dir / WEIGHTS_FILE
+    meta = read_checkpoint_meta(phase_dir)
+    if not weights_path.is_file():
+        raise CheckpointError(f"trained model not found: {weights_path} is missing (train the phase first)")
+    if sha256_file(weights_path) != meta["weights_sha256"]:
+        raise CheckpointError(f"{weights_path}: sha256 differs from {phase_dir / META_FILE} "
+                              "(damaged, interrupted or mixed write): retrain the phase")
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{weights_path}: not a readable safetensors file ({err})") from None
+    return state, meta
+
+
 def load_trained_model(
     params: Params, phase_dir: Path | None = None, device: str | torch.device = "cpu"
 ) -> tuple[LPTModel, dict[str, Any]]:
@@ -561,20 +615,11 @@ def load_trained_model(
         ``(model in eval mode, checkpoint meta dict)``.
 
     Raises:
-        CheckpointError: missing or damaged files, or a different backbone.
+        CheckpointError: missing or damaged files (:func:`read_trained_tensors`), or a different backbone.
         BackboneError: the backbone's family is not supported, or its weights cannot be loaded.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     phase_dir = Path(phase_dir) if phase_dir is not None else final_model_dir(params.train.out_dir)
-    weights_path = phase_dir / WEIGHTS_FILE
-    meta = read_checkpoint_meta(phase_dir)
-    if not weights_path.is_file():
-        raise CheckpointError(f"trained model not found: {weights_path} is missing (train the phase first)")
-    if sha256_file(weights_path) != meta["weights_sha256"]:
-        raise CheckpointError(f"{weights_path}: sha256 differs from {phase_dir / META_FILE} "
-                              "(damaged, interrupted or mixed write): retrain the phase")
+    state, meta = read_trained_tensors(phase_dir)
     recorded = meta["backbone"]
     try:
         bcfg = BackboneConfig(name=recorded["name"], timm_kwargs=recorded.get("timm_kwargs") or {},
@@ -584,17 +629,14 @@ def load_trained_model(
         raise CheckpointError(f"{phase_dir / META_FILE}: backbone or model_config record is invalid ({err})") from None
     family_of(build_architecture(bcfg), bcfg.name)  # refuse a family before loading weights
     backbone = create_backbone(bcfg, pretrain_dir=params.pretrain.out_dir)
-    model = LPTModel(backbone, meta["num_classes"], mcfg, meta["method"], backbone_cfg=bcfg)
+    try:
+        model = LPTModel(backbone, meta["num_classes"], mcfg, meta["method"], backbone_cfg=bcfg, phase=meta["phase"])
+    except ValueError as err:
+        raise CheckpointError(f"{phase_dir / META_FILE}: {err}") from None
     if recorded.get("fingerprint") and model.backbone_fingerprint() != recorded["fingerprint"]:
         raise CheckpointError(
             f"{phase_dir}: trained on backbone {recorded['fingerprint']} but backbone.weights={bcfg.weights!r} "
             f"gives {model.backbone_fingerprint()}: point backbone.weights at the weights it was trained with"
         )
-    if meta["phase"] == 2:
-        model.set_phase(2)
-    try:
-        state = load_file(str(weights_path))
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{weights_path}: not a readable safetensors file ({err})") from None
     model.load_trainable_state_dict(state)
     return model.to(device).eval(), meta

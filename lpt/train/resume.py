@@ -28,6 +28,7 @@ import torch
 
 from lpt.config import Params, PhaseConfig
 from lpt.methods import MethodSpec, Recipe, own
+from lpt.tensors import recipe_keys
 from lpt.utils import atomic_dir
 
 __all__ = ["RESUME_FORMAT", "phase_recipe", "filled_phase", "head_init", "fingerprint", "scratch_dir", "ResumeState", "save_resume_state",
@@ -70,14 +71,10 @@ def phase_recipe(params: Params, phase: int, spec: MethodSpec) -> dict[str, Any]
         loss_keys = _AGCL_PHASE1 + (("key_weight",) if phase == 2 else ())
     model = params.model
     recipe = spec.recipe  # the values of the keys left null (lpt.methods.Recipe)
-    geometry: dict[str, Any] = {"prompt_length": model.prompt_length,
-                                "head_dropout": own(model.head_dropout, recipe, "head_dropout"),
-                                "head_init": head_init(params, spec)}
-    if spec.adapter:
-        geometry["adapter_dim"] = model.adapter_dim
-    if phase == 2:
-        geometry.update(pool_size=model.pool_size, shared_blocks=model.shared_blocks, top_k=model.top_k,
-                        block_reuse=model.block_reuse)
+    own_values = {"head_dropout": own(model.head_dropout, recipe, "head_dropout"), "head_init": head_init(params, spec)}
+    # the model.* keys that shape the tensors the method has in this phase (lpt.tensors.recipe_keys)
+    geometry: dict[str, Any] = {key: own_values[key] if key in own_values else getattr(model, key)
+                                for key in recipe_keys(spec.tensors, phase)}
     bb, tf, tr = params.backbone, params.transforms, params.train
     return {
         "seed": params.seed,

@@ -144,10 +144,9 @@ class _PhaseRun:
         from lpt.model.lpt import create_lpt_model
 
         seed_everything(self.params.seed)
-        model = create_lpt_model(self.params, self.data.num_classes)
+        model = create_lpt_model(self.params, self.data.num_classes, phase=self.phase)
         if self.phase == 2:
             self._load_phase1_into(model)
-            model.set_phase(2)
         elif head_init(self.params, self.spec) == "class_mean":
             # on the training device: a pass over the train split (every rank computes the same means)
             init_head_from_class_means(model.to(self.device), self.data, self.params.evaluate.batch_size,
@@ -155,24 +154,19 @@ class _PhaseRun:
         return model
 
     def _load_phase1_into(self, model: Any) -> None:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        from lpt.model.lpt import CheckpointError, read_checkpoint_meta
+        """Start the phase-2 model from phase 1's trained tensors (sha256-checked; the pool keeps its initial values)."""
+        from lpt.model.lpt import read_trained_tensors
 
         ckpt = self._phase1_dir() / "model.safetensors"
         if not ckpt.is_file() or not (self._phase1_dir() / "model.json").is_file():
             raise TrainError(f"phase 2 needs the phase-1 checkpoint {ckpt} (+ model.json): run "
                              "`lpt train --phase 1` (dvc stage phase1) first")
-        meta = read_checkpoint_meta(self._phase1_dir())
+        state, meta = read_trained_tensors(self._phase1_dir())
         if meta["method"] != self.plan.method or meta["num_classes"] != self.data.num_classes:
             raise TrainError(f"{self._phase1_dir()}/model.json was trained with method {meta['method']!r} on "
                              f"{meta['num_classes']} classes; phase 2 expects {self.plan.method!r} on "
                              f"{self.data.num_classes}: re-run phase 1")
-        try:
-            model.load_trainable_state_dict(load_file(str(ckpt)))
-        except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"{ckpt}: not a readable safetensors file ({err}): re-run phase 1") from None
+        model.load_trainable_state_dict(state, phase=1)
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         wrapped: torch.nn.Module = model
