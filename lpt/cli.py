@@ -137,6 +137,10 @@ def _library_errors() -> Iterator[None]:
     except OutputDirError as err:
         _fail(str(err), BAD_PARAMS)
     except expected as err:
+        if isinstance(err, OSError):  # a flaky disk is worth a retry, a full one is not (by errno)
+            from lpt.verdict import is_transient_error, record
+
+            record(transient=is_transient_error(err))
         message = str(err)
         if "Original Traceback" in message:  # re-raised from a DataLoader worker: keep the error, not the trace
             message = message.strip().splitlines()[-1].split(": ", 1)[-1]
@@ -389,9 +393,14 @@ def predict(paths: Annotated[list[Path], typer.Argument(
     typer.echo(format_predictions(rows, fmt="json" if json_ else "csv" if csv else "text"))
 
 
-def main() -> None:  # pragma: no cover - console entry
-    app()
+def main() -> None:  # pragma: no cover - console entry (tested through the installed `lpt` command)
+    """The ``lpt`` command: the app, its outcome recorded where a caller asked for it (:mod:`lpt.verdict`:
+    started, exit code, transient), so the pipeline reads numbers instead of the messages around them."""
+    from lpt.verdict import recorded
+
+    with recorded(" ".join(sys.argv[1:3]) or "lpt"):
+        app()
 
 
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    main()

@@ -1,6 +1,11 @@
 """DVC without Prefect: the stage DAG as DVC itself builds it, one ``dvc repro`` call per stage, failure
 classes by exit code, and putting back the outputs a failed stage's run removed.
 
+What a stage run did is read from data, never from DVC's messages: DVC's ``Repo.reproduce`` return value and
+exception types (:mod:`pipelines.dvc_repro`, the subprocess that runs the stage) and the verdict file the
+``lpt`` command writes (:mod:`lpt.verdict`: started, exit code, transient). A DVC upgrade that rewords a
+message changes nothing here.
+
 The stage graph comes from DVC's own index (``dvc.repo.Repo(root).index``): DVC resolves the templating
 of ``dvc.yaml`` (``${data.out_dir}`` from ``params.yaml``), ``wdir``, ``foreach``/``matrix`` and the
 edges between stages, so what the flow runs is exactly what ``dvc repro`` would. ``Repo`` is DVC's
@@ -14,17 +19,17 @@ Example:
     >>> [s.name for s in pipeline_order(".", target="validate")]
     ['ingest', 'validate']
     >>> run = run_dvc_stage(".", "ingest", on_line=print)
-    >>> run.status  # "ran", "cached" or "failed"; run.exit_code is the command's own code
+    >>> run.status  # "ran", "cached" or "failed"; run.exit_code is the lpt command's own code
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -33,6 +38,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lpt import exitcodes
+from lpt.verdict import VERDICT_ENV, read_verdict
 
 __all__ = [
     "DvcStage",
@@ -49,31 +55,9 @@ __all__ = [
     "run_dvc_stage",
     "checkout_outputs",
     "restore_outputs",
-    "command_exit_code",
     "verdict_name",
-    "is_transient_failure",
 ]
 
-# DVC's messages for a stage it did not run (dvc 3.x): its lock matches, or the run cache restored it.
-_UP_TO_DATE = re.compile(r"Stage '(?P<name>[^']+)' didn't change, skipping")
-_RUN_CACHE = re.compile(r"Stage '(?P<name>[^']+)' is cached - skipping run")
-_FROZEN = re.compile(r"Verifying outputs in frozen stage: '(?P<name>[^']+)'")  # `frozen: true`: never run
-# DVC is about to run the stage's command (dvc/stage/run.py: cmd_run); it has removed the outputs by now.
-_RUNNING = re.compile(r"^Running stage '(?P<name>[^']+)':\s*$")
-# How dvc 3.67.1 reports a stage command that exited non-zero (dvc/stage/exceptions.py StageCmdFailedError,
-# wrapped by dvc/repo/reproduce.py), DVC itself then exiting 255:
-#   ERROR: failed to reproduce 'evaluate': failed to run: lpt evaluate, exited with 4
-# The command may span lines (a multi-line cmd), so the block runs from that ERROR line to the end.
-_REPRO_ERROR = "ERROR: failed to reproduce"
-_EXITED_WITH = re.compile(r", exited with (?P<code>-?\d+)\s*$", re.MULTILINE)
-
-# Failures worth retrying: the machine hiccuped, not the data or the model.
-_TRANSIENT = re.compile(
-    r"\b(OSError|IOError|BrokenPipeError|ConnectionError|ConnectionResetError|TimeoutError|BlockingIOError)\b"
-    r"|Input/output error|Resource temporarily unavailable|Stale file handle|Too many open files"
-    r"|Unable to acquire lock|lock is held|Lock(ed|Error)",
-    re.IGNORECASE,
-)
 _VERDICTS = {getattr(exitcodes, name): name for name in exitcodes.__all__
              if isinstance(getattr(exitcodes, name), int)}
 
@@ -130,9 +114,13 @@ class StageRun:
         detail: a human sentence about the status.
         seconds: wall time of the DVC call.
         tail: the last output lines (stdout and stderr interleaved).
-        exit_code: the stage command's own exit code as DVC reported it (``None`` when DVC failed
-            without a command exit code: a lock held, a missing dependency, DVC itself).
-        command_started: DVC started the command, so it had already removed the stage's outputs.
+        exit_code: the stage command's own exit code, from the verdict file an ``lpt`` command writes
+            (:mod:`lpt.verdict`); ``None`` when there is none: DVC failed before the command (a lock held, a
+            missing dependency), the command was killed, or it is not an ``lpt`` command.
+        command_started: DVC started the command, so it had already removed the stage's outputs (the command
+            wrote a verdict, or DVC raised its command-failed error).
+        transient: a failure worth retrying: the command's verdict says so (an I/O fault by ``errno``), or
+            another DVC process held the repo lock; never for a deterministic verdict (:mod:`lpt.exitcodes`).
     """
 
     stage: str
@@ -143,6 +131,7 @@ class StageRun:
     tail: list[str] = field(default_factory=list)
     exit_code: int | None = None
     command_started: bool = False
+    transient: bool = False
 
 
 @dataclass(frozen=True)
@@ -399,13 +388,14 @@ def _stop(proc: subprocess.Popen, on_line: Callable[[str], None]) -> None:
         return
 
 
-def _run_streaming(cmd: list[str], repo_dir: str | Path, on_line: Callable[[str], None]) -> int:
+def _run_streaming(cmd: list[str], repo_dir: str | Path, on_line: Callable[[str], None],
+                   env: dict[str, str] | None = None) -> int:
     """Run ``cmd`` in ``repo_dir``, call ``on_line`` with each merged output line as it comes, return its exit code.
 
     The process gets its own process group; if this call is interrupted (KeyboardInterrupt, Prefect's
     TerminationSignal on cancellation), the process and everything it started are stopped first.
     """
-    with subprocess.Popen(cmd, cwd=repo_dir, env=dvc_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    with subprocess.Popen(cmd, cwd=repo_dir, env={**dvc_env(), **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           stdin=subprocess.DEVNULL, text=True, bufsize=1, errors="replace",
                           start_new_session=True) as proc:
         assert proc.stdout is not None
@@ -426,7 +416,7 @@ def run_dvc_stage(
     on_line: Callable[[str], None] | None = None,
     tail_lines: int = 25,
 ) -> StageRun:
-    """Run ``python -m dvc repro --single-item STAGE`` in ``repo_dir``, streaming every output line.
+    """``dvc repro --single-item STAGE`` in ``repo_dir`` (through :mod:`pipelines.dvc_repro`), streaming every line.
 
     If this call is interrupted (KeyboardInterrupt, a Prefect cancellation), the DVC process and the stage
     command are stopped (SIGINT, then SIGTERM, then SIGKILL) before the exception propagates, so DVC's repo
@@ -435,50 +425,61 @@ def run_dvc_stage(
     Args:
         repo_dir: the DVC repository root (the subprocess's working directory).
         stage: stage name.
-        force: pass ``--force`` (run even if DVC considers the stage up to date).
+        force: run even if DVC considers the stage up to date.
         on_line: called with each output line (stdout and stderr merged) as soon as it is printed.
         tail_lines: how many trailing lines to keep for error messages.
 
     Returns:
-        A :class:`StageRun`; a non-zero exit gives ``status="failed"`` with the command's ``exit_code``
-        (this function does not raise for a failed stage).
+        A :class:`StageRun`; a failure gives ``status="failed"`` with the command's ``exit_code`` where its
+        verdict file has one (this function does not raise for a failed stage).
     """
-    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", *(["--force"] if force else []), stage]
     tail: deque[str] = deque(maxlen=tail_lines)
-    error_block: list[str] = []  # from DVC's last "ERROR: failed to reproduce" line on (a cmd may span lines)
-    seen = {"up_to_date": False, "run_cache": False, "started": False, "frozen": False}
 
     def watch(line: str) -> None:
         tail.append(line)
-        seen["up_to_date"] |= bool(_UP_TO_DATE.search(line))
-        seen["run_cache"] |= bool(_RUN_CACHE.search(line))
-        seen["frozen"] |= bool(_FROZEN.search(line))
-        seen["started"] |= bool(_RUNNING.match(line))
-        if line.startswith(_REPRO_ERROR):
-            error_block[:] = [line]
-        elif error_block:
-            error_block.append(line)
         if on_line is not None:
             on_line(line)
 
-    start = time.perf_counter()
-    returncode = _run_streaming(cmd, repo_dir, watch)
-    seconds = time.perf_counter() - start
-    exit_code = command_exit_code(error_block) if returncode != 0 else None
-    if returncode != 0:
-        status = "failed"
-        detail = (f"command exited with {exit_code}" if exit_code is not None
-                  else f"dvc exited with {returncode}" + ("" if seen["started"] else " before running the command"))
-    elif seen["up_to_date"]:
-        status, detail = "cached", "up to date (dvc.lock matches), skipped"
-    elif seen["run_cache"]:
-        status, detail = "cached", "restored from the DVC run cache, command not run"
-    elif seen["frozen"] and not seen["started"]:
+    with tempfile.TemporaryDirectory(prefix="lpt-stage-") as tmp:
+        outcome_file, verdict_file = Path(tmp) / "outcome.json", Path(tmp) / "verdict.json"
+        cmd = [sys.executable, "-m", "pipelines.dvc_repro", stage, *(["--force"] if force else []),
+               "--outcome", str(outcome_file)]
+        start = time.perf_counter()
+        returncode = _run_streaming(cmd, repo_dir, watch, env={VERDICT_ENV: str(verdict_file)})
+        seconds = time.perf_counter() - start
+        outcome, verdict = read_verdict(outcome_file), read_verdict(verdict_file)
+    return _stage_run(stage, returncode, outcome, verdict, seconds, list(tail))
+
+
+def _stage_run(stage: str, returncode: int, outcome: dict[str, Any] | None, verdict: dict[str, Any] | None,
+               seconds: float, tail: list[str]) -> StageRun:
+    """Classify one stage run from DVC's outcome (:mod:`pipelines.dvc_repro`) and the command's verdict."""
+    error = (outcome or {}).get("error") or {}
+    exit_code = verdict.get("exit_code") if verdict else None
+    exit_code = exit_code if isinstance(exit_code, int) and not isinstance(exit_code, bool) else None
+    started = bool(verdict and verdict.get("started")) or error.get("kind") == "command"
+    if returncode != 0 or outcome is None or error:
+        transient = exit_code not in exitcodes.DETERMINISTIC and (
+            bool(verdict and verdict.get("transient")) or error.get("kind") == "lock")
+        if exit_code is not None:
+            detail = f"command exited with {exit_code}"
+        elif started:
+            detail = f"dvc exited with {returncode}: the command failed without a verdict (killed, or not an lpt command)"
+        else:
+            detail = f"dvc exited with {returncode} before running the command"
+        return StageRun(stage=stage, returncode=returncode or 255, status="failed", detail=detail, seconds=seconds,
+                        tail=tail, exit_code=exit_code, command_started=started, transient=transient)
+    if outcome.get("frozen"):  # DVC never runs a frozen stage's command; it only verifies its outputs
         status, detail = "cached", "frozen stage: its committed outputs are used as they are, command not run"
-    else:
+    elif not outcome.get("reproduced"):
+        status, detail = "cached", "up to date (dvc.lock matches), skipped"
+    elif verdict:
         status, detail = "ran", "command ran"
-    return StageRun(stage=stage, returncode=returncode, status=status, detail=detail, seconds=seconds,
-                    tail=list(tail), exit_code=exit_code, command_started=seen["started"])
+    else:
+        status, detail = "ran", ("reproduced by DVC: its command ran, or DVC restored its outputs from the run "
+                                 "cache (only lpt commands report which)")
+    return StageRun(stage=stage, returncode=returncode, status=status, detail=detail, seconds=seconds, tail=tail,
+                    command_started=bool(verdict))
 
 
 def checkout_outputs(repo_dir: str | Path, targets: Sequence[str], *,
@@ -525,38 +526,6 @@ def restore_outputs(repo_dir: str | Path, stage: DvcStage, *,
     return checkout_outputs(repo_dir, stage.restorable, on_line=on_line)
 
 
-def command_exit_code(lines: Iterable[str]) -> int | None:
-    """The stage command's exit code from DVC's failure message, or ``None`` when DVC reported none.
-
-    dvc 3.67.1 prints ``ERROR: failed to reproduce 'STAGE': failed to run: CMD, exited with N`` (N negative
-    when a signal killed the command).
-
-    Args:
-        lines: DVC's output lines (the tail of a failed ``dvc repro``).
-    """
-    text = "\n".join(lines)
-    at = text.rfind(_REPRO_ERROR)
-    matches = list(_EXITED_WITH.finditer(text[at:])) if at >= 0 else []
-    return int(matches[-1].group("code")) if matches else None
-
-
 def verdict_name(exit_code: int | None) -> str | None:
     """The :mod:`lpt.exitcodes` name of a command exit code (``GATE_FAILED`` for 4), ``None`` if it has none."""
     return _VERDICTS.get(exit_code) if exit_code is not None else None
-
-
-def is_transient_failure(exit_code: int | None, lines: Iterable[str]) -> bool:
-    """True when a failed stage is worth retrying: an I/O or lock hiccup, never a verdict.
-
-    Args:
-        exit_code: the stage command's exit code (``None``: DVC failed without one, e.g. its repo lock).
-        lines: the failed run's output lines.
-
-    Returns:
-        ``False`` for every code in :data:`lpt.exitcodes.DETERMINISTIC` (bad params, validation, quality
-        gate, export parity, export refused), whatever the output says; otherwise whether the output
-        shows transient I/O or lock trouble.
-    """
-    if exit_code in exitcodes.DETERMINISTIC:
-        return False
-    return bool(_TRANSIENT.search("\n".join(lines)))

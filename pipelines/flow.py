@@ -35,7 +35,7 @@ from prefect.states import State
 from lpt.config import parse_params
 from lpt.exitcodes import DETERMINISTIC
 from pipelines.artifacts import artifact_sources, publish_artifacts
-from pipelines.dvc_stages import (DvcStage, is_transient_failure, pipeline_order, restore_outputs, run_dvc_stage,
+from pipelines.dvc_stages import (DvcStage, pipeline_order, restore_outputs, run_dvc_stage,
                                   verdict_name)
 from pipelines.overrides import applied_overrides
 
@@ -57,22 +57,23 @@ class StageFailed(RuntimeError):
     Attributes:
         stage: the stage name.
         returncode: DVC's own exit code (255 for a failed stage).
-        exit_code: the stage command's exit code as DVC reported it (``failed to run: CMD, exited with N``);
-            ``None`` when DVC failed without one (its repo lock, a missing dependency, a DVC error).
+        exit_code: the stage command's exit code from its verdict file (:mod:`lpt.verdict`); ``None`` when there
+            is none (DVC failed before the command: its repo lock, a missing dependency; a killed command).
         verdict: the :mod:`lpt.exitcodes` name of ``exit_code`` (``"GATE_FAILED"``), ``None`` if it has none.
         deterministic: ``exit_code`` is a verdict on the inputs (``lpt.exitcodes.DETERMINISTIC``): never retried.
-        transient: not deterministic and the output shows I/O or lock trouble: retried.
+        transient: not deterministic, and the command's verdict says an I/O fault (by ``errno``) or DVC's
+            repo lock was held (:attr:`pipelines.dvc_stages.StageRun.transient`): retried.
         command_started: DVC had started the command (and so had removed the stage's outputs).
         error_line: the command's last ``error: ...`` line (what went wrong, in the project's words), if any.
         tail: the last output lines, for the failure artifact.
     """
 
     def __init__(self, stage: str, returncode: int, tail: list[str], exit_code: int | None = None,
-                 command_started: bool = False) -> None:
+                 command_started: bool = False, transient: bool = False) -> None:
         self.stage, self.returncode, self.exit_code = stage, returncode, exit_code
         self.verdict = verdict_name(exit_code)
         self.deterministic = exit_code in DETERMINISTIC
-        self.transient = is_transient_failure(exit_code, tail)
+        self.transient = transient and not self.deterministic
         self.command_started = command_started
         self.tail = list(tail)
         errors = [line.strip() for line in tail if line.strip().startswith("error: ")]
@@ -139,7 +140,7 @@ def run_stage(stage: str, repo_dir: str, force: bool = False) -> dict[str, Any]:
     run = run_dvc_stage(repo_dir, stage, force=force, on_line=log_line, tail_lines=_LOG_TAIL_LINES)
     if run.status == "failed":
         raise StageFailed(stage, run.returncode, run.tail, exit_code=run.exit_code,
-                          command_started=run.command_started)
+                          command_started=run.command_started, transient=run.transient)
     logger.info("stage %r %s: %s (%.1f s)", stage, run.status, run.detail, run.seconds)
     return {"stage": stage, "status": run.status, "detail": run.detail, "seconds": round(run.seconds, 3)}
 

@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,8 @@ from uuid import UUID
 import pytest
 import yaml
 
-from pipelines.dvc_stages import (DvcYamlError, command_exit_code, is_transient_failure, locked_outputs,
-                                  pipeline_order, read_stages, restore_outputs, run_dvc_stage, verdict_name)
+from pipelines.dvc_stages import (DvcYamlError, locked_outputs, pipeline_order, read_stages, restore_outputs,
+                                  run_dvc_stage, verdict_name)
 from pipelines.overrides import applied_overrides
 from tests.conftest import REPO_ROOT, tiny_raw_params
 
@@ -66,14 +67,19 @@ def _md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-def _dvc_repo(root: Path, scripts: dict[str, tuple[str, list[str], list[str]]], params: dict[str, Any] | None = None) -> Path:
+def _dvc_repo(root: Path, scripts: dict[str, tuple[str, list[str], list[str]]], params: dict[str, Any] | None = None,
+              verdicts: bool = True) -> Path:
     """A git + DVC repo whose stages run Python scripts: ``{stage: (code, deps, outs)}``, in that file order.
 
-    params.yaml holds the tiny params (or ``params``); ``src`` is a dependency file the tests edit.
+    params.yaml holds the tiny params (or ``params``); ``src`` is a dependency file the tests edit. With
+    ``verdicts`` each script reports its outcome as an ``lpt`` command does (:func:`lpt.verdict.recorded`: started,
+    exit code, transient); without, the stages are foreign commands that report nothing.
     """
     _git_dvc_init(root)
     stages = {}
     for name, (code, deps, outs) in scripts.items():
+        if verdicts:
+            code = f"from lpt.verdict import recorded\nwith recorded({name!r}):\n" + textwrap.indent(code, "    ")
         (root / f"{name}.py").write_text(code)
         stages[name] = {"cmd": f'"{PY}" {name}.py', "deps": [f"{name}.py", *deps], "outs": outs}
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
@@ -249,23 +255,36 @@ def test_project_dag_puts_every_stage_after_its_inputs(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- failures by exit code
-def test_dvc_reports_the_command_exit_code(tmp_path: Path) -> None:
-    """What dvc 3.67.1 prints for a failing stage command, and what the runner reads from it."""
+def test_a_stage_run_is_classified_from_data_not_dvc_messages(tmp_path: Path) -> None:
+    """The command's exit code comes from its verdict file; DVC's outcome from ``Repo.reproduce`` and its
+    exception types. Output that looks like DVC's own messages changes nothing."""
     repo = _git_dvc_init(tmp_path / "codes")
-    gate = f"\"{PY}\" -c \"import sys; print('OSError: flaky disk, but the gate verdict wins'); sys.exit(4)\""
+    lpt_like = "from lpt.verdict import recorded\nwith recorded('gate'):\n    import sys\n    {}\n"
+    (repo / "gate.py").write_text(lpt_like.format(
+        "print('OSError: flaky disk'); print(\"Stage 'gate' didn't change, skipping\"); sys.exit(4)"))
+    (repo / "ok.py").write_text(lpt_like.format("open('q', 'w').write('ok')"))
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
-        "gate": {"cmd": gate, "outs": ["o"]},
-        "multi": {"cmd": ["echo first", f"\"{PY}\" -c \"import sys; sys.exit(1)\""], "outs": ["p"]},
+        "gate": {"cmd": f'"{PY}" gate.py', "outs": ["o"]},
+        "ok": {"cmd": f'"{PY}" ok.py', "outs": ["q"]},
+        "foreign": {"cmd": ["echo first", f"\"{PY}\" -c \"import sys; sys.exit(1)\""], "outs": ["p"]},
+        "lpt_cmd": {"cmd": "lpt params check no-such-params.yaml", "outs": ["r"]},
     }}))
     run = run_dvc_stage(repo, "gate")
     assert (run.status, run.returncode, run.exit_code, run.command_started) == ("failed", 255, 4, True)
-    assert run.tail[-1] == f"ERROR: failed to reproduce 'gate': failed to run: {gate}, exited with 4"
-    assert verdict_name(run.exit_code) == "GATE_FAILED"
-    assert not is_transient_failure(run.exit_code, run.tail)  # a verdict, whatever the output says
+    assert verdict_name(run.exit_code) == "GATE_FAILED" and not run.transient  # a verdict, whatever the output says
+    assert run.tail[-1].startswith("ERROR: failed to reproduce 'gate'")
 
-    multi = run_dvc_stage(repo, "multi")
-    assert multi.exit_code == 1 and verdict_name(1) == "ERROR"
-    assert not is_transient_failure(1, multi.tail)
+    ok = run_dvc_stage(repo, "ok")
+    assert (ok.status, ok.detail, ok.command_started) == ("ran", "command ran", True)
+    again = run_dvc_stage(repo, "ok")
+    assert (again.status, again.command_started) == ("cached", False) and "up to date" in again.detail
+
+    foreign = run_dvc_stage(repo, "foreign")  # not an lpt command: no verdict, so no exit code; DVC's error type
+    assert (foreign.status, foreign.exit_code, foreign.command_started) == ("failed", None, True)  # says it ran
+
+    real = run_dvc_stage(repo, "lpt_cmd")  # the real CLI writes its verdict: exit 2 for a missing params file
+    assert (real.status, real.exit_code, real.command_started) == ("failed", 2, True)
+    assert verdict_name(real.exit_code) == "BAD_PARAMS" and not real.transient
 
     missing = run_dvc_stage(repo, "nope")  # DVC fails without running anything: no command exit code
     assert (missing.status, missing.exit_code, missing.command_started) == ("failed", None, False)
@@ -284,17 +303,45 @@ def test_a_frozen_stage_is_reported_cached_and_never_run(tmp_path: Path) -> None
 
 
 def test_failure_classification() -> None:
-    assert command_exit_code(["ERROR: failed to reproduce 'x': failed to run: lpt evaluate, exited with 4"]) == 4
-    assert command_exit_code(["ERROR: failed to reproduce 'x': failed to run: lpt a,", "  exited with 0 ok && b,"
-                              " exited with -9"]) == -9
-    assert command_exit_code(["print: exited with 3", "ERROR: Unable to acquire lock"]) is None
-    assert is_transient_failure(1, ["Traceback ...", "OSError: [Errno 5] Input/output error"])
-    assert is_transient_failure(None, ["ERROR: Unable to acquire lock. Most likely another DVC process is running"])
-    assert not is_transient_failure(1, ["ValueError: bad shape"])
-    for code in (2, 3, 4, 5, 6):  # lpt.exitcodes.DETERMINISTIC
-        assert not is_transient_failure(code, ["OSError while reading shard"])
+    from pipelines.dvc_stages import _stage_run
+
+    lock = _stage_run("s", 255, {"reproduced": False, "error": {"kind": "lock", "message": "x"}}, None, 1.0, [])
+    assert (lock.exit_code, lock.command_started, lock.transient) == (None, False, True)
+    flaky = _stage_run("s", 255, {"reproduced": False, "error": {"kind": "command", "message": "x"}},
+                       {"started": True, "exit_code": 1, "transient": True}, 1.0, [])
+    assert (flaky.exit_code, flaky.command_started, flaky.transient) == (1, True, True)
+    for code in (2, 3, 4, 5, 6):  # lpt.exitcodes.DETERMINISTIC: never transient
+        run = _stage_run("s", 255, {"reproduced": False, "error": {"kind": "command", "message": "x"}},
+                         {"started": True, "exit_code": code, "transient": True}, 1.0, [])
+        assert not run.transient
+    killed = _stage_run("s", -9, None, {"started": True}, 1.0, [])  # killed: no outcome, no exit code
+    assert (killed.status, killed.exit_code, killed.command_started) == ("failed", None, True)
+    cache = _stage_run("s", 0, {"reproduced": True, "error": None}, None, 1.0, [])
+    assert cache.status == "ran" and "run cache" in cache.detail
     assert [verdict_name(c) for c in (0, 1, 2, 3, 4, 5, 6, 137, None)] == [
         "OK", "ERROR", "BAD_PARAMS", "VALIDATION_FAILED", "GATE_FAILED", "PARITY_FAILED", "GATE_NOT_PASSED", None, None]
+
+
+def test_verdicts_are_written_by_the_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import doctest
+    import errno
+
+    import lpt.verdict
+    from lpt.verdict import VERDICT_ENV, is_transient_error, read_verdict, recorded
+
+    assert doctest.testmod(lpt.verdict).failed == 0
+
+    path = tmp_path / "v.json"
+    monkeypatch.setenv(VERDICT_ENV, str(path))
+    with pytest.raises(OSError), recorded("x"):
+        raise OSError(errno.EIO, "Input/output error")
+    assert {k: read_verdict(path)[k] for k in ("started", "exit_code", "transient")} == {
+        "started": True, "exit_code": 1, "transient": True}
+    with pytest.raises(SystemExit), recorded("x"):
+        raise SystemExit(4)
+    assert (read_verdict(path)["exit_code"], read_verdict(path)["transient"]) == (4, False)
+    assert not is_transient_error(OSError(errno.ENOSPC, "No space left on device"))
+    assert read_verdict(tmp_path / "none.json") is None
 
 
 def test_stage_failed_carries_exit_code_and_verdict_through_pickling() -> None:
@@ -304,11 +351,12 @@ def test_stage_failed_carries_exit_code_and_verdict_through_pickling() -> None:
 
     tail = ["Running stage 'export':", "> lpt export", "parity: max |diff| 0.2 > 0.0001",
             "ERROR: failed to reproduce 'export': failed to run: lpt export, exited with 5"]
-    err = pickle.loads(pickle.dumps(StageFailed("export", 255, tail, exit_code=5, command_started=True)))
+    err = pickle.loads(pickle.dumps(StageFailed("export", 255, tail, exit_code=5, command_started=True, transient=True)))
     assert (err.stage, err.returncode, err.exit_code, err.verdict) == ("export", 255, 5, "PARITY_FAILED")
     assert err.deterministic and not err.transient and err.command_started
     assert str(err).startswith("stage 'export' failed: its command exited with 5 (PARITY_FAILED: a verdict, not retried)")
-    lock = StageFailed("train", 255, ["ERROR: Unable to acquire lock. Most likely another DVC process is running"])
+    lock = StageFailed("train", 255, ["ERROR: Unable to acquire lock. Most likely another DVC process is running"],
+                       transient=True)
     assert lock.exit_code is None and lock.transient and not lock.deterministic
     assert str(lock).startswith("stage 'train' failed: dvc exited with 255 before running the command")
 
