@@ -44,7 +44,7 @@ from lpt.evaluate import _fmt
 from lpt.gate import compare_cell_dir, compare_root
 from lpt.methods import METHODS as METHOD_REGISTRY
 from lpt.methods import PROBE_METHOD, REFERENCE_METHOD, get_method
-from lpt.utils import atomic_path, read_json, sha256_file, write_json_atomic
+from lpt.utils import atomic_path, read_json, sha256_file, sha256_json, write_json_atomic
 
 __all__ = ["CompareError", "METHODS", "BASELINES", "ALL_ROWS", "ACCURACY_COLUMNS", "CALLED_METRICS", "CELL_FILE", "NOTES_MARKER",
            "budget", "run_cell", "run_baseline", "aggregate", "call_difference", "verdict_lines", "accuracy_table",
@@ -120,8 +120,7 @@ def _inputs_key(params: Params) -> dict[str, str]:
 
 def _cell_key(recipe: dict[str, Any], inputs: dict[str, str]) -> str:
     """Hash of everything a cell's numbers depend on: its recipe (the cell's params) and input files."""
-    blob = json.dumps({"format": CELL_FORMAT, "recipe": recipe, "inputs": inputs}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+    return sha256_json({"format": CELL_FORMAT, "recipe": recipe, "inputs": inputs}, compact=False, length=20)
 
 
 def _reusable(path: Path, key: str) -> dict[str, Any] | None:

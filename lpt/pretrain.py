@@ -28,7 +28,6 @@ No pretrained ViT weights can be downloaded here, so the project makes its own, 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import sys
@@ -45,7 +44,7 @@ from torch import nn
 from lpt.config import Params
 from lpt.errors import TrainError
 from lpt.optim import autocast, build_scheduler
-from lpt.utils import (atomic_path, refuse_protected, resolve_device, seed_everything, sha256_file,
+from lpt.utils import (atomic_path, refuse_protected, resolve_device, seed_everything, sha256_file, sha256_json,
                        write_json_atomic)
 
 __all__ = ["pretrain_backbone", "pretraining_data", "teacher_features", "standardise_features", "load_teacher",
@@ -86,7 +85,7 @@ def _data_spec(params: Params) -> dict[str, Any]:
 
 
 def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+    return sha256_json(obj, compact=False, length=16)
 
 
 def _read_cache(path: Path, key: str) -> dict[str, torch.Tensor] | None:

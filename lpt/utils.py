@@ -16,7 +16,8 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_dir", "temp_prefix", "remove_stale_temps", "write_json_atomic", "sha256_file",
+__all__ = ["atomic_path", "atomic_dir", "temp_prefix", "remove_stale_temps", "write_json_atomic", "sha256_json",
+           "sha256_file",
            "seed_everything", "resolve_device", "OutputDirError", "OutputWriteError", "refuse_protected",
            "check_output_dir"]
 
@@ -319,6 +320,22 @@ def write_json_atomic(path: str | Path, obj: Any) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
     return Path(path)
+
+
+def sha256_json(value: Any, *, compact: bool = True, length: int = 64) -> str:
+    """Hex sha256 (first ``length`` digits) of ``value`` as key-sorted JSON; values JSON lacks are ``str``-ed.
+
+    ``compact`` drops the spaces after ``,`` and ``:``. Callers keep the form their recorded hashes were made
+    with: the recipe hash in ``model.json`` is compact; resume fingerprints, ``lpt compare`` cell keys and the
+    pretraining digests are not.
+
+    Example:
+        >>> sha256_json({"b": 1, "a": [1, 2]}, length=12), sha256_json({"a": [1, 2], "b": 1}, compact=False, length=12)
+        ('94a786c3662b', '3813f9409eb0')
+    """
+    separators = (",", ":") if compact else (", ", ": ")
+    blob = json.dumps(value, sort_keys=True, separators=separators, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

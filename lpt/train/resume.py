@@ -16,7 +16,6 @@ ignored (training starts from the beginning), never fatal.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import random
 from dataclasses import dataclass
@@ -29,9 +28,9 @@ import torch
 from lpt.config import Params, PhaseConfig
 from lpt.methods import MethodSpec, Recipe, own
 from lpt.tensors import recipe_keys
-from lpt.utils import atomic_dir
+from lpt.utils import atomic_dir, sha256_json
 
-__all__ = ["RESUME_FORMAT", "phase_recipe", "filled_phase", "head_init", "fingerprint", "scratch_dir", "ResumeState", "save_resume_state",
+__all__ = ["RESUME_FORMAT", "RESUME_PARTS", "join_resume_tensors", "split_resume_tensors", "phase_recipe", "filled_phase", "head_init", "fingerprint", "scratch_dir", "ResumeState", "save_resume_state",
            "load_resume_state", "capture_rng_state", "restore_rng_state", "optimizer_to_flat", "optimizer_from_flat",
            "ResumeStateError", "check_structure", "check_tensors"]
 
@@ -101,8 +100,7 @@ def filled_phase(cfg: PhaseConfig, recipe: Recipe) -> PhaseConfig:
 
 def fingerprint(recipe: dict[str, Any], inputs: dict[str, Any]) -> str:
     """Short hash of the recipe plus the input hashes (manifest, backbone, phase-1 weights, world size)."""
-    blob = json.dumps({"format": RESUME_FORMAT, "recipe": recipe, "inputs": inputs}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+    return sha256_json({"format": RESUME_FORMAT, "recipe": recipe, "inputs": inputs}, compact=False, length=20)
 
 
 def scratch_dir(train_out_dir: str | Path, phase: int, key: str) -> Path:
@@ -197,6 +195,35 @@ def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, tor
     for idx, entry in meta["scalars"].items():
         state.setdefault(int(idx), {}).update(entry)
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+# ============================================================================================ tensor keys
+RESUME_PARTS = ("model", "best", "optim")
+"""What a resume state's tensors hold, each under its own key prefix: the model's trained tensors, the best
+epoch's copy of them, the optimizer's (:func:`optimizer_to_flat` names those ``optim.<index>.<key>``)."""
+
+
+def join_resume_tensors(model: dict[str, torch.Tensor], best: dict[str, torch.Tensor],
+                        optim: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One flat dict for ``state.safetensors``: ``model.<name>``, ``best.<name>`` and the optimizer's own keys."""
+    return {**{f"model.{k}": v for k, v in model.items()}, **{f"best.{k}": v for k, v in best.items()}, **optim}
+
+
+def split_resume_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
+    """Inverse of :func:`join_resume_tensors`: ``({"model": ..., "best": ..., "optim": ...}, stray keys)``.
+
+    ``model`` and ``best`` come back under the model's tensor names; ``optim`` keeps its ``optim.`` keys (what
+    :func:`optimizer_from_flat` reads). A key of no part is returned as stray.
+    """
+    parts: dict[str, dict[str, torch.Tensor]] = {part: {} for part in RESUME_PARTS}
+    stray = []
+    for key, value in tensors.items():
+        part, dot, name = key.partition(".")
+        if not dot or part not in parts:
+            stray.append(key)
+        else:
+            parts[part][key if part == "optim" else name] = value
+    return parts, sorted(stray)
 
 
 # ============================================================================================ fit

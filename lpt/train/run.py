@@ -31,16 +31,17 @@ from lpt.methods import PhasePlan, get_method, own, phase_plan
 from lpt.train import distributed as D
 from lpt.train.batches import EpochBatches, build_samplers, epoch_indices, epoch_loader, load_phase_data
 from lpt.errors import TrainError
-from lpt.train.resume import (RESUME_FORMAT, ResumeState, fingerprint, load_resume_state, optimizer_from_flat,
-                              optimizer_to_flat, phase_recipe, restore_rng_state, save_resume_state, scratch_dir,
-                              capture_rng_state, check_structure, check_tensors, ResumeStateError, head_init,
-                              filled_phase)
+from lpt.train.resume import (RESUME_FORMAT, ResumeState, ResumeStateError, capture_rng_state, check_structure,
+                              check_tensors, filled_phase, fingerprint, head_init, join_resume_tensors,
+                              load_resume_state, optimizer_from_flat, optimizer_to_flat, phase_recipe,
+                              restore_rng_state, save_resume_state, scratch_dir, split_resume_tensors)
 from lpt.optim import build_optimizer, build_scheduler, ib_stream_weight, phase_schedule, scaled_lr, stopped_early
 from lpt.optim import autocast
 from lpt.train.step import StepContext, train_step
-from lpt.utils import atomic_dir, check_output_dir, refuse_protected, resolve_device, seed_everything, sha256_file
+from lpt.utils import (atomic_dir, check_output_dir, refuse_protected, resolve_device, seed_everything, sha256_file,
+                       sha256_json)
 
-__all__ = ["run_phase", "StepHook"]
+__all__ = ["run_phase", "train_phase", "build_phase", "PhaseRun", "StepHook"]
 
 StepHook = Callable[[int], None]
 
@@ -70,388 +71,472 @@ def _progress_bar(total: int, initial: int, desc: str, enabled: bool) -> Any:
                 disable=not (enabled and sys.stderr.isatty()))
 
 
-class _PhaseRun:
-    """One phase of one method. Setup, then :meth:`run`: resume, the epoch loop, the final model."""
+# ====================================================================================== one phase's run
+@dataclass
+class PhaseRun:
+    """Everything one phase's loop reads and updates, built at once by :func:`build_phase`.
 
-    def __init__(self, params: Params, phase: int, plan: PhasePlan, on_step: StepHook | None) -> None:
-        self.params, self.phase, self.plan, self.on_step = params, phase, plan, on_step
-        self.spec = get_method(plan.method)
-        # null recipe keys are the method's own (lpt.methods.Recipe)
-        self.cfg: PhaseConfig = filled_phase(getattr(params.train, f"phase{phase}"), self.spec.recipe)
-        self.phase_dir = Path(params.train.out_dir) / f"phase{phase}"
-        self.dist = D.dist_from_env()
-        self.progress = Progress()
-        self.best_state: dict[str, torch.Tensor] = {}
+    Attributes (besides the arguments of :func:`build_phase`):
+        spec, cfg: the method and its phase config (null recipe keys filled with the method's own).
+        phase_dir: ``<train.out_dir>/phase{N}``, replaced whole by :func:`publish`.
+        dist, device: the process's rank layout and device.
+        rank_batch: images per rank in one optimizer step (``batch_size / world_size``).
+        transforms, data: the resolved preprocessing and the phase's splits.
+        schedule: epochs, steps per epoch, warm-up (:func:`lpt.optim.phase_schedule`).
+        ctx: model, wrapped forward model, optimizer, scheduler, scaler, loss settings.
+        samplers: the resumable batch samplers, by stream.
+        recipe, fingerprint: what shapes the trajectory, and its hash (names the scratch folder).
+        scratch: this run's resume state and live curves.
+        curve_every: optimizer steps between two training-curve points (0: epoch ends only).
+        progress, best_state: what changes as it trains (saved in every resume state).
+    """
 
-    # ------------------------------------------------------------------------------------ setup
-    def setup(self) -> None:
-        tcfg = self.params.train
-        # train.nproc is the processes per node; the node count is the launch's (pipelines.launch --nnodes)
-        if tcfg.nproc != self.dist.local_world_size or self.dist.world_size % tcfg.nproc:
-            raise TrainError(f"train.nproc is {tcfg.nproc} but this process is one of {self.dist.local_world_size} "
-                             f"on its node ({self.dist.world_size} in all): launch it with `python -m pipelines.launch "
-                             f"--nproc {tcfg.nproc} -- lpt train --phase {self.phase}` (what `dvc repro` runs)")
-        if tcfg.threads > 0:
-            torch.set_num_threads(tcfg.threads)
-        self.device = D.init_distributed(self.dist, resolve_device(tcfg.device))
-        world, accum, batch = self.dist.world_size, self.cfg.grad_accum, self.cfg.batch_size
-        if batch % (world * accum):
-            raise TrainError(f"train.phase{self.phase}.batch_size ({batch}) must be divisible by "
-                             f"world_size x grad_accum ({world} x {accum})")
-        self.rank_batch = batch // world
-        from lpt.model.backbone import build_architecture, resolve_transforms
-
-        # transforms left null in params come from the backbone (its input size, pretrained mean/std/crop)
-        self.transforms = resolve_transforms(self.params.transforms, build_architecture(self.params.backbone))
-        self.data = load_phase_data(self.params, self.transforms)
-        # epochs of floor(N / B) + 1 steps (or fewer: max_steps_per_epoch), at least min_steps in all; the
-        # warm-up, the cosine schedule and the IB weight w(e) all count these epochs
-        self.schedule = phase_schedule(len(self.data.train), self.cfg)
-        self.steps_per_epoch, self.epochs = self.schedule.steps_per_epoch, self.schedule.epochs
-        model = self._build_model().to(self.device)
-        optimizer = build_optimizer(model, self.cfg)
-        scheduler = build_scheduler(optimizer, self.schedule.total_steps, self.schedule.warmup_steps,
-                                    self.cfg.warmup_lr)
-        scaler = torch.amp.GradScaler("cuda") if tcfg.amp == "fp16" and self.device.startswith("cuda") else None
-        self.ctx = StepContext(model=model, forward_model=self._wrap(model), optimizer=optimizer, scheduler=scheduler,
-                               scaler=scaler, plan=self.plan, loss_cfg=self.params.loss,
-                               scale=own(self.params.loss.scale, self.spec.recipe, "scale"),
-                               class_counts=torch.tensor(self.data.class_counts, dtype=torch.float32,
-                                                         device=self.device),
-                               device=self.device, amp=tcfg.amp, grad_accum=accum, micro_batch=self.rank_batch // accum,
-                               dist=self.dist)
-        self.samplers = build_samplers(np.asarray(self.data.train.labels), per_rank_epoch=self.steps_per_epoch * self.rank_batch,
-                                       seed=self.params.seed * 1000 + self.phase, rank=self.dist.rank,
-                                       world_size=world, streams=self.plan.streams,
-                                       samples_per_class=self.cfg.samples_per_class)
-        self.recipe = phase_recipe(self.params, self.phase, self.spec)
-        inputs = {"data": self.data.manifest_sha, "backbone": model.backbone_fingerprint(), "world_size": world,
-                  "curve_points": tcfg.curve_points}  # a resume keeps the curve's spacing
-        self.curve_every = curve_spacing(self.epochs * self.steps_per_epoch, tcfg.curve_points)
-        if self.phase == 2:
-            inputs["phase1"] = sha256_file(self._phase1_dir() / "model.safetensors")
-        self.fingerprint = fingerprint(self.recipe, inputs)
-        self.scratch = scratch_dir(tcfg.out_dir, self.phase, self.fingerprint)
+    params: Params
+    phase: int
+    plan: PhasePlan
+    on_step: StepHook | None
+    spec: Any
+    cfg: PhaseConfig
+    phase_dir: Path
+    dist: Any
+    device: str
+    rank_batch: int
+    transforms: Any
+    data: Any
+    schedule: Any
+    ctx: StepContext
+    samplers: dict[str, Any]
+    recipe: dict[str, Any]
+    fingerprint: str
+    scratch: Path
+    curve_every: int
+    progress: Progress = field(default_factory=Progress)
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def model(self) -> Any:
         return self.ctx.model
 
-    def _phase1_dir(self) -> Path:
-        return Path(self.params.train.out_dir) / "phase1"
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.schedule.steps_per_epoch
 
-    def _build_model(self) -> torch.nn.Module:
-        from lpt.model.lpt import create_lpt_model
+    @property
+    def epochs(self) -> int:
+        return self.schedule.epochs
 
-        seed_everything(self.params.seed)
-        model = create_lpt_model(self.params, self.data.num_classes, phase=self.phase)
-        if self.phase == 2:
-            self._load_phase1_into(model)
-        elif head_init(self.params, self.spec) == "class_mean":
-            # on the training device: a pass over the train split (every rank computes the same means)
-            init_head_from_class_means(model.to(self.device), self.data, self.params.evaluate.batch_size,
-                                       self.params.train.num_workers)
-        return model
 
-    def _load_phase1_into(self, model: Any) -> None:
-        """Start the phase-2 model from phase 1's trained tensors (sha256-checked; the pool keeps its initial values)."""
-        from lpt.model.lpt import read_trained_tensors
+def _check_launch(params: Params, phase: int, cfg: PhaseConfig, dist: Any) -> None:
+    """``train.nproc`` must be the processes per node of this launch, and the batch must split over the ranks."""
+    tcfg = params.train
+    # train.nproc is the processes per node; the node count is the launch's (pipelines.launch --nnodes)
+    if tcfg.nproc != dist.local_world_size or dist.world_size % tcfg.nproc:
+        raise TrainError(f"train.nproc is {tcfg.nproc} but this process is one of {dist.local_world_size} "
+                         f"on its node ({dist.world_size} in all): launch it with `python -m pipelines.launch "
+                         f"--nproc {tcfg.nproc} -- lpt train --phase {phase}` (what `dvc repro` runs)")
+    if cfg.batch_size % (dist.world_size * cfg.grad_accum):
+        raise TrainError(f"train.phase{phase}.batch_size ({cfg.batch_size}) must be divisible by "
+                         f"world_size x grad_accum ({dist.world_size} x {cfg.grad_accum})")
 
-        ckpt = self._phase1_dir() / "model.safetensors"
-        if not ckpt.is_file() or not (self._phase1_dir() / "model.json").is_file():
+
+def _build_model(params: Params, phase: int, spec: Any, data: Any, device: str) -> Any:
+    """The phase's model on ``device``: phase 2 starts from phase 1's trained tensors (sha256-checked); a method
+    whose head starts from the class means gets them (LIFT)."""
+    from lpt.model.lpt import create_lpt_model, read_trained_tensors
+
+    seed_everything(params.seed)
+    model = create_lpt_model(params, data.num_classes, phase=phase)
+    if phase == 2:
+        phase1 = Path(params.train.out_dir) / "phase1"
+        ckpt = phase1 / "model.safetensors"
+        if not ckpt.is_file() or not (phase1 / "model.json").is_file():
             raise TrainError(f"phase 2 needs the phase-1 checkpoint {ckpt} (+ model.json): run "
                              "`lpt train --phase 1` (dvc stage phase1) first")
-        state, meta = read_trained_tensors(self._phase1_dir())
-        if meta["method"] != self.plan.method or meta["num_classes"] != self.data.num_classes:
-            raise TrainError(f"{self._phase1_dir()}/model.json was trained with method {meta['method']!r} on "
-                             f"{meta['num_classes']} classes; phase 2 expects {self.plan.method!r} on "
-                             f"{self.data.num_classes}: re-run phase 1")
+        state, meta = read_trained_tensors(phase1)
+        if meta["method"] != spec.name or meta["num_classes"] != data.num_classes:
+            raise TrainError(f"{phase1}/model.json was trained with method {meta['method']!r} on "
+                             f"{meta['num_classes']} classes; phase 2 expects {spec.name!r} on "
+                             f"{data.num_classes}: re-run phase 1")
         model.load_trainable_state_dict(state, phase=1)
+    elif head_init(params, spec) == "class_mean":
+        # on the training device: a pass over the train split (every rank computes the same means)
+        init_head_from_class_means(model.to(device), data, params.evaluate.batch_size, params.train.num_workers)
+    return model.to(device)
 
-    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        wrapped: torch.nn.Module = model
-        if self.params.train.compile:
-            wrapped = torch.compile(wrapped)
-        if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel
 
-            ids = [self.dist.local_rank] if self.device.startswith("cuda") else None
-            # Top-k selection leaves unselected pool prompts without gradient in a step.
-            wrapped = DistributedDataParallel(wrapped, device_ids=ids, find_unused_parameters=self.phase == 2)
-        return wrapped
+def _wrap(model: Any, params: Params, phase: int, dist: Any, device: str) -> Any:
+    """What the step calls: ``torch.compile`` (``train.compile``) and DDP over the ranks, around the model."""
+    wrapped = model
+    if params.train.compile:
+        wrapped = torch.compile(wrapped)
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
 
-    # ------------------------------------------------------------------------------------ resume
-    def try_resume(self) -> bool:
-        """Restore this run's own scratch state when there is one; a damaged one is reported and ignored."""
-        state = load_resume_state(self.scratch)
-        if state is None:
-            return False
-        if state.meta["format"] != RESUME_FORMAT or state.meta["fingerprint"] != self.fingerprint:
-            print(f"[train] {self.scratch}/last was written by another version or config; starting fresh", flush=True)
-            return False
-        try:
-            self._check_fits(state)
-            self._restore(state)
-        except (ResumeStateError, KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
-            print(f"[train] ignoring damaged resume state in {self.scratch}/last ({err}); training from the start",
-                  flush=True)
-            self._reset()
-            return False
-        return True
+        ids = [dist.local_rank] if device.startswith("cuda") else None
+        # Top-k selection leaves unselected pool prompts without gradient in a step.
+        wrapped = DistributedDataParallel(wrapped, device_ids=ids, find_unused_parameters=phase == 2)
+    return wrapped
 
-    def _reset(self) -> None:
-        """Back to the untouched start after a half-applied restore."""
-        self.setup()
-        self.progress, self.best_state = Progress(), {}
 
-    def _check_fits(self, state: ResumeState) -> None:
-        """The state must fit this very run before any of it is applied: every tensor of the model's or the
-        optimizer's dtype and shape, optimizer / scheduler / sampler states shaped like this run's own, progress
-        counters within the phase. A crafted state that passes would otherwise fail inside torch (or publish a
-        model of garbage) on every rerun.
+def build_phase(params: Params, phase: int, plan: PhasePlan, on_step: StepHook | None = None) -> PhaseRun:
+    """Everything phase ``phase`` needs, in the order it is built: launch checks, threads, process group, data,
+    schedule, model, optimizer, samplers, recipe and its fingerprint (the scratch folder's name).
 
-        Raises:
-            ResumeStateError: naming the first field or tensor that does not fit.
-        """
-        tensors, meta, where = state.tensors, state.meta, f"{self.scratch}/last"
-        own = {n: p.detach() for n, p in self.model.named_parameters() if not n.startswith("backbone.")}
-        params = [p.detach() for group in self.ctx.optimizer.param_groups for p in group["params"]]
-        model_part = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-        best_part = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
-        optim_ref = {f"optim.{i}.momentum_buffer": p for i, p in enumerate(params)}
-        check_tensors(own, model_part, f"{where} (model)")
-        check_tensors(own, best_part, f"{where} (best)")
-        check_tensors(optim_ref, {k: v for k, v in tensors.items() if k.startswith("optim.")}, f"{where} (optimizer)")
-        stray = sorted(k for k in tensors if not k.startswith(("model.", "best.", "optim.")))
-        if stray or set(model_part) != set(own) or (best_part and set(best_part) != set(own)):
-            raise ResumeStateError(f"{where}: tensors {sorted(tensors)[:8]} are not this model's trainable set "
-                                   f"({sorted(own)})")
-        check_structure(self.ctx.optimizer.state_dict()["param_groups"], meta["optimizer"].get("param_groups"),
-                        "optimizer.param_groups")
-        if meta["optimizer"].get("scalars") != {}:  # SGD keeps tensors only (momentum buffers)
-            raise ResumeStateError(f"{where}: optimizer.scalars must be empty for SGD")
-        check_structure(self.ctx.scheduler.state_dict(), meta["scheduler"], "scheduler")
-        if self.ctx.scaler is not None:
-            check_structure(self.ctx.scaler.state_dict(), meta.get("scaler"), "scaler")
-        if len(meta["ranks"]) != self.dist.world_size:
-            raise ResumeStateError(f"{where}: {len(meta['ranks'])} rank states for {self.dist.world_size} processes")
-        for name, sampler in meta["ranks"][self.dist.rank]["samplers"].items():
-            if name not in self.samplers or not 0 <= sampler["offset"] <= sampler["num_samples"]:
-                raise ResumeStateError(f"{where}: sampler state {name!r} does not fit this run's samplers")
-        self._check_progress(meta["progress"], where)
+    Raises:
+        TrainError: a launch that does not match ``train.nproc``, a batch that does not split over the ranks,
+            missing shards or phase-1 checkpoint.
+    """
+    tcfg = params.train
+    spec = get_method(plan.method)
+    cfg: PhaseConfig = filled_phase(getattr(tcfg, f"phase{phase}"), spec.recipe)  # null keys: the method's own
+    dist = D.dist_from_env()
+    _check_launch(params, phase, cfg, dist)
+    if tcfg.threads > 0:
+        torch.set_num_threads(tcfg.threads)
+    device = D.init_distributed(dist, resolve_device(tcfg.device))
+    world, rank_batch = dist.world_size, cfg.batch_size // dist.world_size
+    from lpt.model.backbone import build_architecture, resolve_transforms
 
-    def _check_progress(self, prog: dict[str, Any], where: str) -> None:
-        """Counters of a resumable point of this phase: epoch e, step s of it, e * steps_per_epoch + s steps
-        done, one history row per finished epoch, a best epoch among them, curve points at increasing steps
-        already done, finite numbers."""
-        spe, epochs = self.steps_per_epoch, self.epochs
-        epoch, step = prog["epoch"], prog["step_in_epoch"]
-        history, best = prog["history"], prog["best_epoch"]
-        finite = all(math.isfinite(prog[k]) for k in ("loss_sum", "best_val_acc"))
-        rows_ok = _rows_ok(history)
-        curve = prog["curve"]
-        curve_ok = _rows_ok(curve)
-        steps = [row["step"] for row in curve] if curve_ok else []
-        curve_ok = curve_ok and steps == sorted(set(steps)) and all(0 < s <= prog["global_step"] for s in steps) \
-            and 0 <= prog["window_steps"] <= prog["global_step"] and math.isfinite(prog["window_loss"])
-        if not (0 <= epoch <= epochs and 0 <= step <= spe and prog["global_step"] == epoch * spe + step
-                and len(history) == epoch and rows_ok and curve_ok and finite and -1 <= best <= epoch
-                and (best == -1) == (epoch == 0) and -1.0 <= prog["best_val_acc"] <= 1.0):
-            raise ResumeStateError(f"{where}: progress {json.dumps({k: v for k, v in prog.items() if k != 'history'})[:200]} "
-                                   f"is not a point of this phase ({epochs} epochs of {spe} steps)")
+    # transforms left null in params come from the backbone (its input size, pretrained mean/std/crop)
+    transforms = resolve_transforms(params.transforms, build_architecture(params.backbone))
+    data = load_phase_data(params, transforms)
+    # epochs of floor(N / B) + 1 steps (or fewer: max_steps_per_epoch), at least min_steps in all; the
+    # warm-up, the cosine schedule and the IB weight w(e) all count these epochs
+    schedule = phase_schedule(len(data.train), cfg)
+    model = _build_model(params, phase, spec, data, device)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, schedule.total_steps, schedule.warmup_steps, cfg.warmup_lr)
+    scaler = torch.amp.GradScaler("cuda") if tcfg.amp == "fp16" and device.startswith("cuda") else None
+    ctx = StepContext(model=model, forward_model=_wrap(model, params, phase, dist, device), optimizer=optimizer,
+                      scheduler=scheduler, scaler=scaler, plan=plan, loss_cfg=params.loss,
+                      scale=own(params.loss.scale, spec.recipe, "scale"),
+                      class_counts=torch.tensor(data.class_counts, dtype=torch.float32, device=device),
+                      device=device, amp=tcfg.amp, grad_accum=cfg.grad_accum, micro_batch=rank_batch // cfg.grad_accum,
+                      dist=dist)
+    samplers = build_samplers(np.asarray(data.train.labels), per_rank_epoch=schedule.steps_per_epoch * rank_batch,
+                              seed=params.seed * 1000 + phase, rank=dist.rank, world_size=world,
+                              streams=plan.streams, samples_per_class=cfg.samples_per_class)
+    recipe = phase_recipe(params, phase, spec)
+    inputs = {"data": data.manifest_sha, "backbone": model.backbone_fingerprint(), "world_size": world,
+              "curve_points": tcfg.curve_points}  # a resume keeps the curve's spacing
+    if phase == 2:
+        inputs["phase1"] = sha256_file(Path(tcfg.out_dir) / "phase1" / "model.safetensors")
+    key = fingerprint(recipe, inputs)
+    return PhaseRun(params=params, phase=phase, plan=plan, on_step=on_step, spec=spec, cfg=cfg,
+                    phase_dir=Path(tcfg.out_dir) / f"phase{phase}", dist=dist, device=device, rank_batch=rank_batch,
+                    transforms=transforms, data=data, schedule=schedule, ctx=ctx, samplers=samplers, recipe=recipe,
+                    fingerprint=key, scratch=scratch_dir(tcfg.out_dir, phase, key),
+                    curve_every=curve_spacing(schedule.epochs * schedule.steps_per_epoch, tcfg.curve_points))
 
-    def _restore(self, state: ResumeState) -> None:
-        tensors, meta = state.tensors, state.meta
-        self.model.load_trainable_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        self.best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
-        optimizer_from_flat(self.ctx.optimizer, tensors, meta["optimizer"])
-        self.ctx.scheduler.load_state_dict(meta["scheduler"])
-        if self.ctx.scaler is not None and meta.get("scaler"):
-            self.ctx.scaler.load_state_dict(meta["scaler"])
-        rank_state = meta["ranks"][self.dist.rank]
-        for name, sampler_state in rank_state["samplers"].items():  # refuses a state of another sampler setup
-            self.samplers[name].load_state_dict(sampler_state)
-        self.progress = Progress(**{**meta["progress"], "sampler_states": dict(rank_state["samplers"])})
-        restore_rng_state(rank_state["rng"])
-        if self.dist.is_main:
-            prog = self.progress
-            print(f"[train] resumed phase {self.phase} from {self.scratch / 'last'} at step {prog.global_step} "
-                  f"(epoch {prog.epoch}, step {prog.step_in_epoch})", flush=True)
 
-    def save_checkpoint(self) -> None:
-        """Atomically rewrite ``scratch/last`` (rank 0 writes; every rank contributes its sampler + RNG state)."""
-        rank_state = {"samplers": dict(self.progress.sampler_states), "rng": capture_rng_state()}
-        ranks = D.all_gather(self.dist, rank_state)
-        if self.dist.is_main:
-            tensors = {f"model.{k}": v for k, v in self.model.trainable_state_dict().items()}
-            tensors.update({f"best.{k}": v for k, v in self.best_state.items()})
-            optim_tensors, optim_meta = optimizer_to_flat(self.ctx.optimizer)
-            tensors.update(optim_tensors)
-            prog = {k: v for k, v in asdict(self.progress).items() if k != "sampler_states"}
-            meta = {"format": RESUME_FORMAT, "fingerprint": self.fingerprint, "method": self.plan.method,
-                    "phase": self.phase, "progress": prog, "optimizer": optim_meta,
-                    "scheduler": self.ctx.scheduler.state_dict(),
-                    "scaler": self.ctx.scaler.state_dict() if self.ctx.scaler is not None else None, "ranks": ranks}
-            save_resume_state(self.scratch / "last", ResumeState(tensors, meta))
-        D.barrier(self.dist)
+# ============================================================================================ resume
+def resume(run: PhaseRun) -> bool:
+    """Apply this run's own scratch state when there is one; a damaged or foreign one is reported and ignored.
 
-    # ------------------------------------------------------------------------------------ the epoch loop
-    def train_epoch(self, epoch: int, live: Any = None) -> None:
-        """Steps ``progress.step_in_epoch..steps_per_epoch-1`` of ``epoch``, checkpointing every
-        ``train.checkpoint_every`` steps and adding a curve point every ``curve_every`` steps."""
-        prog = self.progress
-        streams = epoch_indices(self.samplers, prog.sampler_states, epoch, self.steps_per_epoch * self.rank_batch)
-        ib_w = ib_stream_weight(epoch, self.epochs, self.params.loss.ib_weight) if self.plan.dual_sampling else 1.0
-        if self.plan.dual_sampling and ib_w <= 0:
-            streams = {"cb": streams["cb"]}  # w(e) == 0: skip loading (and forwarding) the IB batch
-        dataset = EpochBatches(self.data.train, self.data.train_transform, streams, self.rank_batch,
-                               (self.params.seed, self.phase, epoch, self.dist.rank))
-        loader = epoch_loader(dataset, prog.step_in_epoch, self.steps_per_epoch,
-                              num_workers=self.params.train.num_workers, pin_memory=self.device.startswith("cuda"),
-                              epoch=epoch)
-        self.model.train()
-        bar = _progress_bar(self.steps_per_epoch, prog.step_in_epoch,
-                            f"phase {self.phase} epoch {epoch + 1}/{self.epochs}", self.dist.is_main)
-        for batches in loader:
-            loss = train_step(self.ctx, batches, ib_w, prog.global_step)
-            prog.loss_sum += loss
-            prog.window_loss += loss
-            prog.window_steps += 1
-            prog.step_in_epoch += 1
-            prog.global_step += 1
-            bar.update(1)
-            if self.curve_every and prog.global_step % self.curve_every == 0 \
-                    and prog.step_in_epoch < self.steps_per_epoch:  # an epoch's end has its own point
-                self.curve_point(self.val_accuracy(), live)
-                self.model.train()
-            if prog.global_step % self.params.train.checkpoint_every == 0:
-                self.save_checkpoint()
-            if self.on_step is not None:
-                self.on_step(prog.global_step)
-        bar.close()
+    The state is checked against the run before anything is applied (:func:`_check_fits`); should applying still
+    fail half-way, the run is put back as :func:`build_phase` left it (:func:`_snapshot`), without building it
+    again.
+    """
+    state = load_resume_state(run.scratch)
+    if state is None:
+        return False
+    if state.meta["format"] != RESUME_FORMAT or state.meta["fingerprint"] != run.fingerprint:
+        print(f"[train] {run.scratch}/last was written by another version or config; starting fresh", flush=True)
+        return False
+    undo = _snapshot(run)
+    try:
+        parts = _check_fits(run, state)
+        _apply(run, state, parts)
+    except (ResumeStateError, KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
+        print(f"[train] ignoring damaged resume state in {run.scratch}/last ({err}); training from the start",
+              flush=True)
+        undo()
+        return False
+    return True
 
-    @torch.no_grad()
-    def val_accuracy(self) -> float:
-        """Top-1 accuracy on the validation split (split over ranks, summed)."""
-        from lpt.data.reader import TransformedDataset
 
-        self.model.eval()
-        indices = list(range(self.dist.rank, len(self.data.val), self.dist.world_size))
-        dataset = torch.utils.data.Subset(TransformedDataset(self.data.val, self.data.val_transform), indices)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=self.params.evaluate.batch_size, shuffle=False,
-                                             num_workers=self.params.train.num_workers,
-                                             generator=torch.Generator().manual_seed(0))
-        counts = torch.zeros(2, dtype=torch.float64)
-        for x, y in loader:
-            with autocast(self.device, self.params.train.amp):
-                logits = self.model(x.to(self.device)).logits
-            counts[0] += (logits.argmax(dim=1).cpu() == y).sum().item()
-            counts[1] += len(y)
-        counts = D.all_reduce_sum(self.dist, counts, self.device)
-        return float(counts[0] / counts[1].clamp_min(1))
+def _snapshot(run: PhaseRun) -> Callable[[], None]:
+    """What resuming may change (trained tensors, optimizer, scheduler, scaler, samplers, RNG), as a callable
+    that puts it back."""
+    import copy
 
-    def curve_point(self, acc: float, live: Any) -> None:
-        """One point of the training curve at the current step: the mean loss since the previous point, the
-        val accuracy, the lr and the (fractional) epoch; logged to dvclive (rank 0) and kept for a resume."""
-        prog = self.progress
-        row = {"step": prog.global_step, "epoch": round(prog.global_step / self.steps_per_epoch, 4),
-               "loss": prog.window_loss / max(1, prog.window_steps),
-               "lr": float(self.ctx.scheduler.get_last_lr()[0]), "val_acc": acc}
-        prog.curve.append(row)
-        prog.window_loss, prog.window_steps = 0.0, 0
+    ctx = run.ctx
+    tensors = run.model.trainable_state_dict()
+    optim, sched = copy.deepcopy(ctx.optimizer.state_dict()), copy.deepcopy(ctx.scheduler.state_dict())
+    scaler = copy.deepcopy(ctx.scaler.state_dict()) if ctx.scaler is not None else None
+    samplers = {name: s.state_dict() for name, s in run.samplers.items()}
+    rng = capture_rng_state()
+
+    def undo() -> None:
+        run.model.load_trainable_state_dict(tensors)
+        ctx.optimizer.load_state_dict(optim)
+        ctx.scheduler.load_state_dict(sched)
+        if ctx.scaler is not None:
+            ctx.scaler.load_state_dict(scaler)
+        for name, sampler_state in samplers.items():
+            run.samplers[name].load_state_dict(sampler_state)
+        restore_rng_state(rng)
+        run.progress, run.best_state = Progress(), {}
+
+    return undo
+
+
+def _check_fits(run: PhaseRun, state: ResumeState) -> dict[str, dict[str, torch.Tensor]]:
+    """The state must fit this very run before any of it is applied: every tensor of the model's or the
+    optimizer's dtype and shape, optimizer / scheduler / sampler states shaped like this run's own, progress
+    counters within the phase. A crafted state that passes would otherwise fail inside torch (or publish a
+    model of garbage) on every rerun.
+
+    Returns:
+        The state's tensors by part (:func:`lpt.train.resume.split_resume_tensors`).
+
+    Raises:
+        ResumeStateError: naming the first field or tensor that does not fit.
+    """
+    meta, where, ctx = state.meta, f"{run.scratch}/last", run.ctx
+    own = {n: p.detach() for n, p in run.model.named_parameters() if not n.startswith("backbone.")}
+    params = [p.detach() for group in ctx.optimizer.param_groups for p in group["params"]]
+    parts, stray = split_resume_tensors(state.tensors)
+    check_tensors(own, parts["model"], f"{where} (model)")
+    check_tensors(own, parts["best"], f"{where} (best)")
+    check_tensors({f"optim.{i}.momentum_buffer": p for i, p in enumerate(params)}, parts["optim"],
+                  f"{where} (optimizer)")
+    if stray or set(parts["model"]) != set(own) or (parts["best"] and set(parts["best"]) != set(own)):
+        raise ResumeStateError(f"{where}: tensors {sorted(state.tensors)[:8]} are not this model's trainable set "
+                               f"({sorted(own)})")
+    check_structure(ctx.optimizer.state_dict()["param_groups"], meta["optimizer"].get("param_groups"),
+                    "optimizer.param_groups")
+    if meta["optimizer"].get("scalars") != {}:  # SGD keeps tensors only (momentum buffers)
+        raise ResumeStateError(f"{where}: optimizer.scalars must be empty for SGD")
+    check_structure(ctx.scheduler.state_dict(), meta["scheduler"], "scheduler")
+    if ctx.scaler is not None:
+        check_structure(ctx.scaler.state_dict(), meta.get("scaler"), "scaler")
+    if len(meta["ranks"]) != run.dist.world_size:
+        raise ResumeStateError(f"{where}: {len(meta['ranks'])} rank states for {run.dist.world_size} processes")
+    for name, sampler in meta["ranks"][run.dist.rank]["samplers"].items():
+        if name not in run.samplers or not 0 <= sampler["offset"] <= sampler["num_samples"]:
+            raise ResumeStateError(f"{where}: sampler state {name!r} does not fit this run's samplers")
+    _check_progress(meta["progress"], run.steps_per_epoch, run.epochs, where)
+    return parts
+
+
+def _check_progress(prog: dict[str, Any], spe: int, epochs: int, where: str) -> None:
+    """Counters of a resumable point of this phase: epoch e, step s of it, e * steps_per_epoch + s steps
+    done, one history row per finished epoch, a best epoch among them, curve points at increasing steps
+    already done, finite numbers."""
+    epoch, step = prog["epoch"], prog["step_in_epoch"]
+    history, best = prog["history"], prog["best_epoch"]
+    finite = all(math.isfinite(prog[k]) for k in ("loss_sum", "best_val_acc"))
+    curve = prog["curve"]
+    curve_ok = _rows_ok(curve)
+    steps = [row["step"] for row in curve] if curve_ok else []
+    curve_ok = curve_ok and steps == sorted(set(steps)) and all(0 < s <= prog["global_step"] for s in steps) \
+        and 0 <= prog["window_steps"] <= prog["global_step"] and math.isfinite(prog["window_loss"])
+    if not (0 <= epoch <= epochs and 0 <= step <= spe and prog["global_step"] == epoch * spe + step
+            and len(history) == epoch and _rows_ok(history) and curve_ok and finite and -1 <= best <= epoch
+            and (best == -1) == (epoch == 0) and -1.0 <= prog["best_val_acc"] <= 1.0):
+        raise ResumeStateError(f"{where}: progress {json.dumps({k: v for k, v in prog.items() if k != 'history'})[:200]} "
+                               f"is not a point of this phase ({epochs} epochs of {spe} steps)")
+
+
+def _apply(run: PhaseRun, state: ResumeState, parts: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Load a checked state into the run: tensors, optimizer, scheduler, scaler, samplers, progress, RNG."""
+    meta, ctx = state.meta, run.ctx
+    run.model.load_trainable_state_dict(parts["model"])
+    run.best_state = parts["best"]
+    optimizer_from_flat(ctx.optimizer, parts["optim"], meta["optimizer"])
+    ctx.scheduler.load_state_dict(meta["scheduler"])
+    if ctx.scaler is not None and meta.get("scaler"):
+        ctx.scaler.load_state_dict(meta["scaler"])
+    rank_state = meta["ranks"][run.dist.rank]
+    for name, sampler_state in rank_state["samplers"].items():  # refuses a state of another sampler setup
+        run.samplers[name].load_state_dict(sampler_state)
+    run.progress = Progress(**{**meta["progress"], "sampler_states": dict(rank_state["samplers"])})
+    restore_rng_state(rank_state["rng"])
+    if run.dist.is_main:
+        prog = run.progress
+        print(f"[train] resumed phase {run.phase} from {run.scratch / 'last'} at step {prog.global_step} "
+              f"(epoch {prog.epoch}, step {prog.step_in_epoch})", flush=True)
+
+
+def save_checkpoint(run: PhaseRun) -> None:
+    """Atomically rewrite ``scratch/last`` (rank 0 writes; every rank contributes its sampler + RNG state)."""
+    rank_state = {"samplers": dict(run.progress.sampler_states), "rng": capture_rng_state()}
+    ranks = D.all_gather(run.dist, rank_state)
+    if run.dist.is_main:
+        ctx = run.ctx
+        optim_tensors, optim_meta = optimizer_to_flat(ctx.optimizer)
+        tensors = join_resume_tensors(run.model.trainable_state_dict(), run.best_state, optim_tensors)
+        prog = {k: v for k, v in asdict(run.progress).items() if k != "sampler_states"}
+        meta = {"format": RESUME_FORMAT, "fingerprint": run.fingerprint, "method": run.plan.method,
+                "phase": run.phase, "progress": prog, "optimizer": optim_meta, "scheduler": ctx.scheduler.state_dict(),
+                "scaler": ctx.scaler.state_dict() if ctx.scaler is not None else None, "ranks": ranks}
+        save_resume_state(run.scratch / "last", ResumeState(tensors, meta))
+    D.barrier(run.dist)
+
+
+# ====================================================================================== the epoch loop
+def train_epoch(run: PhaseRun, epoch: int, live: Any = None) -> None:
+    """Steps ``progress.step_in_epoch..steps_per_epoch-1`` of ``epoch``, checkpointing every
+    ``train.checkpoint_every`` steps and adding a curve point every ``curve_every`` steps."""
+    prog, params = run.progress, run.params
+    streams = epoch_indices(run.samplers, prog.sampler_states, epoch, run.steps_per_epoch * run.rank_batch)
+    ib_w = ib_stream_weight(epoch, run.epochs, params.loss.ib_weight) if run.plan.dual_sampling else 1.0
+    if run.plan.dual_sampling and ib_w <= 0:
+        streams = {"cb": streams["cb"]}  # w(e) == 0: skip loading (and forwarding) the IB batch
+    dataset = EpochBatches(run.data.train, run.data.train_transform, streams, run.rank_batch,
+                           (params.seed, run.phase, epoch, run.dist.rank))
+    loader = epoch_loader(dataset, prog.step_in_epoch, run.steps_per_epoch, num_workers=params.train.num_workers,
+                          pin_memory=run.device.startswith("cuda"), epoch=epoch)
+    run.model.train()
+    bar = _progress_bar(run.steps_per_epoch, prog.step_in_epoch, f"phase {run.phase} epoch {epoch + 1}/{run.epochs}",
+                        run.dist.is_main)
+    for batches in loader:
+        loss = train_step(run.ctx, batches, ib_w, prog.global_step)
+        prog.loss_sum += loss
+        prog.window_loss += loss
+        prog.window_steps += 1
+        prog.step_in_epoch += 1
+        prog.global_step += 1
+        bar.update(1)
+        if run.curve_every and prog.global_step % run.curve_every == 0 \
+                and prog.step_in_epoch < run.steps_per_epoch:  # an epoch's end has its own point
+            curve_point(run, val_accuracy(run), live)
+            run.model.train()
+        if prog.global_step % params.train.checkpoint_every == 0:
+            save_checkpoint(run)
+        if run.on_step is not None:
+            run.on_step(prog.global_step)
+    bar.close()
+
+
+@torch.no_grad()
+def val_accuracy(run: PhaseRun) -> float:
+    """Top-1 accuracy on the validation split (split over ranks, summed)."""
+    from lpt.data.reader import TransformedDataset
+
+    run.model.eval()
+    indices = list(range(run.dist.rank, len(run.data.val), run.dist.world_size))
+    dataset = torch.utils.data.Subset(TransformedDataset(run.data.val, run.data.val_transform), indices)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=run.params.evaluate.batch_size, shuffle=False,
+                                         num_workers=run.params.train.num_workers,
+                                         generator=torch.Generator().manual_seed(0))
+    counts = torch.zeros(2, dtype=torch.float64)
+    for x, y in loader:
+        with autocast(run.device, run.params.train.amp):
+            logits = run.model(x.to(run.device)).logits
+        counts[0] += (logits.argmax(dim=1).cpu() == y).sum().item()
+        counts[1] += len(y)
+    counts = D.all_reduce_sum(run.dist, counts, run.device)
+    return float(counts[0] / counts[1].clamp_min(1))
+
+
+def curve_point(run: PhaseRun, acc: float, live: Any) -> None:
+    """One point of the training curve at the current step: the mean loss since the previous point, the
+    val accuracy, the lr and the (fractional) epoch; logged to dvclive (rank 0) and kept for a resume."""
+    prog = run.progress
+    row = {"step": prog.global_step, "epoch": round(prog.global_step / run.steps_per_epoch, 4),
+           "loss": prog.window_loss / max(1, prog.window_steps),
+           "lr": float(run.ctx.scheduler.get_last_lr()[0]), "val_acc": acc}
+    prog.curve.append(row)
+    prog.window_loss, prog.window_steps = 0.0, 0
+    if live is not None:
+        _log_live(live, row)
+
+
+def end_epoch(run: PhaseRun, epoch: int, live: Any) -> None:
+    """Validate, keep the best tensors, log one line, checkpoint the epoch boundary."""
+    acc = val_accuracy(run)
+    curve_point(run, acc, live)
+    prog = run.progress
+    row = {"epoch": epoch + 1, "step": prog.global_step, "loss": prog.loss_sum / max(1, run.steps_per_epoch),
+           "lr": float(run.ctx.scheduler.get_last_lr()[0]), "val_acc": acc}
+    prog.history.append(row)
+    if acc > prog.best_val_acc:
+        prog.best_val_acc, prog.best_epoch = acc, epoch + 1
+        run.best_state = {k: v.detach().cpu().clone() for k, v in run.model.trainable_state_dict().items()}
+    if run.dist.is_main:
+        print(f"[train] phase {run.phase} epoch {epoch + 1}/{run.epochs}: loss {row['loss']:.4f}  "
+              f"lr {row['lr']:.2e}  val acc {acc:.4f}  (best {prog.best_val_acc:.4f} @ epoch {prog.best_epoch})",
+              flush=True)
+    prog.epoch, prog.step_in_epoch, prog.loss_sum = epoch + 1, 0, 0.0
+    prog.sampler_states = {name: sampler.state_dict() for name, sampler in run.samplers.items()}
+    save_checkpoint(run)
+
+
+def _print_start(run: PhaseRun, resumed: bool) -> None:
+    from lpt.model.lpt import format_parameter_report
+
+    streams = {"dual": "class-aware (CB) + instance-balanced (IB)", "cb": "class-aware (CB)",
+               "ib": "instance-balanced (IB)"}[run.plan.sampling]
+    cfg = run.cfg
+    print(f"[train] method {run.plan.method}, phase {run.phase}: {len(run.data.train)} train / "
+          f"{len(run.data.val)} val images, {run.data.num_classes} classes; {run.epochs} epochs x "
+          f"{run.steps_per_epoch} steps{_cap_note(run)}, global batch {cfg.batch_size} ({streams}), "
+          f"world size {run.dist.world_size}, grad accum {cfg.grad_accum}, device {run.device}, "
+          f"amp {run.params.train.amp}, lr {scaled_lr(cfg.lr, cfg.batch_size):.4g}"
+          f"{' (resumed)' if resumed else ''}; resume state: {run.scratch}", flush=True)
+    print(format_parameter_report(run.model.parameter_report()), flush=True)
+
+
+def _cap_note(run: PhaseRun) -> str:
+    notes = []
+    if run.steps_per_epoch != run.schedule.full_steps_per_epoch:
+        notes.append(f"of {run.schedule.full_steps_per_epoch}: train.phase{run.phase}.max_steps_per_epoch")
+    if run.epochs > run.cfg.epochs:
+        notes.append(f"{run.epochs} epochs, not {run.cfg.epochs}: train.phase{run.phase}.min_steps "
+                     f"{run.cfg.min_steps}")
+    return f" ({'; '.join(notes)})" if notes else ""
+
+
+def publish(run: PhaseRun) -> dict[str, Any]:
+    """Write the best-validation model + curves into a temp folder that replaces ``phase{N}/`` whole,
+    then drop the scratch state (rank 0)."""
+    from lpt.model.lpt import save_trained_model
+
+    if run.best_state:
+        run.model.load_trainable_state_dict(run.best_state)
+    prog = run.progress
+    if run.dist.is_main:
+        meta = {"class_counts": run.data.class_counts, "recipe": run.recipe,
+                "recipe_sha256": sha256_json(run.recipe), "best_val_acc": prog.best_val_acc,
+                "best_epoch": prog.best_epoch, "epochs": run.epochs, "epochs_run": prog.epoch,
+                "steps": prog.global_step, "history": prog.history, "world_size": run.dist.world_size,
+                "transforms": run.transforms.as_dict()}
+        with atomic_dir(run.phase_dir, **_phase_output(run.phase_dir)) as tmp:
+            save_trained_model(run.model, tmp, meta)
+            if (run.scratch / "live").is_dir():
+                shutil.copytree(run.scratch / "live", tmp / "live")
+        shutil.rmtree(run.scratch, ignore_errors=True)
+        print(f"[train] phase {run.phase} done: best val acc {prog.best_val_acc:.4f} (epoch {prog.best_epoch}); "
+              f"model -> {run.phase_dir / 'model.safetensors'}, curves -> {run.phase_dir / 'live'}", flush=True)
+    D.barrier(run.dist)
+    return {"checkpoint": str(run.phase_dir / "model.safetensors"), "best_val_acc": prog.best_val_acc,
+            "phase_dir": str(run.phase_dir)}
+
+
+def train_phase(params: Params, phase: int, plan: PhasePlan, on_step: StepHook | None = None) -> dict[str, Any]:
+    """The training run, top to bottom: build, resume, the epoch loop (early stop, epoch, epoch end), publish."""
+    run = build_phase(params, phase, plan, on_step)
+    resumed = resume(run)
+    if run.dist.is_main:
+        _print_start(run, resumed)
+    live = _open_live(run.scratch / "live", run.progress.curve) if run.dist.is_main else None
+    try:
+        for epoch in range(run.progress.epoch, run.epochs):
+            if stopped_early(run.progress.epoch, run.progress.best_epoch, run.cfg.patience):
+                if run.dist.is_main:
+                    print(f"[train] phase {phase}: stopped after epoch {run.progress.epoch} of {run.epochs}, no "
+                          f"better val accuracy in {run.cfg.patience} epochs (train.phase{phase}.patience)", flush=True)
+                break
+            train_epoch(run, epoch, live)
+            end_epoch(run, epoch, live)
+    finally:
         if live is not None:
-            _log_live(live, row)
-
-    def end_epoch(self, epoch: int, live: Any) -> None:
-        """Validate, keep the best tensors, log one line, checkpoint the epoch boundary."""
-        acc = self.val_accuracy()
-        self.curve_point(acc, live)
-        prog = self.progress
-        row = {"epoch": epoch + 1, "step": prog.global_step, "loss": prog.loss_sum / max(1, self.steps_per_epoch),
-               "lr": float(self.ctx.scheduler.get_last_lr()[0]), "val_acc": acc}
-        prog.history.append(row)
-        if acc > prog.best_val_acc:
-            prog.best_val_acc, prog.best_epoch = acc, epoch + 1
-            self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.trainable_state_dict().items()}
-        if self.dist.is_main:
-            print(f"[train] phase {self.phase} epoch {epoch + 1}/{self.epochs}: loss {row['loss']:.4f}  "
-                  f"lr {row['lr']:.2e}  val acc {acc:.4f}  (best {prog.best_val_acc:.4f} @ epoch {prog.best_epoch})",
-                  flush=True)
-        prog.epoch, prog.step_in_epoch, prog.loss_sum = epoch + 1, 0, 0.0
-        prog.sampler_states = {name: sampler.state_dict() for name, sampler in self.samplers.items()}
-        self.save_checkpoint()
-
-    # ------------------------------------------------------------------------------------ driver
-    def run(self) -> dict[str, Any]:
-        self.setup()
-        resumed = self.try_resume()
-        if self.dist.is_main:
-            self._print_start(resumed)
-        live = _open_live(self.scratch / "live", self.progress.curve) if self.dist.is_main else None
-        try:
-            for epoch in range(self.progress.epoch, self.epochs):
-                if stopped_early(self.progress.epoch, self.progress.best_epoch, self.cfg.patience):
-                    if self.dist.is_main:
-                        print(f"[train] phase {self.phase}: stopped after epoch {self.progress.epoch} of "
-                              f"{self.epochs}, no better val accuracy in {self.cfg.patience} epochs "
-                              f"(train.phase{self.phase}.patience)", flush=True)
-                    break
-                self.train_epoch(epoch, live)
-                self.end_epoch(epoch, live)
-        finally:
-            if live is not None:
-                live.end()
-        result = self._publish()
-        D.shutdown(self.dist)
-        return result
-
-    def _print_start(self, resumed: bool) -> None:
-        from lpt.model.lpt import format_parameter_report
-
-        streams = {"dual": "class-aware (CB) + instance-balanced (IB)", "cb": "class-aware (CB)",
-                   "ib": "instance-balanced (IB)"}[self.plan.sampling]
-        print(f"[train] method {self.plan.method}, phase {self.phase}: {len(self.data.train)} train / "
-              f"{len(self.data.val)} val images, {self.data.num_classes} classes; {self.epochs} epochs x "
-              f"{self.steps_per_epoch} steps{self._cap_note()}, global batch {self.cfg.batch_size} ({streams}), "
-              f"world size {self.dist.world_size}, grad accum {self.cfg.grad_accum}, device {self.device}, "
-              f"amp {self.params.train.amp}, lr {scaled_lr(self.cfg.lr, self.cfg.batch_size):.4g}"
-              f"{' (resumed)' if resumed else ''}; resume state: {self.scratch}", flush=True)
-        print(format_parameter_report(self.model.parameter_report()), flush=True)
-
-    def _cap_note(self) -> str:
-        notes = []
-        if self.steps_per_epoch != self.schedule.full_steps_per_epoch:
-            notes.append(f"of {self.schedule.full_steps_per_epoch}: train.phase{self.phase}.max_steps_per_epoch")
-        if self.epochs > self.cfg.epochs:
-            notes.append(f"{self.epochs} epochs, not {self.cfg.epochs}: train.phase{self.phase}.min_steps "
-                         f"{self.cfg.min_steps}")
-        return f" ({'; '.join(notes)})" if notes else ""
-
-    def _publish(self) -> dict[str, Any]:
-        """Write the best-validation model + curves into a temp folder that replaces ``phase{N}/`` whole,
-        then drop the scratch state (rank 0)."""
-        from lpt.model.lpt import save_trained_model
-
-        if self.best_state:
-            self.model.load_trainable_state_dict(self.best_state)
-        prog = self.progress
-        if self.dist.is_main:
-            meta = {"class_counts": self.data.class_counts, "recipe": self.recipe,
-                    "recipe_sha256": _sha256_json(self.recipe), "best_val_acc": prog.best_val_acc,
-                    "best_epoch": prog.best_epoch, "epochs": self.epochs, "epochs_run": prog.epoch,
-                    "steps": prog.global_step,
-                    "history": prog.history, "world_size": self.dist.world_size,
-                    "transforms": self.transforms.as_dict()}
-            with atomic_dir(self.phase_dir, **_phase_output(self.phase_dir)) as tmp:
-                save_trained_model(self.model, tmp, meta)
-                if (self.scratch / "live").is_dir():
-                    shutil.copytree(self.scratch / "live", tmp / "live")
-            shutil.rmtree(self.scratch, ignore_errors=True)
-            print(f"[train] phase {self.phase} done: best val acc {prog.best_val_acc:.4f} (epoch {prog.best_epoch}); "
-                  f"model -> {self.phase_dir / 'model.safetensors'}, curves -> {self.phase_dir / 'live'}", flush=True)
-        D.barrier(self.dist)
-        return {"checkpoint": str(self.phase_dir / "model.safetensors"), "best_val_acc": prog.best_val_acc,
-                "phase_dir": str(self.phase_dir)}
+            live.end()
+    result = publish(run)
+    D.shutdown(run.dist)
+    return result
 
 
 @torch.no_grad()
@@ -493,12 +578,6 @@ def init_head_from_class_means(model: Any, data: Any, batch_size: int, num_worke
     model.head.weight[seen] = torch.nn.functional.normalize(means, dim=1).to(model.head.weight)
     model.train(was_training)
     return counts
-
-
-def _sha256_json(value: Any) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _rows_ok(rows: list[Any]) -> bool:
@@ -611,4 +690,4 @@ def run_phase(params: Params, phase: int, *, on_step: StepHook | None = None) ->
         raise TrainError(str(err)) from None
     if not plan.trains:
         return _copy_phase1_as_final(params, plan)
-    return _PhaseRun(params, phase, plan, on_step).run()
+    return train_phase(params, phase, plan, on_step)
