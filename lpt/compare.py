@@ -40,8 +40,8 @@ from typing import Any
 
 from lpt.baselines import PIXEL_BASELINES
 from lpt.config import Params, apply_overrides, parse_params
-from lpt.evaluate import _fmt
-from lpt.gate import compare_cell_dir, compare_root
+from lpt.compare_layout import cell_metrics_path, compare_cell_dir, compare_root  # noqa: F401
+from lpt.metrics import format_value
 from lpt.methods import METHODS as METHOD_REGISTRY
 from lpt.methods import PROBE_METHOD, REFERENCE_METHOD, get_method
 from lpt.utils import atomic_path, read_json, sha256_file, sha256_json, write_json_atomic
@@ -49,7 +49,7 @@ from lpt.utils import atomic_path, read_json, sha256_file, sha256_json, write_js
 __all__ = ["CompareError", "METHODS", "BASELINES", "ALL_ROWS", "ACCURACY_COLUMNS", "CALLED_METRICS", "CELL_FILE", "NOTES_MARKER",
            "budget", "run_cell", "run_baseline", "aggregate", "call_difference", "verdict_lines", "accuracy_table",
            "cost_table", "compare_table", "target_verdict", "run_compare", "run_results", "readme_table",
-           "update_readme", "inference_ms_per_image"]
+           "update_readme", "inference_ms_per_image", "compare_root", "compare_cell_dir", "cell_metrics_path"]
 
 class CompareError(ValueError):
     """A comparison cannot run as asked (unknown row, bad seeds, a README without the results block)."""
@@ -245,8 +245,9 @@ def run_cell(params: Params, method: str, seed: int, inputs: dict[str, str] | No
     cell = {"format": CELL_FORMAT, "key": key, "method": method, "seed": int(seed), "epochs": list(budget(params, method)),
             "metrics": metrics, "train_seconds": train_seconds, "infer_ms_per_image": infer_ms}
     write_json_atomic(path, cell)
-    print(f"[compare] {params.data.source} / {method} / seed {seed}: overall {_fmt(metrics['overall'])} "
-          f"few {_fmt(metrics['few'])} (test, %); train {train_seconds:.0f} s, {infer_ms:.3f} ms/img", flush=True)
+    print(f"[compare] {params.data.source} / {method} / seed {seed}: overall "
+          f"{format_value(metrics['overall'], pct=True)} few {format_value(metrics['few'], pct=True)} (test, %); "
+          f"train {train_seconds:.0f} s, {infer_ms:.3f} ms/img", flush=True)
     return {**cell, "reused": False}
 
 
@@ -267,8 +268,8 @@ def run_baseline(params: Params, name: str, inputs: dict[str, str] | None = None
     cell = {"format": CELL_FORMAT, "key": key, "method": name, "seed": None, "epochs": None, "metrics": result.metrics,
             "train_seconds": result.fit_seconds, "infer_ms_per_image": result.infer_ms_per_image, "detail": result.detail}
     write_json_atomic(path, cell)
-    print(f"[compare] {params.data.source} / {name}: overall {_fmt(result.metrics['overall'])} "
-          f"few {_fmt(result.metrics['few'])} (test, %)", flush=True)
+    print(f"[compare] {params.data.source} / {name}: overall {format_value(result.metrics['overall'], pct=True)} "
+          f"few {format_value(result.metrics['few'], pct=True)} (test, %)", flush=True)
     return {**cell, "reused": False}
 
 
@@ -415,7 +416,8 @@ def compare_table(rows: dict[str, dict[str, Any]]) -> str:
     head = "| method | " + " | ".join(c for _, c in ACCURACY_COLUMNS) + " |"
     lines = [head, "|---" * (len(ACCURACY_COLUMNS) + 1) + "|"]
     for method, m in rows.items():
-        lines.append(f"| {method} | " + " | ".join(_fmt(m.get(k)) for k, _ in ACCURACY_COLUMNS) + " |")
+        lines.append(f"| {method} | " + " | ".join(format_value(m.get(k), pct=True) for k, _ in ACCURACY_COLUMNS)
+                     + " |")
     return "\n".join(lines)
 
 

@@ -48,6 +48,15 @@ __all__ = [
     "PredictionStats",
     "count_bins",
     "worst_classes",
+    "ClassView",
+    "class_view",
+    "plot_rows",
+    "training_curves",
+    "figure_per_class_accuracy",
+    "figure_confusion",
+    "figure_prompt_usage",
+    "figure_training_curves",
+    "write_figures",
     "final_checkpoint_dir",
     "nonfinite_tensors",
     "probe_metrics_path",
@@ -210,37 +219,80 @@ def _param_counts(model: Any) -> dict[str, int]:
     return {"trainable": tuned, "prompt": tuned - head, "backbone": int(report["backbone"])}
 
 
-def _fmt(v: Any, pct: bool = True) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    return f"{100 * v:.2f}" if pct else f"{v:.4f}"
+def _pct(value: Any) -> str:
+    """A rate as a percentage for the report (:func:`lpt.metrics.format_value`)."""
+    return M.format_value(value, pct=True)
 
 
-# ---------------------------------------------------------------------------------- plot data / figs
-def _plot_rows(pred: np.ndarray, labels: np.ndarray, usage: dict[str, np.ndarray], counts: np.ndarray,
-               class_names: list[str], pool_size: int, max_classes: int) -> dict[str, list[dict[str, Any]]]:
-    """Rows of the three DVC plots. Up to ``max_classes`` classes: one per class (accuracy vs training
-    count) and one per test image with its class names (confusion). Above it (iNat: 8,142 classes) the
-    same files summarise, so ``dvc plots show`` stays renderable: one row per training-count bin (its
-    classes' mean accuracy at the bin's geometric-mean count, :func:`count_bins`) and the confusion between
-    many/medium/few groups (the group of the true vs the predicted class)."""
+# ---------------------------------------------------------------------------------- class-level results
+@dataclass
+class ClassView:
+    """The class-level results that the DVC plots, the figures and the report are drawn from.
+
+    Attributes:
+        counts: training images per class (the groups' counts) [C].
+        acc: per-class test accuracy (NaN for a class without test images) [C].
+        groups: per-class group, standard convention [C].
+        confusion: C x C counts, or the 3 x 3 group confusion when summarised.
+        usage: group-prompt selections per pool prompt: ``all`` and per group.
+        has_pool: the model selects group prompts.
+        bins: the training-count bins (:func:`count_bins`) when there are more classes than plots show one by
+            one (``evaluate.max_plot_classes``); ``None``: one row per class.
+        worst: the classes with the lowest test accuracy (:func:`worst_classes`), when summarised.
+    """
+
+    counts: np.ndarray
+    acc: np.ndarray
+    groups: np.ndarray
+    confusion: np.ndarray
+    usage: dict[str, np.ndarray]
+    has_pool: bool
+    bins: list[dict[str, Any]] | None = None
+    worst: list[dict[str, Any]] | None = None
+
+    @property
+    def summarised(self) -> bool:
+        return self.bins is not None
+
+
+def class_view(preds: PredictionStats, counts: np.ndarray, class_names: list[str], pool_size: int,
+               max_classes: int) -> ClassView:
+    """:class:`ClassView` of a model's test predictions: per-class accuracy and groups, confusion (by group
+    above ``max_classes`` classes: a C x C matrix at 8,142 classes is 0.5 GB of int64 and an unreadable figure),
+    prompt usage, and the count bins and worst classes when summarised."""
     num_classes = len(counts)
-    acc = M.per_class_accuracy(pred, labels, num_classes)
+    acc = M.per_class_accuracy(preds.pred, preds.labels, num_classes)
     groups = M.class_groups(counts, "standard")
+    usage = M.prompt_usage(preds.selected, preds.labels, counts, pool_size)
+    has_pool = preds.selected is not None
     if num_classes <= max_classes:
+        return ClassView(counts, acc, groups, M.confusion_matrix(preds.pred, preds.labels, num_classes), usage,
+                         has_pool)
+    return ClassView(counts, acc, groups, M.group_confusion(preds.pred, preds.labels, counts), usage, has_pool,
+                     bins=count_bins(counts, acc), worst=worst_classes(preds.pred, preds.labels, counts, class_names))
+
+
+def plot_rows(view: ClassView, preds: PredictionStats, class_names: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """Rows of the three DVC plots. One per class (accuracy vs training count) and one per test image with
+    its class names (confusion); summarised (iNat: 8,142 classes), so ``dvc plots show`` stays renderable: one
+    row per training-count bin (its classes' mean accuracy at the bin's geometric-mean count) and the
+    confusion between many/medium/few groups (the group of the true vs the predicted class)."""
+    acc, groups, counts = view.acc, view.groups, view.counts
+    if view.bins is None:
         per_class = [
             {"class": class_names[c], "train_count": int(counts[c]),
              "accuracy": None if math.isnan(acc[c]) else float(acc[c]), "group": str(groups[c])}
-            for c in range(num_classes)
+            for c in range(len(counts))
         ]
-        confusion = [{"actual": class_names[a], "predicted": class_names[p]} for a, p in zip(labels, pred)]
+        confusion = [{"actual": class_names[a], "predicted": class_names[p]} for a, p in zip(preds.labels, preds.pred)]
     else:
         per_class = [{"class": f"{b['low']}-{b['high']} images ({b['classes']} classes)", "train_count": b["count"],
                       "accuracy": b["accuracy"], "group": b["group"], "classes": b["classes"]}
-                     for b in count_bins(counts, acc)]
-        confusion = [{"actual": str(groups[a]), "predicted": str(groups[p])} for a, p in zip(labels, pred)]
+                     for b in view.bins]
+        confusion = [{"actual": str(groups[a]), "predicted": str(groups[p])} for a, p in zip(preds.labels, preds.pred)]
+    pool_size = len(view.usage["all"])
     prompt_rows = [
-        {"prompt": f"p{p:02d}", "count": int(usage[g][p]), "group": g}
+        {"prompt": f"p{p:02d}", "count": int(view.usage[g][p]), "group": g}
         for p in range(pool_size) for g in M.GROUPS
     ]
     return {"per_class_accuracy": per_class, "confusion": confusion, "prompt_usage": prompt_rows}
@@ -317,46 +369,55 @@ def worst_classes(pred: np.ndarray, labels: np.ndarray, counts: np.ndarray, clas
     return rows
 
 
-def _read_dvclive_curves(train_out: Path) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """``{metric name: {"phase1": (steps, values), ...}}`` from ``phase*/live/plots/metrics/**/*.tsv``."""
-    import csv
+def training_curves(train_out: Path) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """``{metric name: {"phase1": (steps, values), ...}}``: each phase's dvclive curves, read with dvclive's own
+    reader (``dvclive.utils.parse_metrics``: every metric file under its ``plots/metrics``)."""
+    from types import SimpleNamespace
+
+    from dvclive.plots import Metric
+    from dvclive.utils import parse_metrics
 
     curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
     for phase in (1, 2):
-        root = train_out / f"phase{phase}" / "live" / "plots" / "metrics"
+        live = train_out / f"phase{phase}" / "live"
+        root = live / "plots" / Metric.subfolder
         if not root.is_dir():
             continue
-        for tsv in sorted(root.rglob("*.tsv")):
-            name = tsv.relative_to(root).with_suffix("").as_posix()
+        try:
+            history, _ = parse_metrics(SimpleNamespace(plots_dir=str(live / "plots"),
+                                                       metrics_file=str(live / "metrics.json")))
+        except (OSError, ValueError):
+            continue
+        for path in sorted(history):
+            rows = history[path]
+            name = Path(path).relative_to(root).with_suffix("").as_posix()
             try:
-                with open(tsv, newline="") as fh:
-                    rows = list(csv.DictReader(fh, delimiter="\t"))
                 col = next(k for k in rows[0] if k not in ("step", "timestamp"))
                 steps = np.array([float(r["step"]) for r in rows])
                 vals = np.array([float(r[col]) for r in rows])
-            except (StopIteration, IndexError, KeyError, ValueError):
+            except (StopIteration, IndexError, KeyError, ValueError, TypeError):
                 continue
             curves.setdefault(name, {})[f"phase{phase}"] = (steps, vals)
     return curves
 
 
-def _write_figures(fig_dir: Path, rows: dict[str, list[dict[str, Any]]], cm: np.ndarray,
-                   usage: dict[str, np.ndarray], has_pool: bool, train_out: Path,
-                   summary: tuple[np.ndarray, np.ndarray] | None = None) -> list[str]:
-    """PNG renderings. ``summary`` = (per-class accuracy, per-class group) when the plots are summarised
-    (many classes): the accuracy figure gets a per-group histogram panel and ``cm`` is the 3 x 3 group
-    confusion."""
+_GROUP_COLORS = {"many": "tab:blue", "medium": "tab:orange", "few": "tab:red"}
+
+
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written: list[str] = []
-    colors = {"many": "tab:blue", "medium": "tab:orange", "few": "tab:red"}
+    return plt
 
-    # per-class accuracy vs training count (log x), coloured by group, boundaries at 20 and 100; summarised:
-    # one point per count bin (size ~ its classes) and the distribution of per-class accuracy per group
-    if summary is None:
+
+def figure_per_class_accuracy(path: Path, rows: dict[str, list[dict[str, Any]]], view: ClassView) -> None:
+    """Per-class accuracy vs training count (log x), coloured by group, boundaries at 20 and 100; summarised:
+    one point per count bin (size ~ its classes) and the distribution of per-class accuracy per group."""
+    plt = _pyplot()
+    if not view.summarised:
         fig, ax = plt.subplots(figsize=(6.5, 4))
         hist_ax = None
     else:
@@ -366,38 +427,42 @@ def _write_figures(fig_dir: Path, rows: dict[str, list[dict[str, Any]]], cm: np.
                if r["group"] == g and r["accuracy"] is not None]
         if pts:
             x, y, n = zip(*pts)
-            size = 14 if summary is None else 10 + 140 * np.sqrt(np.asarray(n) / max(n))
-            ax.scatter(x, y, s=size, alpha=0.75, color=colors[g], label=g)
+            size = 14 if not view.summarised else 10 + 140 * np.sqrt(np.asarray(n) / max(n))
+            ax.scatter(x, y, s=size, alpha=0.75, color=_GROUP_COLORS[g], label=g)
     for b in (20, 100):
         ax.axvline(b, color="gray", lw=0.8, ls="--")
     ax.set_xscale("log")
     ax.set_xlabel("training images of the class (log)")
-    ax.set_ylabel("test accuracy" if summary is None else "mean test accuracy of the bin's classes")
+    ax.set_ylabel("test accuracy" if not view.summarised else "mean test accuracy of the bin's classes")
     ax.set_ylim(-0.03, 1.03)
-    ax.set_title("Per-class test accuracy vs training count" if summary is None else
+    ax.set_title("Per-class test accuracy vs training count" if not view.summarised else
                  f"Accuracy by training-count bin ({sum(r['classes'] for r in rows['per_class_accuracy'])} classes)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)  # outside: the points fill the axes
     if hist_ax is not None:
-        acc, groups = summary
         edges = np.linspace(0.0, 1.0, 11)
         for g in M.GROUPS:
-            values = acc[(groups == g) & ~np.isnan(acc)]
+            values = view.acc[(view.groups == g) & ~np.isnan(view.acc)]
             if len(values):
-                hist_ax.hist(values, bins=edges, histtype="step", lw=1.5, color=colors[g], label=f"{g} ({len(values)})")
+                hist_ax.hist(values, bins=edges, histtype="step", lw=1.5, color=_GROUP_COLORS[g],
+                             label=f"{g} ({len(values)})")
         hist_ax.set_xlabel("per-class test accuracy")
         hist_ax.set_ylabel("classes")
         hist_ax.set_title("Distribution of per-class accuracy")
         hist_ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(fig_dir / "per_class_accuracy.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    written.append("per_class_accuracy.png")
 
-    # confusion matrix, rows normalised (classes ordered by index = by training count); summarised: groups
-    fig, ax = plt.subplots(figsize=(5.5, 5) if summary is None else (4.5, 4))
+
+def figure_confusion(path: Path, view: ClassView) -> None:
+    """The confusion matrix, rows normalised (classes ordered by index = by training count); summarised: the
+    3 x 3 group confusion with its shares and counts written in."""
+    plt = _pyplot()
+    cm = view.confusion
+    fig, ax = plt.subplots(figsize=(5.5, 5) if not view.summarised else (4.5, 4))
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     im = ax.imshow(norm, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
-    if summary is None:
+    if not view.summarised:
         ax.set_xlabel("predicted class")
         ax.set_ylabel("actual class")
         ax.set_title("Confusion matrix (test, row-normalised)")
@@ -414,17 +479,20 @@ def _write_figures(fig_dir: Path, rows: dict[str, list[dict[str, Any]]], cm: np.
         ax.set_title("Group confusion (test, row-normalised)")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(fig_dir / "confusion.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    written.append("confusion.png")
 
-    # prompt usage: stacked bars per pool prompt, split by the group of the image's class
+
+def figure_prompt_usage(path: Path, view: ClassView) -> None:
+    """Stacked bars per pool prompt, split by the group of the image's class (a note for a model without a pool)."""
+    plt = _pyplot()
+    usage = view.usage
     pool = len(usage["all"])
     fig, ax = plt.subplots(figsize=(6.5, 3.5))
-    if has_pool and pool:
+    if view.has_pool and pool:
         bottom = np.zeros(pool)
         for g in M.GROUPS:
-            ax.bar(np.arange(pool), usage[g], bottom=bottom, color=colors[g], label=g)
+            ax.bar(np.arange(pool), usage[g], bottom=bottom, color=_GROUP_COLORS[g], label=g)
             bottom += usage[g]
         ax.set_xticks(np.arange(pool))
         ax.set_xticklabels([f"p{p:02d}" for p in range(pool)], rotation=90, fontsize=7)
@@ -434,42 +502,54 @@ def _write_figures(fig_dir: Path, rows: dict[str, list[dict[str, Any]]], cm: np.
     ax.set_ylabel("selections (test)")
     ax.set_title("Group-prompt selections per pool prompt")
     fig.tight_layout()
-    fig.savefig(fig_dir / "prompt_usage.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    written.append("prompt_usage.png")
 
-    curves = _read_dvclive_curves(train_out)
+
+def figure_training_curves(path: Path, curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]) -> None:
+    """One panel per dvclive metric, a line per phase (:func:`training_curves`)."""
+    plt = _pyplot()
+    names = sorted(curves)
+    ncol = min(3, len(names))
+    nrow = math.ceil(len(names) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4 * ncol, 2.8 * nrow), squeeze=False)
+    for ax, name in zip(axes.ravel(), names):
+        for phase, (s, v) in sorted(curves[name].items()):
+            ax.plot(s, v, label=phase, lw=1.2)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.legend(fontsize=7)
+    for ax in axes.ravel()[len(names):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_figures(fig_dir: Path, rows: dict[str, list[dict[str, Any]]], view: ClassView,
+                  train_out: Path) -> list[str]:
+    """Every figure of the report into ``fig_dir`` (the training curves only when there are some); their names."""
+    figure_per_class_accuracy(fig_dir / "per_class_accuracy.png", rows, view)
+    figure_confusion(fig_dir / "confusion.png", view)
+    figure_prompt_usage(fig_dir / "prompt_usage.png", view)
+    written = ["per_class_accuracy.png", "confusion.png", "prompt_usage.png"]
+    curves = training_curves(train_out)
     if curves:
-        names = sorted(curves)
-        ncol = min(3, len(names))
-        nrow = math.ceil(len(names) / ncol)
-        fig, axes = plt.subplots(nrow, ncol, figsize=(4 * ncol, 2.8 * nrow), squeeze=False)
-        for ax, name in zip(axes.ravel(), names):
-            for phase, (s, v) in sorted(curves[name].items()):
-                ax.plot(s, v, label=phase, lw=1.2)
-            ax.set_title(name, fontsize=9)
-            ax.set_xlabel("step", fontsize=8)
-            ax.legend(fontsize=7)
-        for ax in axes.ravel()[len(names):]:
-            ax.axis("off")
-        fig.tight_layout()
-        fig.savefig(fig_dir / "training_curves.png", dpi=100)
-        plt.close(fig)
+        figure_training_curves(fig_dir / "training_curves.png", curves)
         written.append("training_curves.png")
     return written
 
 
-def _summary_markdown(rows: dict[str, list[dict[str, Any]]], acc: np.ndarray, groups: np.ndarray,
-                      worst: list[dict[str, Any]]) -> list[str]:
+def _summary_markdown(view: ClassView) -> list[str]:
     """The report's class-level section when plots are summarised: accuracy per training-count bin, the
     distribution of per-class accuracy per group, and the worst classes."""
+    acc, groups = view.acc, view.groups
     lines = ["## Classes by training count", "",
              f"{len(acc)} classes: the plots summarise them by training-count bin and by group "
              "(`evaluate.max_plot_classes`).", "",
              "| training images | group | classes | mean accuracy (%) |", "|---|---|---|---|"]
-    for b in rows["per_class_accuracy"]:
-        low, high = b["class"].split(" ", 1)[0].split("-")
-        lines.append(f"| {low}–{high} | {b['group']} | {b['classes']} | {_fmt(b['accuracy'])} |")
+    for b in view.bins or []:
+        lines.append(f"| {b['low']}–{b['high']} | {b['group']} | {b['classes']} | {_pct(b['accuracy'])} |")
     edges = np.linspace(0.0, 1.0, 6)
     lines += ["", "Per-class accuracy, classes per range:", "",
               "| group | " + " | ".join(f"{100 * a:.0f}–{100 * b:.0f} %" for a, b in zip(edges, edges[1:]))
@@ -479,13 +559,14 @@ def _summary_markdown(rows: dict[str, list[dict[str, Any]]], acc: np.ndarray, gr
         tested = values[~np.isnan(values)]
         hist = np.histogram(tested, bins=edges)[0] if len(tested) else np.zeros(len(edges) - 1, np.int64)
         lines.append(f"| {g} | " + " | ".join(str(int(h)) for h in hist) + f" | {int(np.isnan(values).sum())} |")
+    worst = view.worst or []
     lines += ["", f"The {len(worst)} classes with the lowest test accuracy (ties: fewer training images first):", "",
               "| class | training images | test images | accuracy (%) | most often taken for | share (%) |",
               "|---|---|---|---|---|---|"]
     for w in worst:
         confused = markdown_cell(w["confused_with"]) if w["confused_with"] is not None else "–"
         lines.append(f"| {markdown_cell(w['class'])} | {w['train_count']} | {w['test_images']} | "
-                     f"{_fmt(w['accuracy'])} | {confused} | {_fmt(w['confused_share'])} |")
+                     f"{_pct(w['accuracy'])} | {confused} | {_pct(w['confused_share'])} |")
     return lines + [""]
 
 
@@ -496,7 +577,7 @@ def _report_markdown(metrics: dict[str, Any], gate: dict[str, Any], context: dic
         "",
         f"Checkpoint: `{checkpoint}` (phase {context['phase']}); {metrics['num_samples']} test images, "
         f"{len(counts)} classes. Model selection used the validation split only "
-        f"(best val acc {_fmt(metrics.get('val_acc'))}).",
+        f"(best val acc {_pct(metrics.get('val_acc'))}).",
         "",
         f"**Quality gate: {'PASSED' if gate['passed'] else 'FAILED'}**",
         "",
@@ -505,17 +586,17 @@ def _report_markdown(metrics: dict[str, Any], gate: dict[str, Any], context: dic
     lines += [f"- note: {n}" for n in gate.get("notes", [])] + ([""] if gate.get("notes") else [])
     if gate.get("pixel_overall"):
         lines += ["Trivial baselines on the same split's raw pixels (the gate requires beating each): " + ", ".join(
-            f"{name} {_fmt(acc)}" for name, acc in gate["pixel_overall"].items()), ""]
+            f"{name} {_pct(acc)}" for name, acc in gate["pixel_overall"].items()), ""]
     lines += ["| metric | value (%) |", "|---|---|"]
     for key in ("overall", "top5", "mean_per_class"):
-        lines.append(f"| {METRIC_LABELS[key]} | {_fmt(metrics.get(key))} |")
+        lines.append(f"| {METRIC_LABELS[key]} | {_pct(metrics.get(key))} |")
     lines.append(f"| expected calibration error ({context['ece_bins']} bins, scale {context['ece_scale']:g}) "
-                 f"| {_fmt(metrics.get('ece'))} |")
+                 f"| {_pct(metrics.get('ece'))} |")
     lines += ["", "| group | standard (few < 20) | classes | authors' (few <= 20) | classes |", "|---|---|---|---|---|"]
     std, auth = M.class_groups(counts, "standard"), M.class_groups(counts, "authors")
     for g in M.GROUPS:
-        lines.append(f"| {g} | {_fmt(metrics.get(g))} | {int((std == g).sum())} | "
-                     f"{_fmt(metrics.get(g + '_authors'))} | {int((auth == g).sum())} |")
+        lines.append(f"| {g} | {_pct(metrics.get(g))} | {int((std == g).sum())} | "
+                     f"{_pct(metrics.get(g + '_authors'))} | {int((auth == g).sum())} |")
     lines += [
         "",
         f"Trainable parameters (prompts, keys, adapters, head): {metrics['trainable_params']:,} = "
@@ -590,9 +671,8 @@ def run_evaluate(params: Params, phase_dir: Path | None = None) -> EvaluateResul
             hold files this project did not write (checked before any work).
     """
     import torch
-    from torch.utils.data import DataLoader
 
-    from lpt.data.reader import ShardImages, TransformedDataset, build_transform, group_counts, load_manifest
+    from lpt.data.reader import ShardImages, group_counts, load_manifest
     from lpt.model.backbone import resolve_transforms
     from lpt.model.lpt import load_trained_model
     from lpt.utils import resolve_device, seed_everything
@@ -616,17 +696,48 @@ def run_evaluate(params: Params, phase_dir: Path | None = None) -> EvaluateResul
     test = ShardImages(Path(params.data.out_dir), "test", in_memory=True)
     # params.transforms with its nulls (= from the model) filled from the trained model's backbone
     transforms = resolve_transforms(params.transforms, model.backbone)
+    scale = own(params.loss.scale, model.spec.recipe, "scale")  # null: the method's own
+    preds, metrics = _test_metrics(params, model, meta, test, transforms, counts, scale, device)
+    gate = gate_verdict(params, metrics, meta, nonfinite_tensors(model.trainable_state_dict()),
+                        pixel_baseline_accuracy(params, manifest, transforms))
+    metrics["gate_passed"] = gate["passed"]
+
+    out = Path(params.evaluate.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pool_size = int(meta["model_config"].get("pool_size", 0))  # the checkpoint's own geometry
+    view = class_view(preds, counts, class_names, pool_size, params.evaluate.max_plot_classes)
+    figures = _write_plots_and_figures(out, view, preds, class_names, Path(params.train.out_dir))
+    report = out / "report.md"
+    context = {"method": meta["method"], "source": manifest.get("source", "?"), "phase": meta["phase"],
+               "ece_bins": params.evaluate.ece_bins, "ece_scale": scale}
+    with atomic_path(report) as tmp:
+        tmp.write_text(_report_markdown(metrics, gate, context, counts, figures, phase_dir,
+                                        _summary_markdown(view) if view.summarised else None))
+    write_json_atomic(out / GATE_FILE, gate)
+    metrics_path = write_json_atomic(out / METRICS_FILE, metrics)
+    return EvaluateResult(metrics_path=metrics_path, report_path=report, gate_passed=gate["passed"],
+                          gate_failures=gate["failures"], metrics=metrics, gate_notes=gate["notes"])
+
+
+def _test_metrics(params: Params, model: Any, meta: dict[str, Any], test: Any, transforms: Any, counts: np.ndarray,
+                  scale: float, device: str) -> tuple[PredictionStats, dict[str, Any]]:
+    """The model's per-sample test predictions and the metrics (``metrics.json`` less the gate's verdict):
+    accuracy by group, top-5, ECE, TTE when ``evaluate.tte`` asks, parameter counts."""
+    from torch.utils.data import DataLoader
+
+    from lpt.data.reader import TransformedDataset, build_transform
+
+    bins = params.evaluate.ece_bins
     loader = DataLoader(TransformedDataset(test, build_transform(transforms, train=False)),
                         batch_size=params.evaluate.batch_size, shuffle=False,
                         num_workers=params.train.num_workers)
-    scale, bins = own(params.loss.scale, model.spec.recipe, "scale"), params.evaluate.ece_bins  # null: the method's own
     preds = collect_stats(model, loader, scale, device)
     scalars = M.summarize_stats(preds.as_stats(), preds.labels, counts, bins)
     if params.evaluate.tte == "five_crop":  # beside the single-crop metrics, never instead of them
         scalars.update(tte_metrics(model, test, transforms, counts, scale, bins, params.evaluate.batch_size,
                                    params.train.num_workers, device))
     pc = _param_counts(model)
-    metrics: dict[str, Any] = {
+    return preds, {
         **scalars,
         "val_acc": meta.get("best_val_acc"),
         "trainable_params": pc["trainable"],
@@ -635,40 +746,16 @@ def run_evaluate(params: Params, phase_dir: Path | None = None) -> EvaluateResul
         "prompt_params": pc["prompt"],
         "prompt_share": M.trainable_share(pc["prompt"], pc["backbone"]) if pc["backbone"] else None,
     }
-    gate = gate_verdict(params, metrics, meta, nonfinite_tensors(model.trainable_state_dict()),
-                        pixel_baseline_accuracy(params, manifest, transforms))
-    metrics["gate_passed"] = gate["passed"]
 
-    out = Path(params.evaluate.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    pool_size = int(meta["model_config"].get("pool_size", 0))  # the checkpoint's own geometry
-    summarised = len(counts) > params.evaluate.max_plot_classes
-    usage = M.prompt_usage(preds.selected, preds.labels, counts, pool_size)
-    rows = _plot_rows(preds.pred, preds.labels, usage, counts, class_names, pool_size,
-                      params.evaluate.max_plot_classes)
+
+def _write_plots_and_figures(out: Path, view: ClassView, preds: PredictionStats, class_names: list[str],
+                             train_out: Path) -> list[str]:
+    """``plots/`` (the DVC plots' rows) and ``figures/`` (PNGs), each folder replaced atomically; the figures' names."""
+    rows = plot_rows(view, preds, class_names)
     with atomic_dir(out / "plots", **_PLOTS) as tmp:
         for name, data in rows.items():
             (tmp / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
-    summary_lines, summary = None, None
-    if summarised:  # a C x C matrix at 8,142 classes is 0.5 GB of int64 and an unreadable figure
-        cm = M.group_confusion(preds.pred, preds.labels, counts)
-        acc, groups = M.per_class_accuracy(preds.pred, preds.labels, len(counts)), M.class_groups(counts)
-        summary = (acc, groups)
-        summary_lines = _summary_markdown(rows, acc, groups,
-                                          worst_classes(preds.pred, preds.labels, counts, class_names))
-    else:
-        cm = M.confusion_matrix(preds.pred, preds.labels, len(counts))
     with atomic_dir(out / "figures", **_FIGURES) as tmp:
-        figures = _write_figures(tmp, rows, cm, usage, preds.selected is not None, Path(params.train.out_dir),
-                                 summary)
-    report = out / "report.md"
-    context = {"method": meta["method"], "source": manifest.get("source", "?"), "phase": meta["phase"],
-               "ece_bins": bins, "ece_scale": scale}
-    with atomic_path(report) as tmp:
-        tmp.write_text(_report_markdown(metrics, gate, context, counts, figures, phase_dir, summary_lines))
-    write_json_atomic(out / GATE_FILE, gate)
-    metrics_path = write_json_atomic(out / METRICS_FILE, metrics)
-    return EvaluateResult(metrics_path=metrics_path, report_path=report, gate_passed=gate["passed"],
-                          gate_failures=gate["failures"], metrics=metrics, gate_notes=gate["notes"])
+        return write_figures(tmp, rows, view, train_out)
 
 

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 from lpt.config import Params
 
 __all__ = ["GATE_FILE", "check_gate", "gate_verdict", "gate_thresholds", "threshold_changes", "missing_groups",
-           "probe_metrics_path", "read_gate_verdict", "compare_root", "compare_cell_dir"]
+           "probe_metrics_path", "read_gate_verdict"]
 
 log = logging.getLogger(__name__)
 
@@ -64,22 +64,14 @@ def threshold_changes(verdict: dict[str, Any], params: Params) -> list[str]:
 
 def probe_metrics_path(params: Params) -> Path:
     """Linear-probe ``metrics.json`` the gate's ``max_drop_vs_probe`` compares against: ``probe_metrics``, or
-    the ``lpt compare`` probe of the same data source and seed."""
+    the ``lpt compare`` probe of the same data source and seed (where ``lpt compare`` keeps it:
+    :func:`lpt.compare_layout.cell_metrics_path`)."""
     if params.evaluate.gate.probe_metrics is not None:
         return Path(params.evaluate.gate.probe_metrics)
+    from lpt.compare_layout import cell_metrics_path
     from lpt.methods import PROBE_METHOD
 
-    return compare_cell_dir(params, PROBE_METHOD, params.seed) / "eval" / "metrics.json"
-
-
-def compare_root(params: Params) -> Path:
-    """Where ``lpt compare`` trains and evaluates each method for ``data.source``."""
-    return Path(params.evaluate.out_dir) / "compare" / params.data.source
-
-
-def compare_cell_dir(params: Params, method: str, seed: int) -> Path:
-    """``<compare_root>/<method>/seed<seed>``: one method at one seed (``models/``, ``eval/``, ``cell.json``)."""
-    return compare_root(params) / method / f"seed{int(seed)}"
+    return cell_metrics_path(params, PROBE_METHOD, params.seed)
 
 
 def check_gate(metrics: dict[str, Any], params: Params, probe: dict[str, Any] | None = None,

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
 __all__ = [
+    "format_value",
     "GROUPS",
     "CONVENTIONS",
     "class_groups",
@@ -361,3 +362,20 @@ def summarize(
     cos_logits = np.asarray(cos_logits)
     labels = _check_labels(labels, cos_logits.shape[0])
     return summarize_stats(sample_stats(cos_logits, labels, scale, 5), labels, train_counts, ece_bins)
+
+
+def format_value(value: Any, pct: bool = False) -> str:
+    """A value for a report or table cell: ``–`` when missing (None, NaN), ``true`` / ``false``, a number as a
+    percentage with 2 decimals (``pct``), a float with 4 decimals, anything else as ``str``.
+
+    Example:
+        >>> format_value(0.71234, pct=True), format_value(0.71234), format_value(None), format_value(True), format_value(7)
+        ('71.23', '0.7123', '–', 'true', '7')
+    """
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if pct:
+        return f"{100 * value:.2f}"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)

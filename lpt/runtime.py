@@ -67,6 +67,8 @@ __all__ = [
     "PredictRefused",
     "Preprocessing",
     "Predictor",
+    "ExportPredictor",
+    "PackPredictor",
     "to_rgb",
     "load_image",
     "preprocess_image",
@@ -461,29 +463,39 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 class Predictor:
     """Classify images with an LPT ONNX export, or with a backbone graph and task packs.
 
+    ``Predictor(path)`` gives an :class:`ExportPredictor` (one task: the file ``lpt export`` writes),
+    ``Predictor(path, packs=[...])`` a :class:`PackPredictor` (the ``backbone.onnx`` ``lpt pack`` writes, every
+    image classified for every task, one copy of the backbone weights in memory). This class is their shared
+    core: the ONNX Runtime session, the metadata checks common to both, preprocessing, running a batch and
+    turning logits into rows.
+
     Args:
         path: the ``.onnx`` file written by ``lpt export`` (one task), or with ``packs`` the backbone graph
-            written by ``lpt pack`` (``backbone.onnx``: the task tensors are its inputs).
-        packs: task packs (``.pack`` paths or :class:`TaskPack`) to run on the backbone graph ``path``:
-            every image is classified for every task, with one copy of the backbone weights in memory.
-            A pack trained on another backbone (fingerprint) or with a geometry the graph does not fix
-            the same way (shared blocks, top-k, method, ...) is refused, naming both files.
+            written by ``lpt pack`` (the task tensors are its inputs).
+        packs: task packs (``.pack`` paths or :class:`TaskPack`) to run on the backbone graph ``path``. A
+            pack trained on another backbone (fingerprint) or with a geometry the graph does not fix the same
+            way (shared blocks, top-k, method, ...) is refused, naming both files.
         providers: ONNX Runtime execution providers; default CUDA when this onnxruntime build has it
             (falling back to CPU), else CPU. The provider actually used is in :attr:`provider`.
         intra_op_num_threads: ORT threads per operator (0 = ORT's default).
 
     Attributes:
         metadata: the graph's metadata (strings).
-        class_names: class index -> name (single-task export only; packs have their own).
-        preprocessing: the test transform (in pack mode, the one every pack shares).
-        logit_scale: scores are ``softmax(logit_scale * cosine)`` (single-task export only).
-        packs: the task packs, in the given order (empty for a single-task export).
+        preprocessing: the test transform (with packs, the one every pack shares).
         provider: the execution provider the session runs on.
 
     Raises:
         PredictError: the file is missing, not ONNX, not an LPT export / backbone graph, or a pack does
             not fit it.
     """
+
+    preprocessing: Preprocessing
+
+    def __new__(cls, path: str | os.PathLike[str], packs: Sequence[str | os.PathLike[str] | TaskPack] | None = None,
+                providers: Sequence[str] | None = None, intra_op_num_threads: int = 0) -> Predictor:
+        if cls is Predictor:  # the case decides the class: one task, or packs on a backbone graph
+            cls = PackPredictor if packs else ExportPredictor
+        return super().__new__(cls)
 
     def __init__(self, path: str | os.PathLike[str], packs: Sequence[str | os.PathLike[str] | TaskPack] | None = None,
                  providers: Sequence[str] | None = None, intra_op_num_threads: int = 0) -> None:
@@ -506,18 +518,12 @@ class Predictor:
         # get_available_providers() lists CUDA even without a GPU: trust what the session really got.
         self.provider: str = self.session.get_providers()[0]
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
-        self.packs: list[TaskPack] = []
-        if self.metadata.get("lpt_kind") == BACKBONE_KIND:
-            if not packs:
-                raise PredictError(f"{self.path}: a backbone graph for task packs, not a single-task export: give "
-                                   "the packs to run on it (`lpt predict --pack TASK.pack IMAGES`)")
-            self._validate_backbone()
-            self._load_packs(packs)
-        else:
-            self._validate()
-            if packs:
-                raise PredictError(f"{self.path}: a single-task export, not a backbone graph for task packs: run "
-                                   "packs on the backbone.onnx that `lpt pack` writes beside them")
+        self._output_names: list[str] = []
+
+    @property
+    def is_backbone_graph(self) -> bool:
+        """The file is a backbone graph for task packs (``lpt_kind`` metadata), not a single-task export."""
+        return self.metadata.get("lpt_kind") == BACKBONE_KIND
 
     def _check_format(self, what: str) -> None:
         meta, src = self.metadata, str(self.path)
@@ -533,51 +539,6 @@ class Predictor:
             raise PredictError(f"{src}: LPT export format {fmt} is not supported by this runtime "
                                f"(supports {LPT_FORMAT}); re-export or upgrade lpt")
 
-    def _validate(self) -> None:
-        meta, src = self.metadata, str(self.path)
-        self._check_format("model")
-        missing = [k for k in REQUIRED_METADATA if k not in meta]
-        if missing:
-            raise PredictError(f"{src}: LPT export is missing metadata keys {missing}")
-        self.preprocessing = Preprocessing.from_metadata(meta, src)
-        try:
-            self.class_names: list[str] = [str(c) for c in json.loads(meta["class_names"])]
-            self.logit_scale = float(json.loads(meta["logit_scale"]))
-        except (ValueError, TypeError) as err:
-            raise PredictError(f"{src}: malformed class_names/logit_scale metadata ({err})") from None
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        outputs = {o.name: o for o in self.session.get_outputs()}
-        if INPUT_NAME not in inputs or LOGITS_NAME not in outputs:
-            raise PredictError(f"{src}: expected input '{INPUT_NAME}' and output '{LOGITS_NAME}', "
-                               f"found inputs {sorted(inputs)} outputs {sorted(outputs)}")
-        self._check_image_input(inputs[INPUT_NAME], self.preprocessing.input_size)
-        n_out = outputs[LOGITS_NAME].shape[-1]
-        if isinstance(n_out, int) and n_out != len(self.class_names):
-            raise PredictError(f"{src}: logits have {n_out} classes but metadata names {len(self.class_names)}")
-        self._output_names = [LOGITS_NAME] + ([SELECTED_NAME] if SELECTED_NAME in outputs else [])
-
-    def _validate_backbone(self) -> None:
-        meta, src = self.metadata, str(self.path)
-        self._check_format("backbone")
-        try:
-            self.geometry: dict[str, Any] = json.loads(meta["geometry"])
-            self.backbone_fingerprint = str(meta["backbone_fingerprint"])
-        except (KeyError, ValueError, TypeError) as err:
-            raise PredictError(f"{src}: backbone graph without readable geometry/backbone_fingerprint metadata "
-                               f"({err!r})") from None
-        if not isinstance(self.geometry, dict):
-            raise PredictError(f"{src}: geometry metadata must be a JSON object")
-        inputs = {i.name for i in self.session.get_inputs()}
-        outputs = {o.name for o in self.session.get_outputs()}
-        expected = {INPUT_NAME, *self.geometry.get("task_inputs", [])}
-        if inputs != expected or LOGITS_NAME not in outputs:
-            raise PredictError(f"{src}: backbone graph inputs {sorted(inputs)} / outputs {sorted(outputs)} do not "
-                               f"match its geometry (inputs {sorted(expected)}, output '{LOGITS_NAME}')")
-        self._output_names = [LOGITS_NAME] + ([SELECTED_NAME] if SELECTED_NAME in outputs else [])
-        image = next(i for i in self.session.get_inputs() if i.name == INPUT_NAME)
-        size = self.geometry.get("input_size")
-        self._check_image_input(image, size if isinstance(size, int) and not isinstance(size, bool) else None)
-
     def _check_image_input(self, image: Any, size: int | None) -> None:
         """The graph's image input must take what :meth:`run` feeds: float32 ``[B, 3, size, size]``.
 
@@ -592,43 +553,14 @@ class Predictor:
             raise ModelFileError(f"{self.path}: graph input '{INPUT_NAME}' is {image.type} {shape}, but its metadata "
                                  f"says the images are {expected}: re-export the model")
 
-    def _load_packs(self, packs: Sequence[str | os.PathLike[str] | TaskPack]) -> None:
-        src, name = str(self.path), self.metadata.get("backbone", "?")
-        for item in packs:
-            pack = item if isinstance(item, TaskPack) else read_pack(item)
-            if pack.backbone_fingerprint != self.backbone_fingerprint:
-                raise PredictError(f"{pack.path}: trained on backbone {pack.backbone_name} "
-                                   f"{pack.backbone_fingerprint}, but {src} is backbone {name} "
-                                   f"{self.backbone_fingerprint}: use the backbone graph written with this pack "
-                                   "(same frozen weights)")
-            differences = geometry_differences(pack.geometry, self.geometry)
-            if differences:
-                raise PredictError(f"{pack.path}: geometry does not fit backbone graph {src} (pack vs graph: "
-                                   f"{'; '.join(differences)}): use a backbone graph exported for this geometry")
-            for other in self.packs:
-                if other.name == pack.name:
-                    raise PredictError(f"{pack.path} and {other.path} are both task {pack.name!r}: give each task once")
-                if other.preprocessing != pack.preprocessing:
-                    raise PredictError(f"{pack.path} and {other.path} preprocess images differently "
-                                       f"({pack.preprocessing} vs {other.preprocessing}): run them in separate "
-                                       "predictors")
-            self.packs.append(pack)
-        self.preprocessing = self.packs[0].preprocessing
-        if self.preprocessing.input_size != self.geometry.get("input_size"):
-            raise PredictError(f"{self.packs[0].path}: input size {self.preprocessing.input_size} but backbone graph "
-                               f"{src} takes {self.geometry.get('input_size')}")
+    # -- what differs between the two cases --------------------------------------------------------
+    def _tasks(self) -> list[tuple[str | None, list[str], float]]:
+        """``(task name or None, class names, logit scale)`` per task, in order."""
+        raise NotImplementedError
 
-    def _task_index(self, task: int | str | None) -> int:
-        if not self.packs:
-            if task is not None:
-                raise PredictError(f"{self.path}: a single-task export has no task {task!r}")
-            return -1
-        names = [p.name for p in self.packs]
-        if isinstance(task, int) and 0 <= task < len(self.packs):
-            return task
-        if isinstance(task, str) and task in names:
-            return names.index(task)
-        raise PredictError(f"task must be one of {names} (or its index), got {task!r}")
+    def _task_feed(self, task: int | str | None) -> dict[str, np.ndarray]:
+        """The graph inputs besides the image for ``task``."""
+        raise NotImplementedError
 
     # -- inference -------------------------------------------------------------------------------
     def preprocess(self, img: Image.Image) -> np.ndarray:
@@ -645,13 +577,11 @@ class Predictor:
         Returns:
             ``(logits [B, C] cosine, selected [B, k] prompt indices or None for single-pass methods)``.
         """
-        index = self._task_index(task)
+        extra = self._task_feed(task)
         s = self.preprocessing.input_size
         if batch.ndim != 4 or batch.shape[1:] != (3, s, s):
             raise PredictError(f"expected a batch of shape [B, 3, {s}, {s}], got {list(batch.shape)}")
-        feed = {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)}
-        if index >= 0:
-            feed.update(self.packs[index].tensors)  # the task is its tensors: one graph, one copy of the backbone
+        feed = {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32), **extra}
         try:
             out = self.session.run(self._output_names, feed)
         except Exception as err:  # ORT's own types (InvalidArgument, Fail, RuntimeException): shape/type errors
@@ -672,9 +602,7 @@ class Predictor:
             (``softmax(logit_scale * cosine)``) and, for two-pass LPT, ``prompts`` (the group prompts the
             image selected).
         """
-        tasks: list[tuple[str | None, list[str], float]] = (
-            [(p.name, p.class_names, p.logit_scale) for p in self.packs] if self.packs
-            else [(None, self.class_names, self.logit_scale)])
+        tasks = self._tasks()
         fewest = min(tasks, key=lambda t: len(t[1]))
         if not 1 <= top_k <= len(fewest[1]):
             where = f"task {fewest[0]!r}" if fewest[0] is not None else "this model"
@@ -730,7 +658,7 @@ class Predictor:
         if batch_size < 1:
             raise PredictError(f"batch_size must be >= 1, got {batch_size}")
         files = collect_image_paths(paths)
-        per_image = max(1, len(self.packs))
+        per_image = len(self._tasks())
         rows: list[dict[str, Any]] = []
         for start in range(0, len(files), batch_size):
             chunk = files[start:start + batch_size]
@@ -739,6 +667,142 @@ class Predictor:
             for i, row in enumerate(predicted):
                 rows.append({"path": str(chunk[i // per_image]), **row})
         return rows
+
+
+class ExportPredictor(Predictor):
+    """One task: the graph ``lpt export`` writes, its trained tensors baked in (``Predictor(path)``).
+
+    Attributes:
+        class_names: class index -> name.
+        logit_scale: scores are ``softmax(logit_scale * cosine)``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], packs: Sequence[str | os.PathLike[str] | TaskPack] | None = None,
+                 providers: Sequence[str] | None = None, intra_op_num_threads: int = 0) -> None:
+        super().__init__(path, None, providers, intra_op_num_threads)
+        if self.is_backbone_graph:
+            raise PredictError(f"{self.path}: a backbone graph for task packs, not a single-task export: give "
+                               "the packs to run on it (`lpt predict --pack TASK.pack IMAGES`)")
+        self._validate()
+        if packs:
+            raise PredictError(f"{self.path}: a single-task export, not a backbone graph for task packs: run "
+                               "packs on the backbone.onnx that `lpt pack` writes beside them")
+
+    def _validate(self) -> None:
+        meta, src = self.metadata, str(self.path)
+        self._check_format("model")
+        missing = [k for k in REQUIRED_METADATA if k not in meta]
+        if missing:
+            raise PredictError(f"{src}: LPT export is missing metadata keys {missing}")
+        self.preprocessing = Preprocessing.from_metadata(meta, src)
+        try:
+            self.class_names: list[str] = [str(c) for c in json.loads(meta["class_names"])]
+            self.logit_scale = float(json.loads(meta["logit_scale"]))
+        except (ValueError, TypeError) as err:
+            raise PredictError(f"{src}: malformed class_names/logit_scale metadata ({err})") from None
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        if INPUT_NAME not in inputs or LOGITS_NAME not in outputs:
+            raise PredictError(f"{src}: expected input '{INPUT_NAME}' and output '{LOGITS_NAME}', "
+                               f"found inputs {sorted(inputs)} outputs {sorted(outputs)}")
+        self._check_image_input(inputs[INPUT_NAME], self.preprocessing.input_size)
+        n_out = outputs[LOGITS_NAME].shape[-1]
+        if isinstance(n_out, int) and n_out != len(self.class_names):
+            raise PredictError(f"{src}: logits have {n_out} classes but metadata names {len(self.class_names)}")
+        self._output_names = [LOGITS_NAME] + ([SELECTED_NAME] if SELECTED_NAME in outputs else [])
+
+    def _tasks(self) -> list[tuple[str | None, list[str], float]]:
+        return [(None, self.class_names, self.logit_scale)]
+
+    def _task_feed(self, task: int | str | None) -> dict[str, np.ndarray]:
+        if task is not None:
+            raise PredictError(f"{self.path}: a single-task export has no task {task!r}")
+        return {}
+
+
+class PackPredictor(Predictor):
+    """Task packs on the backbone graph ``lpt pack`` writes: the task tensors are graph inputs, fed per task
+    (``Predictor(path, packs=[...])``).
+
+    Attributes:
+        packs: the task packs, in the given order.
+        geometry: what the graph fixes and every pack must match (:func:`geometry_differences`).
+        backbone_fingerprint: the frozen backbone the graph (and every pack) was made from.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], packs: Sequence[str | os.PathLike[str] | TaskPack] | None = None,
+                 providers: Sequence[str] | None = None, intra_op_num_threads: int = 0) -> None:
+        super().__init__(path, packs, providers, intra_op_num_threads)
+        if not self.is_backbone_graph:
+            ExportPredictor._validate(self)  # type: ignore[arg-type]  # an export's own errors come first
+            raise PredictError(f"{self.path}: a single-task export, not a backbone graph for task packs: run "
+                               "packs on the backbone.onnx that `lpt pack` writes beside them")
+        if not packs:
+            raise PredictError(f"{self.path}: a backbone graph for task packs, not a single-task export: give "
+                               "the packs to run on it (`lpt predict --pack TASK.pack IMAGES`)")
+        self._validate_backbone()
+        self.packs: list[TaskPack] = []
+        self._load_packs(packs)
+
+    def _validate_backbone(self) -> None:
+        meta, src = self.metadata, str(self.path)
+        self._check_format("backbone")
+        try:
+            self.geometry: dict[str, Any] = json.loads(meta["geometry"])
+            self.backbone_fingerprint = str(meta["backbone_fingerprint"])
+        except (KeyError, ValueError, TypeError) as err:
+            raise PredictError(f"{src}: backbone graph without readable geometry/backbone_fingerprint metadata "
+                               f"({err!r})") from None
+        if not isinstance(self.geometry, dict):
+            raise PredictError(f"{src}: geometry metadata must be a JSON object")
+        inputs = {i.name for i in self.session.get_inputs()}
+        outputs = {o.name for o in self.session.get_outputs()}
+        expected = {INPUT_NAME, *self.geometry.get("task_inputs", [])}
+        if inputs != expected or LOGITS_NAME not in outputs:
+            raise PredictError(f"{src}: backbone graph inputs {sorted(inputs)} / outputs {sorted(outputs)} do not "
+                               f"match its geometry (inputs {sorted(expected)}, output '{LOGITS_NAME}')")
+        self._output_names = [LOGITS_NAME] + ([SELECTED_NAME] if SELECTED_NAME in outputs else [])
+        image = next(i for i in self.session.get_inputs() if i.name == INPUT_NAME)
+        size = self.geometry.get("input_size")
+        self._check_image_input(image, size if isinstance(size, int) and not isinstance(size, bool) else None)
+
+    def _load_packs(self, packs: Sequence[str | os.PathLike[str] | TaskPack]) -> None:
+        src, name = str(self.path), self.metadata.get("backbone", "?")
+        for item in packs:
+            pack = item if isinstance(item, TaskPack) else read_pack(item)
+            if pack.backbone_fingerprint != self.backbone_fingerprint:
+                raise PredictError(f"{pack.path}: trained on backbone {pack.backbone_name} "
+                                   f"{pack.backbone_fingerprint}, but {src} is backbone {name} "
+                                   f"{self.backbone_fingerprint}: use the backbone graph written with this pack "
+                                   "(same frozen weights)")
+            differences = geometry_differences(pack.geometry, self.geometry)
+            if differences:
+                raise PredictError(f"{pack.path}: geometry does not fit backbone graph {src} (pack vs graph: "
+                                   f"{'; '.join(differences)}): use a backbone graph exported for this geometry")
+            for other in self.packs:
+                if other.name == pack.name:
+                    raise PredictError(f"{pack.path} and {other.path} are both task {pack.name!r}: give each task once")
+                if other.preprocessing != pack.preprocessing:
+                    raise PredictError(f"{pack.path} and {other.path} preprocess images differently "
+                                       f"({pack.preprocessing} vs {other.preprocessing}): run them in separate "
+                                       "predictors")
+            self.packs.append(pack)
+        self.preprocessing = self.packs[0].preprocessing
+        if self.preprocessing.input_size != self.geometry.get("input_size"):
+            raise PredictError(f"{self.packs[0].path}: input size {self.preprocessing.input_size} but backbone graph "
+                               f"{src} takes {self.geometry.get('input_size')}")
+
+    def _tasks(self) -> list[tuple[str | None, list[str], float]]:
+        return [(p.name, p.class_names, p.logit_scale) for p in self.packs]
+
+    def _task_feed(self, task: int | str | None) -> dict[str, np.ndarray]:
+        """The pack's tensors: the task is its tensors (one graph, one copy of the backbone)."""
+        names = [p.name for p in self.packs]
+        if isinstance(task, int) and not isinstance(task, bool) and 0 <= task < len(self.packs):
+            return self.packs[task].tensors
+        if isinstance(task, str) and task in names:
+            return self.packs[names.index(task)].tensors
+        raise PredictError(f"task must be one of {names} (or its index), got {task!r}")
 
 
 # --------------------------------------------------------------------------------------- formatting

@@ -27,6 +27,7 @@ from typing import Any
 
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
+from lpt.metrics import format_value
 from pipelines.dvc_stages import DvcStage, DvcYamlError, locked_outputs
 
 __all__ = [
@@ -118,14 +119,6 @@ def validation_rows(summary: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return str(value)
-
-
 def _flat_scalars(obj: Mapping[str, Any], prefix: str = "", depth: int = 0) -> list[tuple[str, Any]]:
     """``(dotted.key, value)`` for scalar leaves; long lists (per-class arrays) are left out."""
     out: list[tuple[str, Any]] = []
@@ -166,7 +159,7 @@ def metrics_markdown(metrics: Any, source: str = "metrics.json") -> str:
     lines = [f"# Evaluation (`{source}`)", "", f"Quality gate: {verdict}"]
     lines += [f"- {f}" for f in failures]
     lines += ["", "| metric | value |", "| --- | --- |"]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in _flat_scalars(metrics) if k != "gate.passed"]
+    lines += [f"| {k} | {format_value(v)} |" for k, v in _flat_scalars(metrics) if k != "gate.passed"]
     return "\n".join(lines) + "\n"
 
 
