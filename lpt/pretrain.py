@@ -368,11 +368,7 @@ def pretrain_backbone(params: Params) -> dict[str, Any]:
     refuse_protected(pcfg.out_dir, "pretrain.out_dir")
     if bcfg.weights != "pretrain":
         return _marker(params)
-    from timm.optim import param_groups_weight_decay
-    from tqdm import tqdm
-
-    from lpt.model.backbone import create_backbone, pretrained_backbone_path, save_backbone
-    from lpt.model.hybrid import HYBRID_MODELS, load_lite0_stem
+    from lpt.model.backbone import pretrained_backbone_path, save_backbone
 
     params = _with_model_transforms(params)
     wall0 = time.perf_counter()
@@ -387,56 +383,19 @@ def pretrain_backbone(params: Params) -> dict[str, Any]:
     if target is not None and pcfg.teacher_standardise:
         target = standardise_features(target, torch.from_numpy(train_idx))
 
-    model = create_backbone(bcfg.model_copy(update={"weights": "none"}), num_classes=len(data.class_names),
-                            frozen=False)
-    stem = None
-    if bcfg.name in HYBRID_MODELS:  # ImageNet stem, frozen: only the transformer (and head) learn
-        stem = {"from": f"{TEACHERS['efficientnet_lite0'][0]} (ImageNet-1k), frozen",
-                "tensors": load_lite0_stem(model, teacher_weights_path("efficientnet_lite0"))}
-        for p in model.patch_embed.backbone.parameters():
-            p.requires_grad_(False)
-    proj = (nn.Linear(model.num_features, target.shape[-1], bias=pcfg.kd_bias)  # student -> teacher dim
-            if target is not None else None)
-    model.to(device)
-    modules = [model] + ([proj.to(device)] if proj is not None else [])
-    named = [(n, p) for m in modules for n, p in m.named_parameters() if p.requires_grad]
-    # timm's split: no decay on norms, biases and the model's own no_weight_decay() (positions, CLS)
-    keep = [f"0.{name}" for name in getattr(model, "no_weight_decay", set)()]  # "0.": the model in the list
-    groups = param_groups_weight_decay(nn.ModuleList(modules), pcfg.weight_decay, no_weight_decay_list=keep)
-    optimizer = torch.optim.AdamW(groups, lr=pcfg.lr)
+    model, proj, stem = _student(params, len(data.class_names), target, device)
+    modules = [model] + ([proj] if proj is not None else [])
     steps = max(1, len(train_idx) // pcfg.batch_size)  # per epoch, drop_last
-    scheduler = build_scheduler(optimizer, steps * pcfg.epochs, warmup_steps=steps, warmup_lr=pcfg.lr * 0.01)
-    trainable = sum(p.numel() for _, p in named)
+    optimizer, scheduler = _optimizer(modules, pcfg, steps)
+    trainable = sum(p.numel() for m in modules for p in m.parameters() if p.requires_grad)
     print(f"[pretrain] {bcfg.name} {dict(bcfg.timm_kwargs)}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
           f"params ({trainable / 1e6:.2f}M trained), {len(train_idx)} images / {len(data.class_names)} classes, "
           f"teacher {pcfg.teacher if use_teacher else 'none'}, {pcfg.epochs} epochs x {steps} steps", flush=True)
     gen = torch.Generator().manual_seed(params.seed)
     train_t = torch.from_numpy(train_idx)
     for epoch in range(pcfg.epochs):
-        for m in modules:
-            m.train()
-        order = train_t[torch.randperm(len(train_t), generator=gen)]
-        sums = {"ce": 0.0, "kd": 0.0}
-        for step in tqdm(range(steps), desc=f"pretrain epoch {epoch + 1}/{pcfg.epochs}", leave=False,
-                         mininterval=2.0, disable=not sys.stderr.isatty()):
-            idx = order[step * pcfg.batch_size: (step + 1) * pcfg.batch_size]
-            x, y = x_all[idx], y_all[idx]
-            flip = (torch.rand(len(idx), generator=gen) < 0.5) if params.transforms.hflip else torch.zeros(len(idx), dtype=torch.bool)
-            x = torch.where(flip[:, None, None, None], x.flip(3), x)
-            crops = random_resized_crop(x, pcfg.train_scale_min, gen)
-            with autocast(device, "auto"):
-                ce = F.cross_entropy(model(crops.to(device)).float(), y.to(device), label_smoothing=0.1)
-                loss = ce
-                if proj is not None and target is not None:
-                    want = torch.where(flip[:, None], target[1][idx], target[0][idx]).to(device)  # (B, D)
-                    kd = (1 - F.cosine_similarity(proj(_pooled(model, x.to(device))).float(), want, dim=1)).mean()
-                    loss = ce + pcfg.kd_weight * kd
-                    sums["kd"] += float(kd.detach())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            sums["ce"] += float(ce.detach())
+        sums = _pretrain_epoch(params, modules, optimizer, scheduler, x_all, y_all, target,
+                               train_t[torch.randperm(len(train_t), generator=gen)], steps, gen, device, epoch)
         print(f"[pretrain] epoch {epoch + 1}/{pcfg.epochs}: ce {sums['ce'] / steps:.4f}"
               + (f"  kd {sums['kd'] / steps:.4f}" if proj is not None else ""), flush=True)
     model.cpu()
@@ -453,6 +412,75 @@ def pretrain_backbone(params: Params) -> dict[str, Any]:
           + (f", teacher cosine {cos:.4f}" if cos is not None else "")
           + f" ({wall:.0f} s); backbone -> {path}; provenance -> {report_path}", flush=True)
     return {"path": str(path), "holdout_acc": acc, "report": str(report_path)}
+
+
+def _student(params: Params, num_classes: int, target: torch.Tensor | None, device: str
+             ) -> tuple[nn.Module, nn.Module | None, dict[str, Any] | None]:
+    """The ViT to pretrain (random init; a hybrid's ImageNet stem loaded and frozen), the student -> teacher
+    projection when there is a teacher target, and the stem's provenance; on ``device``."""
+    from lpt.model.backbone import create_backbone
+    from lpt.model.hybrid import HYBRID_MODELS, load_lite0_stem
+
+    bcfg = params.backbone
+    model = create_backbone(bcfg.model_copy(update={"weights": "none"}), num_classes=num_classes, frozen=False)
+    stem = None
+    if bcfg.name in HYBRID_MODELS:  # ImageNet stem, frozen: only the transformer (and head) learn
+        stem = {"from": f"{TEACHERS['efficientnet_lite0'][0]} (ImageNet-1k), frozen",
+                "tensors": load_lite0_stem(model, teacher_weights_path("efficientnet_lite0"))}
+        for p in model.patch_embed.backbone.parameters():
+            p.requires_grad_(False)
+    proj = (nn.Linear(model.num_features, target.shape[-1], bias=params.pretrain.kd_bias)  # student -> teacher dim
+            if target is not None else None)
+    model.to(device)
+    return model, (proj.to(device) if proj is not None else None), stem
+
+
+def _optimizer(modules: list[nn.Module], pcfg: Any, steps: int) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over the trainable parameters with timm's weight-decay split (no decay on norms, biases and the
+    model's own ``no_weight_decay()``: positions, CLS), one warm-up epoch, then cosine."""
+    from timm.optim import param_groups_weight_decay
+
+    model = modules[0]
+    keep = [f"0.{name}" for name in getattr(model, "no_weight_decay", set)()]  # "0.": the model in the list
+    groups = param_groups_weight_decay(nn.ModuleList(modules), pcfg.weight_decay, no_weight_decay_list=keep)
+    optimizer = torch.optim.AdamW(groups, lr=pcfg.lr)
+    scheduler = build_scheduler(optimizer, steps * pcfg.epochs, warmup_steps=steps, warmup_lr=pcfg.lr * 0.01)
+    return optimizer, scheduler
+
+
+def _pretrain_epoch(params: Params, modules: list[nn.Module], optimizer: torch.optim.Optimizer, scheduler: Any,
+                    x_all: torch.Tensor, y_all: torch.Tensor, target: torch.Tensor | None, order: torch.Tensor,
+                    steps: int, gen: torch.Generator, device: str, epoch: int) -> dict[str, float]:
+    """One epoch over ``order`` (image indices): flip, random-resized crop, CE (+ the cosine distillation term);
+    the summed losses."""
+    from tqdm import tqdm
+
+    pcfg = params.pretrain
+    model, proj = modules[0], (modules[1] if len(modules) > 1 else None)
+    for m in modules:
+        m.train()
+    sums = {"ce": 0.0, "kd": 0.0}
+    for step in tqdm(range(steps), desc=f"pretrain epoch {epoch + 1}/{pcfg.epochs}", leave=False,
+                     mininterval=2.0, disable=not sys.stderr.isatty()):
+        idx = order[step * pcfg.batch_size: (step + 1) * pcfg.batch_size]
+        x, y = x_all[idx], y_all[idx]
+        flip = (torch.rand(len(idx), generator=gen) < 0.5) if params.transforms.hflip else torch.zeros(len(idx), dtype=torch.bool)
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        crops = random_resized_crop(x, pcfg.train_scale_min, gen)
+        with autocast(device, "auto"):
+            ce = F.cross_entropy(model(crops.to(device)).float(), y.to(device), label_smoothing=0.1)
+            loss = ce
+            if proj is not None and target is not None:
+                want = torch.where(flip[:, None], target[1][idx], target[0][idx]).to(device)  # (B, D)
+                kd = (1 - F.cosine_similarity(proj(_pooled(model, x.to(device))).float(), want, dim=1)).mean()
+                loss = ce + pcfg.kd_weight * kd
+                sums["kd"] += float(kd.detach())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        sums["ce"] += float(ce.detach())
+    return sums
 
 
 def _provenance(params: Params, data: PretrainData, train_idx: np.ndarray, held_idx: np.ndarray, acc: float,

@@ -357,24 +357,8 @@ def _dims_of(pack_geometry: dict[str, Any], num_classes: int) -> dict[str, int |
             "C": num_classes, "T": None, "P": None}
 
 
-def read_pack(path: str | os.PathLike[str]) -> TaskPack:
-    """Read and check a task pack (numpy only; nothing in the file is executed).
-
-    Checks: a safetensors file with the ``lpt_pack`` header key, a supported ``pack_format``, the
-    required metadata fields, exactly the tensors its geometry names, float32, and shapes that agree
-    with each other, with the geometry and with the class names.
-
-    Args:
-        path: a ``.pack`` file written by ``lpt pack``.
-
-    Returns:
-        The :class:`TaskPack`.
-
-    Raises:
-        PredictError: missing, unreadable, not a pack, or inconsistent (the message names the file and
-            the field or tensor).
-    """
-    path = Path(path)
+def _read_pack_file(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """A pack's tensors and its JSON metadata, the format and the required fields checked (numpy only)."""
     if not path.is_file():
         raise PredictError(f"{path}: no such task pack file")
     try:  # safetensors' numpy API only (no torch); imported here so single-model prediction never needs it
@@ -410,18 +394,20 @@ def read_pack(path: str | os.PathLike[str]) -> TaskPack:
            if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool)]
     if bad:
         raise PredictError(f"{path}: task-pack metadata lacks or mistypes {', '.join(bad)}")
-    geometry, backbone = meta["geometry"], meta["backbone"]
-    fingerprint = backbone.get("fingerprint")
+    return tensors, meta
+
+
+def _check_pack_tensors(path: Path, tensors: dict[str, np.ndarray], geometry: dict[str, Any],
+                        num_classes: int) -> dict[str, int | None]:
+    """Exactly the tensors the geometry names (:func:`lpt.tensors.task_inputs`), float32, with shapes that agree
+    with each other, with the geometry and with the class count; the symbol sizes found (L, D, L-S, T, P, C)."""
     task_inputs = geometry.get("task_inputs")
-    if not isinstance(fingerprint, str) or not fingerprint:
-        raise PredictError(f"{path}: task-pack metadata has no backbone fingerprint")
     known = spec_task_inputs()
     if not (isinstance(task_inputs, list) and task_inputs and all(n in known for n in task_inputs)):
         raise PredictError(f"{path}: geometry.task_inputs must list some of {list(known)}, got {task_inputs!r}")
     if sorted(tensors) != sorted(task_inputs):
         raise PredictError(f"{path}: holds tensors {sorted(tensors)} but its geometry names {sorted(task_inputs)}")
-    class_names = [str(c) for c in meta["class_names"]]
-    dims = _dims_of(geometry, len(class_names))
+    dims = _dims_of(geometry, num_classes)
     for name in task_inputs:
         arr = tensors[name]
         if arr.dtype != np.float32:
@@ -435,8 +421,36 @@ def read_pack(path: str | os.PathLike[str]) -> TaskPack:
                 dims[symbol] = int(size)
             if dims.get(symbol) != size:
                 raise PredictError(f"{path}: tensor {name!r} has shape {list(arr.shape)}: its {symbol} is {size}, "
-                                   f"but the pack's geometry / other tensors / {len(class_names)} class names say "
+                                   f"but the pack's geometry / other tensors / {num_classes} class names say "
                                    f"{dims.get(symbol)}")
+    return dims
+
+
+def read_pack(path: str | os.PathLike[str]) -> TaskPack:
+    """Read and check a task pack (numpy only; nothing in the file is executed).
+
+    Checks: a safetensors file with the ``lpt_pack`` header key, a supported ``pack_format``, the
+    required metadata fields, exactly the tensors its geometry names, float32, and shapes that agree
+    with each other, with the geometry and with the class names.
+
+    Args:
+        path: a ``.pack`` file written by ``lpt pack``.
+
+    Returns:
+        The :class:`TaskPack`.
+
+    Raises:
+        PredictError: missing, unreadable, not a pack, or inconsistent (the message names the file and
+            the field or tensor).
+    """
+    path = Path(path)
+    tensors, meta = _read_pack_file(path)
+    geometry, backbone = meta["geometry"], meta["backbone"]
+    fingerprint = backbone.get("fingerprint")
+    if not isinstance(fingerprint, str) or not fingerprint:
+        raise PredictError(f"{path}: task-pack metadata has no backbone fingerprint")
+    class_names = [str(c) for c in meta["class_names"]]
+    dims = _check_pack_tensors(path, tensors, geometry, len(class_names))
     top_k = geometry.get("top_k")
     if dims["P"] is not None and isinstance(top_k, int) and not 1 <= top_k <= dims["P"]:
         raise PredictError(f"{path}: top_k {top_k} does not fit a pool of {dims['P']} prompts")

@@ -123,7 +123,136 @@ class CosineHead(nn.Module):
             return f @ w.t()
 
 
-class LPTModel(nn.Module):
+class TrainedTensors(nn.Module):
+    """The trained tensors of a model, as the spec (:mod:`lpt.tensors`) describes them: which parameters each
+    one is, which of them train in the model's phase, how they are saved, loaded and counted.
+
+    :class:`LPTModel` is built on it; it reads the model's ``tensors`` (the spec entries it has), ``spec`` (its
+    method), ``phase``, ``backbone`` and the sizes of :meth:`symbol_sizes`.
+    """
+
+    tensors: list[TrainedTensor]
+    phase: int
+    method: str
+
+    def _extra_tensors(self) -> nn.ParameterDict | None:
+        """Spec tensors under ``extra_tensors.<name>``: those without a component of their own above (a tensor
+        just added to :mod:`lpt.tensors`), each a plain parameter of its spec shape drawn from its own
+        generator. ``None`` when there are none (every tensor of today's methods has its component)."""
+        extra = [t for t in self.tensors if t.path.startswith("extra_tensors.")]
+        if not extra:
+            return None
+        sizes = self.symbol_sizes()
+        out = nn.ParameterDict()
+        for tensor in extra:
+            value = torch.empty(*(sizes[d] for d in tensor.dims))
+            nn.init.trunc_normal_(value, std=0.02, a=-0.04, b=0.04, generator=component_generator(self.seed, tensor.name))
+            out[tensor.path.removeprefix("extra_tensors.")] = nn.Parameter(value)
+        return out
+
+    def symbol_sizes(self) -> dict[str, int]:
+        """The sizes of the spec's shape symbols for this model: L, S, L-S, T, D, P (configured), C."""
+        return {"L": self.depth, "S": self.shared_blocks, "L-S": self.depth - self.shared_blocks,
+                "T": self.prompt_length, "D": self.embed_dim, "P": self.cfg.pool_size, "C": self.num_classes}
+
+    def tensor_parameters(self, tensor: TrainedTensor) -> dict[str, nn.Parameter]:
+        """The parameters (by name) that one spec tensor of this model is: one, or a group's (adapters)."""
+        path = tensor.path
+        return {name: p for name, p in self.named_parameters() if name == path or name.startswith(path + ".")}
+
+    def trainable_names(self, phase: int | None = None) -> list[str]:
+        """Names of the trained tensors a model of this method has in ``phase`` (default: this model's phase),
+        as :meth:`trainable_state_dict` keys them."""
+        wanted = {t.name for t in trained_tensors(self.spec.tensors, self.phase if phase is None else phase)}
+        return [name for t in self.tensors if t.name in wanted for name in self.tensor_parameters(t)]
+
+    def _apply_trainable(self) -> None:
+        """Frozen backbone; each trained tensor trainable exactly in the phases the spec lists for it."""
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        for tensor in self.tensors:
+            for p in self.tensor_parameters(tensor).values():
+                p.requires_grad_(self.phase in tensor.phases)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Prompts, keys, adapters and head (every tensor that is trainable in some phase), detached CPU copies."""
+        return {
+            name: p.detach().to("cpu").contiguous().clone()
+            for name, p in self.named_parameters()
+            if not name.startswith("backbone.")
+        }
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True,
+                                  phase: int | None = None) -> None:
+        """Load tensors written by :meth:`trainable_state_dict`.
+
+        Args:
+            state: name -> tensor.
+            strict: require exactly the trained tensors of ``phase`` (else missing ones keep their values).
+            phase: whose tensors ``state`` holds: default this model's phase; ``1`` loads a phase-1 checkpoint
+                into a phase-2 model (the pool keeps its initial values).
+
+        Raises:
+            CheckpointError: unknown / missing names or a shape mismatch (named).
+        """
+        own = {n: p for n, p in self.named_parameters() if not n.startswith("backbone.")}
+        expected = set(self.trainable_names(phase)) if phase is not None else set(own)
+        unexpected = sorted(set(state) - expected)
+        missing = sorted(expected - set(state))
+        if unexpected or (strict and missing):
+            raise CheckpointError(
+                f"trainable tensors do not match the model (method {self.method!r}, phase {phase or self.phase}): "
+                f"missing {missing}, unexpected {unexpected}"
+            )
+        with torch.no_grad():
+            for name, value in state.items():
+                if tuple(value.shape) != tuple(own[name].shape):
+                    raise CheckpointError(
+                        f"tensor {name!r} has shape {tuple(value.shape)} in the checkpoint but "
+                        f"{tuple(own[name].shape)} in the model (different model.* params?)"
+                    )
+                own[name].copy_(value)
+
+    def parameter_report(self) -> dict[str, Any]:
+        """Trainable vs frozen parameter counts of the current phase.
+
+        Returns:
+            dict with ``method``, ``phase``, ``trainable``, ``frozen``, ``total``, ``backbone``,
+            ``trainable_share_of_backbone`` (trainable / backbone params), ``tuned_total`` (prompts +
+            keys + head over all phases: L*T*D + P*(L-S)*T*D + P*D + C*D for ``lpt``) and
+            ``components`` (name -> {params, trainable}).
+        """
+        components: dict[str, dict[str, Any]] = {}
+        for tensor in self.tensors:  # spec order
+            params = list(self.tensor_parameters(tensor).values())
+            if tensor.dims:  # one tensor
+                shape = list(params[0].shape)
+            else:  # a group of per-block tensors (adapters): L x the values of one block's
+                group = self.get_submodule(tensor.path)
+                shape = [len(group), sum(p.numel() for p in group[0].parameters())]
+            components[tensor.name] = {"params": sum(p.numel() for p in params), "shape": shape,
+                                       "trainable": any(p.requires_grad for p in params)}
+        backbone = sum(p.numel() for p in self.backbone.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return {
+            "method": self.method,
+            "phase": self.phase,
+            "trainable": trainable,
+            "frozen": total - trainable,
+            "total": total,
+            "backbone": backbone,
+            "trainable_share_of_backbone": trainable / backbone if backbone else float("nan"),
+            "tuned_total": sum(c["params"] for c in components.values()),
+            "components": components,
+        }
+
+    def summary(self) -> str:
+        """Print-friendly :meth:`parameter_report`."""
+        return format_parameter_report(self.parameter_report())
+
+
+class LPTModel(TrainedTensors):
     """LPT (and its ablations) on a frozen timm ViT.
 
     Args:
@@ -209,38 +338,7 @@ class LPTModel(nn.Module):
         self._apply_trainable()
         self.backbone.eval()
 
-    def _extra_tensors(self) -> nn.ParameterDict | None:
-        """Spec tensors under ``extra_tensors.<name>``: those without a component of their own above (a tensor
-        just added to :mod:`lpt.tensors`), each a plain parameter of its spec shape drawn from its own
-        generator. ``None`` when there are none (every tensor of today's methods has its component)."""
-        extra = [t for t in self.tensors if t.path.startswith("extra_tensors.")]
-        if not extra:
-            return None
-        sizes = self.symbol_sizes()
-        out = nn.ParameterDict()
-        for tensor in extra:
-            value = torch.empty(*(sizes[d] for d in tensor.dims))
-            nn.init.trunc_normal_(value, std=0.02, a=-0.04, b=0.04, generator=component_generator(self.seed, tensor.name))
-            out[tensor.path.removeprefix("extra_tensors.")] = nn.Parameter(value)
-        return out
-
-    def symbol_sizes(self) -> dict[str, int]:
-        """The sizes of the spec's shape symbols for this model: L, S, L-S, T, D, P (configured), C."""
-        return {"L": self.depth, "S": self.shared_blocks, "L-S": self.depth - self.shared_blocks,
-                "T": self.prompt_length, "D": self.embed_dim, "P": self.cfg.pool_size, "C": self.num_classes}
-
     # ------------------------------------------------------------------------------ phases & modes
-    def tensor_parameters(self, tensor: TrainedTensor) -> dict[str, nn.Parameter]:
-        """The parameters (by name) that one spec tensor of this model is: one, or a group's (adapters)."""
-        path = tensor.path
-        return {name: p for name, p in self.named_parameters() if name == path or name.startswith(path + ".")}
-
-    def trainable_names(self, phase: int | None = None) -> list[str]:
-        """Names of the trained tensors a model of this method has in ``phase`` (default: this model's phase),
-        as :meth:`trainable_state_dict` keys them."""
-        wanted = {t.name for t in trained_tensors(self.spec.tensors, self.phase if phase is None else phase)}
-        return [name for t in self.tensors if t.name in wanted for name in self.tensor_parameters(t)]
-
     def model_config(self) -> dict[str, Any]:
         """The geometry this model was built with (what ``model.json`` records and :func:`load_trained_model`
         rebuilds from): phase-1 fields, plus the pool's once it exists."""
@@ -251,14 +349,6 @@ class LPTModel(nn.Module):
             out.update(pool_size=int(self.group_pool.prompts.shape[0]), shared_blocks=self.shared_blocks,
                        top_k=self.group_pool.top_k, block_reuse=self.block_reuse)
         return out
-
-    def _apply_trainable(self) -> None:
-        """Frozen backbone; each trained tensor trainable exactly in the phases the spec lists for it."""
-        for p in self.backbone.parameters():
-            p.requires_grad_(False)
-        for tensor in self.tensors:
-            for p in self.tensor_parameters(tensor).values():
-                p.requires_grad_(self.phase in tensor.phases)
 
     def train(self, mode: bool = True) -> LPTModel:
         """Train/eval mode for the head dropout; the frozen backbone always stays in eval mode."""
@@ -364,46 +454,6 @@ class LPTModel(nn.Module):
         """Eval-style raw cosine logits [B, C] (argmax = prediction; no noise, no margin at test time)."""
         return self(x).logits
 
-    # ------------------------------------------------------------------------------ parameters
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Prompts, keys, adapters and head (every tensor that is trainable in some phase), detached CPU copies."""
-        return {
-            name: p.detach().to("cpu").contiguous().clone()
-            for name, p in self.named_parameters()
-            if not name.startswith("backbone.")
-        }
-
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True,
-                                  phase: int | None = None) -> None:
-        """Load tensors written by :meth:`trainable_state_dict`.
-
-        Args:
-            state: name -> tensor.
-            strict: require exactly the trained tensors of ``phase`` (else missing ones keep their values).
-            phase: whose tensors ``state`` holds: default this model's phase; ``1`` loads a phase-1 checkpoint
-                into a phase-2 model (the pool keeps its initial values).
-
-        Raises:
-            CheckpointError: unknown / missing names or a shape mismatch (named).
-        """
-        own = {n: p for n, p in self.named_parameters() if not n.startswith("backbone.")}
-        expected = set(self.trainable_names(phase)) if phase is not None else set(own)
-        unexpected = sorted(set(state) - expected)
-        missing = sorted(expected - set(state))
-        if unexpected or (strict and missing):
-            raise CheckpointError(
-                f"trainable tensors do not match the model (method {self.method!r}, phase {phase or self.phase}): "
-                f"missing {missing}, unexpected {unexpected}"
-            )
-        with torch.no_grad():
-            for name, value in state.items():
-                if tuple(value.shape) != tuple(own[name].shape):
-                    raise CheckpointError(
-                        f"tensor {name!r} has shape {tuple(value.shape)} in the checkpoint but "
-                        f"{tuple(own[name].shape)} in the model (different model.* params?)"
-                    )
-                own[name].copy_(value)
-
     def no_weight_decay(self) -> set[str]:
         """Names (timm convention) an optimizer may exclude from weight decay: none by default (spec)."""
         return set()
@@ -414,43 +464,6 @@ class LPTModel(nn.Module):
             self._fingerprint = backbone_fingerprint(self.backbone)
         return self._fingerprint
 
-    def parameter_report(self) -> dict[str, Any]:
-        """Trainable vs frozen parameter counts of the current phase.
-
-        Returns:
-            dict with ``method``, ``phase``, ``trainable``, ``frozen``, ``total``, ``backbone``,
-            ``trainable_share_of_backbone`` (trainable / backbone params), ``tuned_total`` (prompts +
-            keys + head over all phases: L*T*D + P*(L-S)*T*D + P*D + C*D for ``lpt``) and
-            ``components`` (name -> {params, trainable}).
-        """
-        components: dict[str, dict[str, Any]] = {}
-        for tensor in self.tensors:  # spec order
-            params = list(self.tensor_parameters(tensor).values())
-            if tensor.dims:  # one tensor
-                shape = list(params[0].shape)
-            else:  # a group of per-block tensors (adapters): L x the values of one block's
-                group = self.get_submodule(tensor.path)
-                shape = [len(group), sum(p.numel() for p in group[0].parameters())]
-            components[tensor.name] = {"params": sum(p.numel() for p in params), "shape": shape,
-                                       "trainable": any(p.requires_grad for p in params)}
-        backbone = sum(p.numel() for p in self.backbone.parameters())
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
-        return {
-            "method": self.method,
-            "phase": self.phase,
-            "trainable": trainable,
-            "frozen": total - trainable,
-            "total": total,
-            "backbone": backbone,
-            "trainable_share_of_backbone": trainable / backbone if backbone else float("nan"),
-            "tuned_total": sum(c["params"] for c in components.values()),
-            "components": components,
-        }
-
-    def summary(self) -> str:
-        """Print-friendly :meth:`parameter_report`."""
-        return format_parameter_report(self.parameter_report())
 
 
 def format_parameter_report(report: dict[str, Any]) -> str:
