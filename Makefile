@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/python -m pip install -q -e '.[dev]'
 	touch $@
 
-.PHONY: install repro pretrain test test-all serve bench check-lock exps
+.PHONY: install repro pretrain test test-all serve bench check-lock exps node-client
 install: $(VENV)/.installed
 
 # A failed (or interrupted) `dvc repro` leaves the failed stage's outputs removed or half-written: put back
@@ -36,8 +36,19 @@ pretrain: install
 check-lock: install
 	PYTHONDONTWRITEBYTECODE=1 $(VENV)/bin/python -m pipelines.lock_check
 
-test: install
+test: install node-client
 	$(VENV)/bin/python -m pytest
+
+# The Node.js client (examples/node, tested by tests/test_rawpixels.py): Node.js from the distribution's packages
+# where it is missing and apt is there, then its npm packages. Never fails the build: without them those tests
+# skip, saying why.
+node-client:
+	@command -v node >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && apt-get install -y -qq nodejs npm) >/dev/null 2>&1; } || \
+	  echo "note: Node.js is not installed; the Node client's tests will skip"
+	@if command -v npm >/dev/null 2>&1 && [ ! -d examples/node/node_modules/onnxruntime-node ]; then \
+	  (cd examples/node && npm install --no-audit --no-fund --loglevel=error) || \
+	  echo "note: npm install failed; the Node client's tests will skip"; fi
 
 test-all: install
 	$(VENV)/bin/python -m pytest -m ''

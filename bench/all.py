@@ -19,6 +19,7 @@ BENCHES: list[tuple[str, list[str]]] = [
     ("packs", []),
     ("pipeline_overhead", []),
     ("inat_scale", []),
+    ("raw_consumers", []),
 ]
 
 

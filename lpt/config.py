@@ -458,6 +458,18 @@ class ParityConfig(_Strict):
     max_images: int | None = Field(
         None, ge=1, le=MAX_STEPS, description="compare ORT and torch on at most this many test images, a class-stratified "
         "sample (every class before any class twice; seeded by `seed`); null = the whole test split")
+    raw_min_agreement: float = Field(
+        0.995, ge=0.0, le=1.0, description="the raw-pixel graph (preprocessing inside) vs the Python preprocessing + "
+        "graph: share of test images with the same top-1 class (the resize kernels differ slightly)")
+
+
+class TritonConfig(_Strict):
+    """``export.triton``: a Triton Inference Server model repository of the raw-pixel graph."""
+
+    enabled: bool = Field(True, description="write <export.out_dir>/triton/<name>/ (config.pbtxt, 1/model.onnx, "
+                                            "labels.txt); needs export.raw")
+    name: str = Field("lpt", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="the model's name in Triton")
+    max_batch_size: int = Field(32, ge=1, le=4096, description="the largest batch Triton's dynamic batching forms")
 
 
 class ExportConfig(_Strict):
@@ -471,6 +483,17 @@ class ExportConfig(_Strict):
     int8: bool = False
     fp16: bool = False
     max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0, description="INT8/fp16 top-1 drop allowed vs fp32")
+    raw: bool = Field(True, description="also write model.raw.onnx (and the pack's backbone.raw.onnx): uint8 RGB "
+                                        "pixels [N, H, W, 3] in, the preprocessing inside the graph (needs opset >= 18)")
+    triton: TritonConfig = TritonConfig()
+
+    @model_validator(mode="after")
+    def _raw_needs(self) -> ExportConfig:
+        if self.raw and self.opset < 18:
+            raise ValueError(f"export.raw needs export.opset >= 18 (ONNX Resize with antialias), got {self.opset}")
+        if self.triton.enabled and not self.raw:
+            raise ValueError("export.triton.enabled serves the raw-pixel graph: it needs export.raw: true")
+        return self
 
 
 class PackConfig(_Strict):

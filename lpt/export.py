@@ -46,8 +46,10 @@ from lpt.model.lpt import LPTModel
 # the metadata schema belongs to the torch-free consumer; the exporter writes what it reads
 from lpt.runtime import LOGITS_NAME, LPT_FORMAT, REQUIRED_METADATA, SELECTED_NAME
 from lpt.ship import (ExportError, GateNotPassed, ParityFailed, check_gate_verdict, check_graph, compare_on_test,
-                      optimize_graph, ort_runner, ort_session, parity_failures, parity_sample, raise_parity_failures,
-                      shipping, trace_graph, write_metadata)
+                      compare_raw_on_test, optimize_graph, ort_runner, ort_session, parity_failures, parity_sample,
+                      raise_parity_failures, raw_failures, shipping, trace_graph, write_metadata)
+from lpt.rawpixels import RAW_INPUT_NAME, write_raw_graph
+from lpt.triton import TRITON_DIR, write_triton_repository
 from lpt.utils import sha256_file, write_json_atomic
 
 __all__ = [
@@ -56,6 +58,7 @@ __all__ = [
     "ParityFailed",
     "ExportResult",
     "MODEL_FILE",
+    "RAW_FILE",
     "REPORT_FILE",
     "export_onnx",
     "optimize_graph",
@@ -70,6 +73,7 @@ __all__ = [
 ]
 
 MODEL_FILE = "model.onnx"
+RAW_FILE = "model.raw.onnx"
 INT8_FILE = "model.int8.onnx"
 FP16_FILE = "model.fp16.onnx"
 REPORT_FILE = "export.json"
@@ -214,7 +218,7 @@ def convert_fp16(src: Path, dst: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- run
-_OWN = (MODEL_FILE, INT8_FILE, FP16_FILE, REPORT_FILE)
+_OWN = (MODEL_FILE, RAW_FILE, INT8_FILE, FP16_FILE, REPORT_FILE, "triton")
 """What ``export.out_dir`` holds: a folder with anything else is never replaced (:func:`lpt.utils.check_output_dir`)."""
 
 
@@ -248,9 +252,34 @@ def _variant_drops(stats: dict[str, Any], max_drop: float) -> list[str]:
     return failures
 
 
+def _raw_graph(fp32: Path, folder: Path, transforms: ResolvedTransforms) -> Path:
+    """``model.raw.onnx``: ``model.onnx`` with the test-time preprocessing inside (:mod:`lpt.rawpixels`), checked."""
+    raw = write_raw_graph(fp32, folder / RAW_FILE, transforms.input_size, transforms.resize, tuple(transforms.mean),
+                          tuple(transforms.std))
+    check_graph(raw)
+    return raw
+
+
 def _report(params: Params, model: LPTModel, meta: dict[str, str], stats: dict[str, Any],
-            files: dict[str, Path], notes: list[str]) -> dict[str, Any]:
-    """``export.json``: parity figures, test top-1 counts, each variant's file, size, sha256 and figures."""
+            files: dict[str, Path], notes: list[str], raw: Path | None = None) -> dict[str, Any]:
+    """``export.json``: parity figures, test top-1 counts, each variant's file, size, sha256 and figures; the
+    raw-pixel graph's file and parity against the Python preprocessing; the Triton repository."""
+    cfg, fp = params.export, stats["fp32"]
+    extra: dict[str, Any] = {}
+    if raw is not None:
+        extra["raw"] = {"file": raw.name, "bytes": raw.stat().st_size, "sha256": sha256_file(raw),
+                        "input": f"{RAW_INPUT_NAME}: uint8 [N, H, W, 3] RGB", **stats["raw"],
+                        "threshold": cfg.parity.raw_min_agreement,
+                        "note": "vs lpt.runtime's Python preprocessing + model.onnx; the only difference is the "
+                                "resize kernel (Pillow: two 8-bit passes; ONNX Resize: float, one pass)"}
+        if cfg.triton.enabled:
+            extra["triton"] = {"repository": TRITON_DIR, "model": cfg.triton.name,
+                               "max_batch_size": cfg.triton.max_batch_size}
+    return {**_base_report(params, model, meta, stats, files, notes), **extra}
+
+
+def _base_report(params: Params, model: LPTModel, meta: dict[str, str], stats: dict[str, Any],
+                 files: dict[str, Path], notes: list[str]) -> dict[str, Any]:
     cfg, fp = params.export, stats["fp32"]
     return {
         "format": LPT_FORMAT,
@@ -314,11 +343,21 @@ def run_export(params: Params) -> ExportResult:
         check_graph(fp32)
         files = _variants(fp32, ship.folder, params, meta, doc, notes)
         threads = torch.get_num_threads()
-        stats = compare_on_test(model, {k: ort_runner(ort_session(p, threads)) for k, p in files.items()},
-                                params, ship.transforms)
-        raise_parity_failures(parity_failures(stats["fp32"], params, "ORT-vs-torch")
-                              + _variant_drops(stats, cfg.max_accuracy_drop), "export", stats["num_images"])
-        write_json_atomic(ship.folder / REPORT_FILE, _report(params, model, meta, stats, files, notes))
+        sessions = {k: ort_session(p, threads) for k, p in files.items()}
+        stats = compare_on_test(model, {k: ort_runner(v) for k, v in sessions.items()}, params, ship.transforms)
+        failures = parity_failures(stats["fp32"], params, "ORT-vs-torch") + _variant_drops(stats, cfg.max_accuracy_drop)
+        raw = _raw_graph(fp32, ship.folder, ship.transforms) if cfg.raw else None
+        if raw is not None:
+            raw_session = ort_session(raw, threads)
+            stats["raw"] = compare_raw_on_test({"raw": (ort_runner(sessions["fp32"]),
+                                                        lambda px: raw_session.run(None, {RAW_INPUT_NAME: px}))},
+                                               params, ship.transforms)["raw"]
+            failures += raw_failures(stats["raw"], params, "model.raw.onnx-vs-Python-preprocessing")
+        raise_parity_failures(failures, "export", stats["num_images"])
+        if raw is not None and cfg.triton.enabled:
+            write_triton_repository(ship.folder / TRITON_DIR, raw, cfg.triton.name, cfg.triton.max_batch_size,
+                                    ship.class_names)
+        write_json_atomic(ship.folder / REPORT_FILE, _report(params, model, meta, stats, files, notes, raw))
     fp = stats["fp32"]
     return ExportResult(
         model_path=out_dir / MODEL_FILE, report_path=out_dir / REPORT_FILE,

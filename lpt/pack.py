@@ -50,8 +50,9 @@ from lpt.model.backbone import ResolvedTransforms
 from lpt.model.lpt import LPTModel
 from lpt.runtime import (BACKBONE_KIND, INPUT_NAME, LOGITS_NAME, LPT_FORMAT, PACK_FORMAT, PACK_METADATA_KEY,
                          PACK_SUFFIX, SELECTED_NAME, PredictError, Predictor)
-from lpt.ship import (ExportError, check_graph, compare_on_test, parity_failures, raise_parity_failures, shipping,
-                      trace_graph, write_metadata)
+from lpt.rawpixels import RAW_INPUT_NAME, write_raw_graph
+from lpt.ship import (ExportError, check_graph, compare_on_test, compare_raw_on_test, ort_session, parity_failures,
+                      raise_parity_failures, raw_failures, shipping, trace_graph, write_metadata)
 from lpt.tensors import dynamic_axes, pack_names, task_inputs
 from lpt.utils import atomic_path, read_json, sha256_file, write_json_atomic
 
@@ -60,6 +61,7 @@ __all__ = [
     "PackResult",
     "PACK_TENSORS",
     "BACKBONE_GRAPH_FILE",
+    "BACKBONE_RAW_FILE",
     "REPORT_FILE",
     "PREPROCESSING_KEYS",
     "pack_tensors",
@@ -77,6 +79,8 @@ PACK_TENSORS: dict[str, str] = pack_names()
 (:func:`lpt.tensors.pack_names`: every packable tensor of the spec)."""
 
 BACKBONE_GRAPH_FILE = "backbone.onnx"
+BACKBONE_RAW_FILE = "backbone.raw.onnx"
+"""The backbone graph with the preprocessing inside (``export.raw``): uint8 RGB pixels + the task tensors in."""
 REPORT_FILE = "pack.json"
 
 PREPROCESSING_KEYS: tuple[str, ...] = ("input_size", "resize", "resize_mode", "interpolation", "antialias", "crop",
@@ -305,18 +309,34 @@ def _scalar_metrics(params: Params) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, bool)) or v is None}
 
 
-_OWN = (BACKBONE_GRAPH_FILE, REPORT_FILE, f"*{PACK_SUFFIX}")
+_OWN = (BACKBONE_GRAPH_FILE, BACKBONE_RAW_FILE, REPORT_FILE, f"*{PACK_SUFFIX}")
 """What ``pack.out_dir`` holds: a folder with anything else is never replaced (:func:`lpt.utils.check_output_dir`)."""
 
 
-def _consumer_runner(graph: Path, pack: Path) -> Any:
+def _consumer(graph: Path, pack: Path) -> Predictor:
     """The torch-free consumer under test: the backbone graph + the pack as read back from disk."""
     try:  # the consumer reads what was written: the check covers the files, not just the tensors in memory
-        consumer = Predictor(graph, packs=[pack], providers=["CPUExecutionProvider"],
-                             intra_op_num_threads=torch.get_num_threads())
+        return Predictor(graph, packs=[pack], providers=["CPUExecutionProvider"],
+                         intra_op_num_threads=torch.get_num_threads())
     except PredictError as err:
         raise PackError(f"the written pack does not load in the runtime: {err}") from None
-    return lambda images: consumer.run(images, task=0)
+
+
+def _raw_parity(graph: Path, folder: Path, consumer: Predictor, params: Params,
+                transforms: ResolvedTransforms) -> tuple[Path, dict[str, Any]]:
+    """``backbone.raw.onnx`` (the preprocessing inside, :mod:`lpt.rawpixels`) and its parity with the Python
+    consumer: the same pack's tensors fed beside decoded pixels."""
+    raw = write_raw_graph(graph, folder / BACKBONE_RAW_FILE, transforms.input_size, transforms.resize,
+                          tuple(transforms.mean), tuple(transforms.std))
+    check_graph(raw)
+    session = ort_session(raw, torch.get_num_threads())
+    task = consumer.packs[0].tensors  # as read back from the .pack file
+
+    def run_raw(pixels: Any) -> Any:
+        return session.run(None, {RAW_INPUT_NAME: pixels, **task})
+
+    pairs = {"raw": (lambda x: consumer.run(x, task=0), run_raw)}
+    return raw, compare_raw_on_test(pairs, params, transforms)["raw"]
 
 
 def _report(params: Params, model: LPTModel, ckpt: dict[str, Any], geometry: dict[str, Any],
@@ -336,6 +356,8 @@ def _report(params: Params, model: LPTModel, ckpt: dict[str, Any], geometry: dic
                  "pack_correct": got["correct"], "torch_accuracy": stats["torch_accuracy"],
                  "pack_accuracy": got["accuracy"]},
         "files": {name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for name, p in files.items()},
+        **({"raw": {"file": BACKBONE_RAW_FILE, **stats["raw"], "threshold": params.export.parity.raw_min_agreement}}
+           if "raw" in stats else {}),
         "backbone_fingerprint": model.backbone_fingerprint(),
         "recipe_sha256": str(ckpt.get("recipe_sha256", "")),
         "checkpoint_sha256": ckpt["weights_sha256"],
@@ -383,12 +405,18 @@ def run_pack(params: Params) -> PackResult:
         pack = write_pack(ship.folder / pack_file, tensors,
                           build_pack_metadata(params, model, ship.class_names, ship.checkpoint, metrics, ship.verdict,
                                               geometry, ship.transforms))
+        consumer = _consumer(graph, pack)
         try:
-            stats = compare_on_test(model, {"pack": _consumer_runner(graph, pack)}, params, ship.transforms)
+            stats = compare_on_test(model, {"pack": lambda x: consumer.run(x, task=0)}, params, ship.transforms)
+            failures = parity_failures(stats["pack"], params, "pack-vs-torch")
+            files = {pack_file: pack, BACKBONE_GRAPH_FILE: graph}
+            if params.export.raw:
+                files[BACKBONE_RAW_FILE], stats["raw"] = _raw_parity(graph, ship.folder, consumer, params,
+                                                                     ship.transforms)
+                failures += raw_failures(stats["raw"], params, "backbone.raw.onnx-vs-Python-preprocessing")
         except PredictError as err:
             raise PackError(f"the written pack does not run in the runtime: {err}") from None
-        raise_parity_failures(parity_failures(stats["pack"], params, "pack-vs-torch"), "pack", stats["num_images"])
-        files = {pack_file: pack, BACKBONE_GRAPH_FILE: graph}
+        raise_parity_failures(failures, "pack", stats["num_images"])
         write_json_atomic(ship.folder / REPORT_FILE, _report(params, model, ship.checkpoint, geometry, stats, files))
         sizes = {name: p.stat().st_size for name, p in files.items()}
     got = stats["pack"]

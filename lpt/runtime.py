@@ -80,6 +80,8 @@ LPT_FORMAT = 1
 """Version of the export layout (graph I/O + metadata keys); bumped on incompatible changes."""
 
 INPUT_NAME = "image"
+RAW_INPUT_NAME = "pixels"
+"""A raw-pixel graph's image input (:mod:`lpt.rawpixels`): uint8 ``[N, H, W, 3]`` RGB."""
 LOGITS_NAME = "logits"
 SELECTED_NAME = "selected"
 
@@ -533,6 +535,9 @@ class Predictor:
         self.provider: str = self.session.get_providers()[0]
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
         self._output_names: list[str] = []
+        # a raw-pixel graph (model.raw.onnx, backbone.raw.onnx: lpt.rawpixels) preprocesses inside: feed pixels
+        self.raw: bool = RAW_INPUT_NAME in {i.name for i in self.session.get_inputs()}
+        self.image_input = RAW_INPUT_NAME if self.raw else INPUT_NAME
 
     @property
     def is_backbone_graph(self) -> bool:
@@ -554,11 +559,18 @@ class Predictor:
                                f"(supports {LPT_FORMAT}); re-export or upgrade lpt")
 
     def _check_image_input(self, image: Any, size: int | None) -> None:
-        """The graph's image input must take what :meth:`run` feeds: float32 ``[B, 3, size, size]``.
+        """The graph's image input must take what :meth:`run` feeds: float32 ``[B, 3, size, size]`` (a raw graph:
+        uint8 ``[B, H, W, 3]``).
 
         Raises:
             ModelFileError: another element type, rank or fixed size (a symbolic dimension is accepted).
         """
+        if self.raw:
+            shape = list(image.shape) if isinstance(image.shape, (list, tuple)) else []
+            if image.type != "tensor(uint8)" or len(shape) != 4 or shape[3] not in (3, None) and isinstance(shape[3], int):
+                raise ModelFileError(f"{self.path}: graph input '{RAW_INPUT_NAME}' is {image.type} {shape}, expected "
+                                     "uint8 [B, H, W, 3]: re-export the model")
+            return
         want: list[int | None] = [None, 3, size, size]
         shape = list(image.shape) if isinstance(image.shape, (list, tuple)) else []
         fits = len(shape) == 4 and all(w is None or not isinstance(d, int) or d == w for d, w in zip(shape, want))
@@ -578,8 +590,18 @@ class Predictor:
 
     # -- inference -------------------------------------------------------------------------------
     def preprocess(self, img: Image.Image) -> np.ndarray:
-        """The test transform of this export: ``[3, S, S]`` float32 (see :func:`preprocess_image`)."""
+        """The test transform of this export: ``[3, S, S]`` float32 (see :func:`preprocess_image`); for a raw-pixel
+        graph the decoded RGB pixels ``[H, W, 3]`` uint8 (the graph preprocesses)."""
+        if self.raw:
+            return np.asarray(to_rgb(img), dtype=np.uint8)
         return preprocess_image(img, self.preprocessing)
+
+    def _predict_preprocessed(self, arrays: list[np.ndarray], top_k: int) -> list[dict[str, Any]]:
+        """:meth:`predict_arrays` over preprocessed images: one call when they share a shape (always, unless
+        raw pixels of different sizes), else one per image; rows in input order."""
+        if len({a.shape for a in arrays}) <= 1:
+            return self.predict_arrays(np.stack(arrays), top_k)
+        return [row for a in arrays for row in self.predict_arrays(a[None], top_k)]
 
     def run(self, batch: np.ndarray, task: int | str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Run the graph on a normalised batch.
@@ -593,9 +615,14 @@ class Predictor:
         """
         extra = self._task_feed(task)
         s = self.preprocessing.input_size
-        if batch.ndim != 4 or batch.shape[1:] != (3, s, s):
+        if self.raw:
+            if batch.ndim != 4 or batch.shape[3] != 3:
+                raise PredictError(f"expected decoded pixels of shape [B, H, W, 3], got {list(batch.shape)}")
+            feed = {RAW_INPUT_NAME: np.ascontiguousarray(batch, dtype=np.uint8), **extra}
+        elif batch.ndim != 4 or batch.shape[1:] != (3, s, s):
             raise PredictError(f"expected a batch of shape [B, 3, {s}, {s}], got {list(batch.shape)}")
-        feed = {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32), **extra}
+        else:
+            feed = {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32), **extra}
         try:
             out = self.session.run(self._output_names, feed)
         except Exception as err:  # ORT's own types (InvalidArgument, Fail, RuntimeException): shape/type errors
@@ -649,8 +676,8 @@ class Predictor:
             raise PredictError(f"batch_size must be >= 1, got {batch_size}")
         rows: list[dict[str, Any]] = []
         for start in range(0, len(images), batch_size):
-            batch = np.stack([self.preprocess(im) for im in images[start:start + batch_size]])
-            rows.extend(self.predict_arrays(batch, top_k))
+            rows.extend(self._predict_preprocessed([self.preprocess(im) for im in images[start:start + batch_size]],
+                                                   top_k))
         return rows
 
     def predict_paths(self, paths: Iterable[str | os.PathLike[str]], top_k: int = 1,
@@ -676,8 +703,7 @@ class Predictor:
         rows: list[dict[str, Any]] = []
         for start in range(0, len(files), batch_size):
             chunk = files[start:start + batch_size]
-            batch = np.stack([self.preprocess(load_image(f)) for f in chunk])
-            predicted = self.predict_arrays(batch, top_k)
+            predicted = self._predict_preprocessed([self.preprocess(load_image(f)) for f in chunk], top_k)
             for i, row in enumerate(predicted):
                 rows.append({"path": str(chunk[i // per_image]), **row})
         return rows
@@ -716,10 +742,10 @@ class ExportPredictor(Predictor):
             raise PredictError(f"{src}: malformed class_names/logit_scale metadata ({err})") from None
         inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = {o.name: o for o in self.session.get_outputs()}
-        if INPUT_NAME not in inputs or LOGITS_NAME not in outputs:
-            raise PredictError(f"{src}: expected input '{INPUT_NAME}' and output '{LOGITS_NAME}', "
-                               f"found inputs {sorted(inputs)} outputs {sorted(outputs)}")
-        self._check_image_input(inputs[INPUT_NAME], self.preprocessing.input_size)
+        if self.image_input not in inputs or LOGITS_NAME not in outputs:
+            raise PredictError(f"{src}: expected input '{INPUT_NAME}' (or '{RAW_INPUT_NAME}') and output "
+                               f"'{LOGITS_NAME}', found inputs {sorted(inputs)} outputs {sorted(outputs)}")
+        self._check_image_input(inputs[self.image_input], self.preprocessing.input_size)
         n_out = outputs[LOGITS_NAME].shape[-1]
         if isinstance(n_out, int) and n_out != len(self.class_names):
             raise PredictError(f"{src}: logits have {n_out} classes but metadata names {len(self.class_names)}")
@@ -771,12 +797,12 @@ class PackPredictor(Predictor):
             raise PredictError(f"{src}: geometry metadata must be a JSON object")
         inputs = {i.name for i in self.session.get_inputs()}
         outputs = {o.name for o in self.session.get_outputs()}
-        expected = {INPUT_NAME, *self.geometry.get("task_inputs", [])}
+        expected = {self.image_input, *self.geometry.get("task_inputs", [])}
         if inputs != expected or LOGITS_NAME not in outputs:
             raise PredictError(f"{src}: backbone graph inputs {sorted(inputs)} / outputs {sorted(outputs)} do not "
                                f"match its geometry (inputs {sorted(expected)}, output '{LOGITS_NAME}')")
         self._output_names = [LOGITS_NAME] + ([SELECTED_NAME] if SELECTED_NAME in outputs else [])
-        image = next(i for i in self.session.get_inputs() if i.name == INPUT_NAME)
+        image = next(i for i in self.session.get_inputs() if i.name == self.image_input)
         size = self.geometry.get("input_size")
         self._check_image_input(image, size if isinstance(size, int) and not isinstance(size, bool) else None)
 

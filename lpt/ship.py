@@ -59,6 +59,8 @@ __all__ = [
     "compare_on_test",
     "parity_failures",
     "raise_parity_failures",
+    "compare_raw_on_test",
+    "raw_failures",
 ]
 
 
@@ -577,3 +579,52 @@ def raise_parity_failures(failures: Sequence[str], label: str, num_images: int) 
     if failures:
         raise ParityFailed(f"{label} parity gate failed on the test split ({num_images} images); nothing written:\n"
                            + "\n".join(f"  - {f}" for f in failures))
+
+
+def compare_raw_on_test(pairs: Mapping[str, tuple[Runner, Runner]], params: Params,
+                        transforms: ResolvedTransforms) -> dict[str, Any]:
+    """A raw-pixel graph against the Python consumer over the test split (or its parity sample).
+
+    Each pair is ``(reference, raw)``: the reference takes images preprocessed in Python exactly as
+    :class:`lpt.runtime.Predictor` does (:func:`lpt.runtime.preprocess_image`), the raw one the decoded uint8 RGB
+    pixels ``[b, H, W, 3]`` (images of one size per call).
+
+    Returns:
+        Per pair: ``max_abs_diff`` (logits), ``top1_agreement``, ``images``.
+    """
+    from lpt.data.reader import ShardImages
+    from lpt.runtime import Preprocessing, preprocess_image, to_rgb
+
+    dataset = ShardImages(Path(params.data.out_dir), "test")
+    if len(dataset) == 0:
+        raise ExportError(f"{params.data.out_dir}: the test split is empty; nothing to check parity on")
+    sample = parity_sample(dataset.labels, params.export.parity.max_images, params.seed)
+    pre = Preprocessing(input_size=transforms.input_size, resize=transforms.resize, mean=tuple(transforms.mean),
+                        std=tuple(transforms.std))
+    max_diff = {name: 0.0 for name in pairs}
+    same = {name: 0 for name in pairs}
+    batch_size = params.evaluate.batch_size
+    for start in range(0, len(sample), batch_size):
+        images = [to_rgb(dataset[int(i)][0]) for i in sample[start:start + batch_size]]
+        by_size: dict[tuple[int, int], list[Any]] = {}
+        for image in images:
+            by_size.setdefault(image.size, []).append(image)
+        for group in by_size.values():  # one call per image size: the raw graph takes [b, H, W, 3]
+            x = np.stack([preprocess_image(im, pre) for im in group])  # [b, 3, S, S]
+            pixels = np.stack([np.asarray(im, dtype=np.uint8) for im in group])  # [b, H, W, 3]
+            for name, (reference, raw) in pairs.items():
+                ref = np.asarray(reference(x)[0], dtype=np.float32)
+                got = np.asarray(raw(pixels)[0], dtype=np.float32)
+                max_diff[name] = max(max_diff[name], float(np.abs(got - ref).max()))
+                same[name] += int((got.argmax(1) == ref.argmax(1)).sum())
+    return {name: {"max_abs_diff": max_diff[name], "top1_agreement": same[name] / len(sample),
+                   "images": int(len(sample))} for name in pairs}
+
+
+def raw_failures(figures: Mapping[str, Any], params: Params, who: str) -> list[str]:
+    """The ``export.parity.raw_min_agreement`` threshold ``figures`` (:func:`compare_raw_on_test`) misses, as a line."""
+    want = params.export.parity.raw_min_agreement
+    if figures["top1_agreement"] >= want:
+        return []
+    return [f"{who} top-1 agreement {figures['top1_agreement']:.4f} < export.parity.raw_min_agreement {want:g} "
+            f"(max |logit difference| {figures['max_abs_diff']:.3g})"]

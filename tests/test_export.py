@@ -215,13 +215,20 @@ def test_failed_export_keeps_the_previous_export_and_guards_foreign_folders(tmp_
     params = params_on_shared_shards(tmp_path, tiny_shards)
     train_stand_in(params)
     out = Path(run_export(params).model_path).parent
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def tree() -> dict[str, bytes]:
+        return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+    before = tree()
+    assert sorted(before) == ["export.json", "model.onnx", "model.raw.onnx", "triton/lpt/1/model.onnx",
+                              "triton/lpt/config.pbtxt", "triton/lpt/labels.txt"]
     strict = params.model_copy(deep=True)
     strict.export.parity.max_abs_diff = 1e-12
     with pytest.raises(ParityFailed, match="nothing written"):
         run_export(strict)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing destroyed, nothing half-written
-    assert sorted(p.name for p in tmp_path.rglob("*.onnx")) == ["model.onnx"]
+    assert tree() == before  # nothing destroyed, nothing half-written
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.onnx")) == [
+        "models/export/model.onnx", "models/export/model.raw.onnx", "models/export/triton/lpt/1/model.onnx"]
 
     (out / "keep.txt").write_text("someone else's file")
     with pytest.raises(OutputDirError, match="export.out_dir .* holds files this project did not write .keep.txt"):
