@@ -8,6 +8,7 @@ files to a temp folder, half at their own size and half resized (to 1.5x and 0.7
 
 - ``lpt predict`` (Python: ``lpt.runtime``'s preprocessing + ``model.onnx``), the reference;
 - the same ``Predictor`` on ``model.raw.onnx`` (decoded pixels into the graph);
+- ``lpt score`` on ``model.onnx`` (the scoring deployment's library: CSV + summary with the histogram);
 - ``examples/node/predict.mjs`` on ``model.raw.onnx`` (Node.js; skipped with a note without Node.js or its
   npm packages: ``make node-client``).
 
@@ -18,6 +19,7 @@ process start included). Run it on an idle machine.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import shutil
 import subprocess
@@ -53,6 +55,12 @@ def write_images(shards: Path, folder: Path, count: int) -> list[Path]:
     return paths
 
 
+def _metadata(model: Path) -> dict[str, str]:
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(model)).metadata_props}
+
+
 def _timed(cmd: list[str]) -> tuple[list[dict[str, Any]], float]:
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
@@ -73,6 +81,13 @@ def run(export: Path, count: int) -> dict[str, Any]:
         runs["lpt predict, model.onnx"] = _timed([lpt_bin, "predict", str(export / "model.onnx"), tmp, "--json"])
         runs["lpt predict, model.raw.onnx"] = _timed([lpt_bin, "predict", str(export / "model.raw.onnx"), tmp,
                                                       "--json"])
+        score_csv = Path(tmp) / "scored" / "predictions.csv"
+        _, seconds = _timed([lpt_bin, "score", tmp, "--out", str(score_csv), "--top-k", "1",
+                             "-p", str(REPO / "params.yaml")])
+        with open(score_csv, newline="") as fh:  # `lpt score`'s CSV: path, class_1, score_1
+            names = json.loads(_metadata(export / "model.onnx")["class_names"])
+            scored = [{"labels": [names.index(row["class_1"])]} for row in csv.DictReader(fh)]
+        runs["lpt score (CSV + summary), model.onnx"] = (scored, seconds)
         node = shutil.which("node")
         note = None
         if node and (REPO / "examples/node/node_modules/onnxruntime-node").is_dir():

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 from lpt.config import Params
 
 __all__ = ["GATE_FILE", "check_gate", "gate_verdict", "gate_thresholds", "threshold_changes", "missing_groups",
-           "probe_metrics_path", "read_gate_verdict"]
+           "probe_metrics_path", "read_gate_verdict", "gate_refusal"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,36 @@ def threshold_changes(verdict: dict[str, Any], params: Params) -> list[str]:
         if type(old) is bool or old != now:  # 0 == 0.0 (JSON), True == 1 is not a threshold
             changes.append(f"{key} {old} -> {now}")
     return changes
+
+
+def gate_refusal(params: Params, checkpoint_sha256: str) -> tuple[dict[str, Any] | None, str | None]:
+    """Why a checkpoint may not be shipped or used: its evaluated verdict is missing, failed, about another
+    checkpoint (sha256) or judged under other thresholds than ``evaluate.gate`` sets now.
+
+    Returns:
+        ``(verdict or None, None)`` when it passed for these very weights; else ``(verdict or None, reason)``,
+        the reason one line naming ``gate.json`` and what to run.
+    """
+    from lpt.utils import JsonFileError
+
+    path = Path(params.evaluate.out_dir) / GATE_FILE
+    try:
+        verdict = read_gate_verdict(params.evaluate.out_dir)
+    except JsonFileError as err:
+        return None, (f"{err}: run `lpt evaluate` (dvc stage evaluate) first; export only ships a model that "
+                      "passed the quality gate")
+    if verdict.get("checkpoint_sha256") != checkpoint_sha256:
+        return verdict, (f"{path} judged checkpoint {str(verdict.get('checkpoint_sha256'))[:12]}…, not the one "
+                         f"being exported ({checkpoint_sha256[:12]}…): run `lpt evaluate` on it first")
+    changes = threshold_changes(verdict, params)
+    if changes:
+        return verdict, (f"{path} was judged under other gate thresholds than evaluate.gate sets now "
+                         f"({'; '.join(changes)}): re-run `lpt evaluate` (dvc stage evaluate) to judge the "
+                         "checkpoint under them")
+    if verdict.get("passed") is not True:
+        failures = "; ".join(str(f) for f in verdict.get("failures") or []) or "no reason recorded"
+        return verdict, f"{path}: the quality gate failed for this checkpoint ({failures}); nothing exported"
+    return verdict, None
 
 
 def probe_metrics_path(params: Params) -> Path:

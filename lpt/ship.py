@@ -100,32 +100,18 @@ class GatedModel:
 
 def check_gate_verdict(params: Params, checkpoint_sha256: str) -> dict[str, Any]:
     """The evaluated gate verdict must exist, have passed, be about this very checkpoint and have been judged
-    under the thresholds in force (``evaluate.gate``: stricter or looser ones need a new verdict).
+    under the thresholds in force (:func:`lpt.gate.gate_refusal`).
 
     Raises:
         GateNotPassed: missing or damaged ``gate.json``, a failed verdict, one for another checkpoint, or one
             judged under other thresholds (the message names each changed threshold, old -> new).
     """
-    from lpt.gate import GATE_FILE, read_gate_verdict, threshold_changes
-    from lpt.utils import JsonFileError
+    from lpt.gate import gate_refusal
 
-    path = Path(params.evaluate.out_dir) / GATE_FILE
-    try:
-        verdict = read_gate_verdict(params.evaluate.out_dir)
-    except JsonFileError as err:
-        raise GateNotPassed(f"{err}: run `lpt evaluate` (dvc stage evaluate) first; export only ships a model "
-                            "that passed the quality gate") from None
-    if verdict.get("checkpoint_sha256") != checkpoint_sha256:
-        raise GateNotPassed(f"{path} judged checkpoint {str(verdict.get('checkpoint_sha256'))[:12]}…, not the one "
-                            f"being exported ({checkpoint_sha256[:12]}…): run `lpt evaluate` on it first")
-    changes = threshold_changes(verdict, params)
-    if changes:
-        raise GateNotPassed(f"{path} was judged under other gate thresholds than evaluate.gate sets now "
-                            f"({'; '.join(changes)}): re-run `lpt evaluate` (dvc stage evaluate) to judge the "
-                            "checkpoint under them")
-    if verdict.get("passed") is not True:
-        failures = "; ".join(str(f) for f in verdict.get("failures") or []) or "no reason recorded"
-        raise GateNotPassed(f"{path}: the quality gate failed for this checkpoint ({failures}); nothing exported")
+    verdict, reason = gate_refusal(params, checkpoint_sha256)
+    if reason is not None:
+        raise GateNotPassed(reason)
+    assert verdict is not None
     return verdict
 
 

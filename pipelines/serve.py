@@ -13,7 +13,7 @@ the command we started).
 The port is 4200 unless ``LPT_PREFECT_PORT`` says otherwise.
 
 ``python -m pipelines.serve run --root DIR`` (a hidden action) is the serving process itself
-(``flow.serve(name="full")``); ``start`` launches it in the background. The older spelling
+(``prefect.serve`` of ``lpt/full`` and ``score/batch``); ``start`` launches it in the background. The older spelling
 ``python -m pipelines.serve --root DIR`` still means ``run``.
 """
 
@@ -36,6 +36,8 @@ __all__ = ["main", "serve_command", "ServeLayout", "project_root", "prefect_env"
 
 DEFAULT_PORT = 4200
 DEPLOYMENT = "lpt/full"
+SCORE_DEPLOYMENT = "score/batch"
+"""Scoring a batch of images with the gated export (:mod:`pipelines.score_flow`), served beside the pipeline."""
 SERVER_START_TIMEOUT_S = 120.0  # ~13 s on a fresh database on an idle 2-core machine; leave room for load
 SERVE_START_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 20.0
@@ -211,9 +213,10 @@ def start(layout: ServeLayout) -> int:
         print(f"error: deployment {DEPLOYMENT} not registered; log {layout.log_file('serve')}:\n"
               f"{_log_tail(layout.log_file('serve'))}", file=sys.stderr)
         return 1
-    print(f"deployment {DEPLOYMENT} ready. In each shell that talks to it:\n\n"
+    print(f"deployments {DEPLOYMENT} and {SCORE_DEPLOYMENT} ready. In each shell that talks to them:\n\n"
           f"    export PREFECT_API_URL={layout.api_url}\n"
-          f"    prefect deployment run {DEPLOYMENT} --watch\n\n"
+          f"    prefect deployment run {DEPLOYMENT} --watch\n"
+          f"    prefect deployment run {SCORE_DEPLOYMENT} -p 'inputs=[\"FOLDER\"]' --watch   # score new images\n\n"
           f"UI: http://127.0.0.1:{layout.port}   logs: {layout.home}/{{server,serve}}.log\n"
           f"stop with: lpt-serve stop")
     return 0
@@ -291,12 +294,18 @@ def serve_command(action: str, root: Path | None = None) -> int:
 
 
 def _serve_forever(root: Path) -> None:
-    """The serving process: register ``lpt/full`` and execute its runs (one at a time: DVC locks the repo)."""
-    from pipelines.flow import lpt
+    """The serving process: register ``lpt/full`` and ``score/batch`` and execute their runs (one at a time:
+    DVC locks the repo, and a scoring run reads the export a pipeline run may be replacing)."""
+    from prefect import serve
 
-    lpt.serve(name="full", parameters={"repo_dir": str(root)}, limit=1, pause_on_shutdown=False,
-              description="The whole LPT DVC pipeline (dvc.yaml), one stage per task.",
-              tags=["lpt", "dvc"])
+    from pipelines.flow import lpt
+    from pipelines.score_flow import score
+
+    serve(lpt.to_deployment(name="full", parameters={"repo_dir": str(root)}, tags=["lpt", "dvc"],
+                            description="The whole LPT DVC pipeline (dvc.yaml), one stage per task."),
+          score.to_deployment(name="batch", parameters={"repo_dir": str(root)}, tags=["lpt", "score"],
+                              description="Score a batch of images with the gated export (lpt score)."),
+          limit=1, pause_on_shutdown=False)
 
 
 def _parser() -> argparse.ArgumentParser:
