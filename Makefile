@@ -19,10 +19,12 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 # A failed (or interrupted) `dvc repro` leaves the failed stage's outputs removed or half-written: put back
-# what dvc.lock names (persist outputs excluded). Then print what the run achieved (pipelines/summary.py:
+# what dvc.lock names (persist outputs excluded), and remove what killed commands left beside the outputs
+# (pipelines/sweep.py). Then print what the run achieved (pipelines/summary.py:
 # metrics, gate verdict, model and pack sizes, wall time per stage) and exit with dvc's status.
 repro: install
 	@start=$$(date +%s); rc=0; $(VENV)/bin/dvc repro || { rc=$$?; $(VENV)/bin/python -m pipelines.restore; }; \
+	$(VENV)/bin/python -m pipelines.sweep; \
 	$(VENV)/bin/python -m pipelines.summary --since $$start --status $$rc; exit $$rc
 
 # The embedded backbone, on purpose: the `pretrain` stage is frozen (its outputs are committed, so `make repro`

@@ -145,6 +145,17 @@ def run_stage(stage: str, repo_dir: str, force: bool = False) -> dict[str, Any]:
     return {"stage": stage, "status": run.status, "detail": run.detail, "seconds": round(run.seconds, 3)}
 
 
+def _sweep(root: Path, logger: Any) -> None:
+    """Remove what killed stage commands left beside the outputs (:mod:`pipelines.sweep`); never raises."""
+    from pipelines.sweep import sweep
+
+    try:
+        for path in sweep(root):
+            logger.info("removed %s (left by a killed stage command)", path)
+    except Exception as err:  # noqa: BLE001 - a sweep that fails must not hide the run's own outcome
+        logger.warning("could not sweep stale temporaries: %s", err)
+
+
 def _restore_after_failure(root: Path, stage: DvcStage, err: BaseException, logger: Any) -> None:
     """Put the stage's previous outputs back (``dvc checkout --force``) after it failed or was interrupted.
 
@@ -253,9 +264,11 @@ def lpt(
             except BaseException as err:  # a failed stage, Ctrl-C, a cancellation (TerminationSignal)
                 _publish(root, stage, sources, False, logger)  # first: the failed run's reports are the point
                 _restore_after_failure(root, stage, err, logger)
+                _sweep(root, logger)
                 _report_failure(stage, err, logger)
                 raise
             _publish(root, stage, sources, True, logger)
+        _sweep(root, logger)
     ran = [r["stage"] for r in results if r["status"] == "ran"]
     logger.info("done: %d stage(s) ran (%s), %d cached", len(ran), ", ".join(ran) or "none", len(results) - len(ran))
     return results

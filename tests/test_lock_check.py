@@ -109,3 +109,27 @@ def test_restore_puts_locked_outputs_back(committed: Path, tmp_path: Path, capsy
     assert "dvc checkout --force data/shards models" in capsys.readouterr().out
     assert restore_main(["--repo", str(work), "nope"]) == 2
     assert capsys.readouterr().err == "error: unknown stage(s) nope; dvc.yaml has: ingest, train\n"
+
+
+def test_sweep_removes_what_killed_commands_left_beside_outputs(tmp_path: Path) -> None:
+    """A dead process's temporary and a `.old` folder beside a stage output go; a live process's stays."""
+    from lpt.utils import temp_prefix
+    from pipelines.sweep import main as sweep_main
+    from pipelines.sweep import sweep
+
+    repo = tmp_path / "sweep"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=repo, check=True)
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"make": {"cmd": "mkdir -p models/out", "outs": ["models/out"]}}}))
+    (repo / "models").mkdir()
+    dead = repo / "models" / (temp_prefix(repo / "models" / "out", pid=2**22 + 12345) + "abc.tmp")  # no such pid
+    live = repo / "models" / (temp_prefix(repo / "models" / "out", pid=os.getpid()) + "def.tmp")
+    old = repo / "models" / ".out.old"
+    other = repo / "models" / ".notes.tmp"  # not of our pattern for an output: untouched
+    for folder in (dead, live, old):
+        folder.mkdir()
+    other.write_text("keep")
+    assert sorted(p.name for p in sweep(repo)) == sorted([dead.name, old.name])
+    assert live.is_dir() and other.is_file() and not dead.exists() and not old.exists()
+    assert sweep_main(["--repo", str(repo)]) == 0

@@ -1,0 +1,52 @@
+"""bench.faults: the checks it applies after each injected fault (the harness itself is its own command)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from bench.faults import leftovers, lock_hashes, report_markdown
+
+from conftest import REPO_ROOT
+
+
+def test_leftovers_finds_our_temporaries_old_folders_and_weights_without_json(tmp_path: Path) -> None:
+    (tmp_path / "models" / "phase1").mkdir(parents=True)
+    (tmp_path / "models" / "phase1" / "model.safetensors").write_bytes(b"w")  # no model.json beside it
+    (tmp_path / "models" / ".phase2.host-123.abcd.tmp").mkdir()
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / ".figures.old").mkdir()
+    (tmp_path / "models" / "phase2").mkdir()
+    (tmp_path / "models" / "phase2" / "model.safetensors").write_bytes(b"w")
+    (tmp_path / "models" / "phase2" / "model.json").write_text("{}")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / ".index.tmp").write_text("git's own")
+    assert leftovers(tmp_path) == ["models/.phase2.host-123.abcd.tmp", "models/phase1/model.safetensors (no model.json)",
+                                   "reports/.figures.old"]
+
+
+def test_lock_hashes_and_the_report_count_what_was_injected(tmp_path: Path) -> None:
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
+        "ingest": {"outs": [{"path": "data/shards", "md5": "a.dir"}]},
+        "evaluate": {"outs": [{"path": "reports/metrics.json", "md5": "b"}, {"path": "reports/plots", "md5": "c.dir"}]}}}))
+    assert lock_hashes(tmp_path) == {"ingest:data/shards": "a.dir", "evaluate:reports/metrics.json": "b",
+                                     "evaluate:reports/plots": "c.dir"}
+    row = {"stage": "ingest", "moment": "mid", "at_s": 1.0, "stage_s": 2.0, "recovered": True, "status_clean": True}
+    res = {"seed": 0, "kills_per_stage": 2, "wall_s": 10.0, "stage_seconds": {"ingest": 2.0},
+           "fault_free_rerun_identical": {"ingest": True},
+           "rows": [{**row, "injected": True, "identical": True, "differences": [], "leftovers": []},
+                    {**row, "injected": False, "identical": True, "differences": [], "leftovers": []}]}
+    text = report_markdown(res)
+    assert "| ingest | 2.0 | yes | 1 | 1 | 1 | 1 | 0 |" in text
+    assert "In all: 1 injected, 1 recovered, 0 with different outputs, 0 leftovers; temporaries" in text
+
+
+def test_the_harness_command_checks_its_arguments() -> None:
+    ok = subprocess.run([sys.executable, "-m", "bench.faults", "--help"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert ok.returncode == 0 and "SIGKILL" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "bench.faults", "--stages", "nope"], cwd=REPO_ROOT, capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
