@@ -50,3 +50,15 @@ def test_the_harness_command_checks_its_arguments() -> None:
     bad = subprocess.run([sys.executable, "-m", "bench.faults", "--stages", "nope"], cwd=REPO_ROOT, capture_output=True,
                          text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+
+
+def test_the_report_rewrites_only_its_own_section(tmp_path: Path) -> None:
+    from bench.faults import BEGIN, END, write_section
+
+    page = tmp_path / "reliability.md"
+    page.write_text("# Reliability\n\n## Fuzz\n\nfigures\n")
+    write_section(page, "## Kills\n\nfirst")
+    write_section(page, "## Kills\n\nsecond")
+    text = page.read_text()
+    assert text.startswith("# Reliability\n\n## Fuzz\n\nfigures\n\n") and text.count(BEGIN) == text.count(END) == 1
+    assert "second" in text and "first" not in text
