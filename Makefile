@@ -23,7 +23,8 @@ install: $(VENV)/.installed
 # (pipelines/sweep.py). Then print what the run achieved (pipelines/summary.py:
 # metrics, gate verdict, model and pack sizes, wall time per stage) and exit with dvc's status.
 repro: install
-	@start=$$(date +%s); rc=0; $(VENV)/bin/dvc repro || { rc=$$?; $(VENV)/bin/python -m pipelines.restore; }; \
+	@start=$$(date +%s); rc=0; $(VENV)/bin/python -m pipelines.sweep; \
+	$(VENV)/bin/dvc repro || { rc=$$?; $(VENV)/bin/python -m pipelines.restore; }; \
 	$(VENV)/bin/python -m pipelines.sweep; \
 	$(VENV)/bin/python -m pipelines.summary --since $$start --status $$rc; exit $$rc
 

@@ -9,7 +9,7 @@ On the embedded default shrunk to seconds (the tests' tiny params) in a temp git
 2. per stage, ``--kills`` moments drawn (seeded) early, mid-run and late (the last one close to the end: the
    output swap) of the stage's own duration: ``dvc repro -f -s STAGE`` in its own process group, SIGKILL to the
    whole group at that moment;
-3. then ``dvc repro`` and ``python -m pipelines.sweep``, as ``make repro`` re-runs it, and the checks: it
+3. then ``python -m pipelines.sweep``, ``dvc repro``, the sweep again, as ``make repro`` re-runs it; the checks: it
    completes; every output's ``dvc.lock`` hash equals the fault-free run's (byte for byte, same machine); ``dvc status`` is clean; nothing half-written is
    left: no temporary of ours (``.NAME.HOST-PID.*.tmp``), no ``.NAME.old`` folder, no checkpoint weights
    without their ``model.json``.
@@ -125,6 +125,24 @@ def kill_at(root: Path, stage: str, seconds: float) -> tuple[bool, float]:
         return True, time.perf_counter() - start
 
 
+def two_runs_at_once(root: Path, stage: str, seconds: float, reference: dict[str, str]) -> dict[str, Any]:
+    """A second ``dvc repro`` started while a first one runs ``stage``: the second must be refused (DVC's repo
+    lock) in one error line, the first must finish, and the outputs must be the fault-free run's."""
+    first = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "-f", "-s", stage], cwd=root, env=_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    time.sleep(seconds)
+    running = first.poll() is None
+    second = _run([sys.executable, "-m", "dvc", "repro"], root)
+    first_rc = first.wait()
+    errors = [line for line in (second.stdout + second.stderr).splitlines() if line.startswith("ERROR")]
+    hashes = lock_hashes(root)
+    return {"scenario": f"`dvc repro` while `dvc repro -f -s {stage}` runs", "overlapped": running and first_rc == 0,
+            "second_refused": second.returncode != 0, "second_error_lines": len(errors),
+            "second_error": errors[0][:160] if errors else "", "first_completed": first_rc == 0,
+            "identical": all(hashes.get(k) == v for k, v in reference.items()), "status_clean": status_clean(root),
+            "leftovers": leftovers(root)}
+
+
 def run(kills: int, seed: int, stages: tuple[str, ...]) -> dict[str, Any]:
     wall0 = time.perf_counter()
     rng = random.Random(seed)
@@ -146,20 +164,27 @@ def run(kills: int, seed: int, stages: tuple[str, ...]) -> dict[str, Any]:
                 low, high, label = MOMENTS[k % len(MOMENTS)]
                 at = durations[stage] * rng.uniform(low, high)
                 injected, elapsed = kill_at(root, stage, at)
-                rerun = _run([sys.executable, "-m", "dvc", "repro"], root)
-                swept = _run([sys.executable, "-m", "pipelines.sweep"], root)  # what `make repro` runs next
+                swept = _run([sys.executable, "-m", "pipelines.sweep"], root)  # what `make repro` runs: sweep,
+                rerun = _run([sys.executable, "-m", "dvc", "repro"], root)  # dvc repro,
+                swept_after = _run([sys.executable, "-m", "pipelines.sweep"], root)  # sweep
                 hashes = lock_hashes(root)
                 diffs = sorted(k for k in reference if hashes.get(k) != reference[k])
                 left = leftovers(root)
                 rows.append({"stage": stage, "moment": label, "at_s": round(at, 2), "stage_s": round(durations[stage], 2),
                              "injected": injected, "recovered": rerun.returncode == 0,
                              "identical": not diffs, "differences": diffs, "status_clean": status_clean(root),
-                             "leftovers": left, "swept": swept.stdout.count("removed "),
+                             "leftovers": left,
+                             "swept": swept.stdout.count("removed ") + swept_after.stdout.count("removed "),
                              "rerun_tail": "" if rerun.returncode == 0 else (rerun.stdout + rerun.stderr)[-800:]})
                 if diffs or left or rerun.returncode != 0:  # start the next fault from a clean, reference state
                     _run([sys.executable, "-m", "dvc", "repro", "-f"], root)
-    return {"kills_per_stage": kills, "seed": seed, "stage_seconds": durations, "fault_free_rerun_identical": deterministic,
+        concurrent = [two_runs_at_once(root, "phase1", 0.3 * durations.get("phase1", 5.0), reference)]
+    return {"concurrent": concurrent, "kills_per_stage": kills, "seed": seed, "stage_seconds": durations, "fault_free_rerun_identical": deterministic,
             "rows": rows, "wall_s": round(time.perf_counter() - wall0, 1)}
+
+
+def _yes(value: bool) -> str:
+    return "yes" if value else "NO"
 
 
 def report_markdown(res: dict[str, Any]) -> str:
@@ -168,7 +193,7 @@ def report_markdown(res: dict[str, Any]) -> str:
     lines = ["## Killing every stage (`python -m bench.faults`)", "",
              "Generated by `python -m bench.faults --report docs/reliability.md` (the tests' tiny params in a temp "
              "git + DVC copy of the project; SIGKILL to the stage's whole process group at seeded moments of its "
-             "measured duration, then `dvc repro` + `python -m pipelines.sweep` again, what `make repro` runs). Same machine for every run: outputs are compared by "
+             "measured duration, then `python -m pipelines.sweep`, `dvc repro`, the sweep again: what `make repro` runs). Same machine for every run: outputs are compared by "
              "their `dvc.lock` hashes.", "",
              f"Seed {res['seed']}, {res['kills_per_stage']} kills per stage; harness wall time {res['wall_s']:.0f} s.",
              "", "| stage | stage s | fault-free re-run identical | injected | recovered | outputs identical | "
@@ -183,6 +208,16 @@ def report_markdown(res: dict[str, Any]) -> str:
               f"{sum(len(r['leftovers']) for r in injected)} leftovers; temporaries of killed commands removed by "
               f"`pipelines.sweep`: {sum(r.get('swept', 0) for r in injected)}.",
               "",
+              "Two runs at once (the second started at 30 % of the first's stage):", "",
+              "| scenario | overlapped | second refused | its error lines | first completed | outputs identical | "
+              "`dvc status` clean | leftovers |", "|---|---|---|---|---|---|---|---|"]
+    for c in res.get("concurrent", []):
+        lines.append(f"| {c['scenario']} | {_yes(c['overlapped'])} | {_yes(c['second_refused'])} | "
+                     f"{c['second_error_lines']} | {_yes(c['first_completed'])} | {_yes(c['identical'])} | "
+                     f"{_yes(c['status_clean'])} | {len(c['leftovers'])} |")
+    if res.get("concurrent"):
+        lines += ["", f"The second run's one line: `{res['concurrent'][0]['second_error']}`"]
+    lines += ["",
               "Each kill (moment: early 5-30 %, mid 35-65 %, late 75-98 % of the stage's duration):", "",
               "| stage | moment | at s | injected | recovered | identical | swept | leftovers |",
               "|---|---|---|---|---|---|---|---|"]
@@ -227,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         write_section(args.report, text)
     write_figures(args.json, res)
     bad = [r for r in res["rows"] if r["injected"] and (not r["recovered"] or not r["identical"] or r["leftovers"])]
+    bad += [c for c in res["concurrent"] if not (c["second_refused"] and c["first_completed"] and c["identical"])]
     return 1 if bad else 0
 
 

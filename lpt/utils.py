@@ -50,7 +50,11 @@ def _pid_alive(pid: int) -> bool:
         return False
     except (PermissionError, OSError):
         return True
-    return True
+    try:  # a zombie (killed, not yet reaped: an orphan waits for init) has exited: its temporaries are stale
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2:][:1] != "Z"
+    except (OSError, ValueError, IndexError):
+        return True
 
 
 def remove_stale_temps(path: str | Path) -> list[Path]:

@@ -254,6 +254,7 @@ def lpt(
     with applied_overrides(root / "params.yaml", overrides) as raw:
         if overrides:
             logger.info("params.yaml overrides applied: %s", overrides)
+        _sweep(root, logger)  # what an earlier killed run left (a corrupted DVC rwlock would fail every stage)
         stages = pipeline_order(root, target)  # after the overrides: dvc.yaml paths may come from params
         logger.info("repo %s; stages: %s", root, " -> ".join(s.name for s in stages))
         sources = artifact_sources(parse_params(raw))

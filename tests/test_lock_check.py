@@ -133,3 +133,41 @@ def test_sweep_removes_what_killed_commands_left_beside_outputs(tmp_path: Path) 
     assert sorted(p.name for p in sweep(repo)) == sorted([dead.name, old.name])
     assert live.is_dir() and other.is_file() and not dead.exists() and not old.exists()
     assert sweep_main(["--repo", str(repo)]) == 0
+
+
+def test_sweep_repairs_a_dvc_rwlock_file_a_kill_left_corrupted(tmp_path: Path) -> None:
+    """A SIGKILL while DVC rewrites .dvc/tmp/rwlock leaves it empty and every dvc command fails; the sweep removes
+    it (no DVC process holds the repo), and dvc works again."""
+    from pipelines.sweep import sweep
+
+    repo = tmp_path / "rw"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=repo, check=True)
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"make": {"cmd": "mkdir -p out", "outs": ["out"]}}}))
+    rwlock = repo / ".dvc" / "tmp" / "rwlock"
+    rwlock.parent.mkdir(parents=True, exist_ok=True)
+    rwlock.write_text("")  # what the kill leaves
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    broken = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=repo, capture_output=True, text=True, env=env)
+    assert broken.returncode != 0 and "RWLock" in broken.stdout + broken.stderr
+    assert rwlock in sweep(repo) and not rwlock.exists()
+    fixed = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=repo, capture_output=True, text=True, env=env)
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    rwlock.write_text('{"read": {}, "write": {}}')  # a valid one is never touched
+    assert rwlock not in sweep(repo) and rwlock.exists()
+
+
+def test_a_zombie_counts_as_dead_for_the_temporaries_it_left() -> None:
+    """A killed writer whose parent died is a zombie until init reaps it: its temporaries are stale already."""
+    import time
+
+    from lpt.utils import _pid_alive
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.time() + 10
+    while time.time() < deadline and Path(f"/proc/{child.pid}/stat").read_text().split(") ")[1][:1] != "Z":
+        time.sleep(0.05)  # exited, not reaped (no wait() yet): a zombie
+    assert not _pid_alive(child.pid)
+    assert _pid_alive(os.getpid())
+    child.wait()
