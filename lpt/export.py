@@ -265,23 +265,7 @@ def _report(params: Params, model: LPTModel, meta: dict[str, str], stats: dict[s
     """``export.json``: parity figures, test top-1 counts, each variant's file, size, sha256 and figures; the
     raw-pixel graph's file and parity against the Python preprocessing; the Triton repository."""
     cfg, fp = params.export, stats["fp32"]
-    extra: dict[str, Any] = {}
-    if raw is not None:
-        extra["raw"] = {"file": raw.name, "bytes": raw.stat().st_size, "sha256": sha256_file(raw),
-                        "input": f"{RAW_INPUT_NAME}: uint8 [N, H, W, 3] RGB", **stats["raw"],
-                        "threshold": cfg.parity.raw_min_agreement,
-                        "note": "vs lpt.runtime's Python preprocessing + model.onnx; the only difference is the "
-                                "resize kernel (Pillow: two 8-bit passes; ONNX Resize: float, one pass)"}
-        if cfg.triton.enabled:
-            extra["triton"] = {"repository": TRITON_DIR, "model": cfg.triton.name,
-                               "max_batch_size": cfg.triton.max_batch_size}
-    return {**_base_report(params, model, meta, stats, files, notes), **extra}
-
-
-def _base_report(params: Params, model: LPTModel, meta: dict[str, str], stats: dict[str, Any],
-                 files: dict[str, Path], notes: list[str]) -> dict[str, Any]:
-    cfg, fp = params.export, stats["fp32"]
-    return {
+    report = {
         "format": LPT_FORMAT,
         "method": model.method,
         "phase": model.phase,
@@ -303,6 +287,16 @@ def _base_report(params: Params, model: LPTModel, meta: dict[str, str], stats: d
         "checkpoint_sha256": meta["checkpoint_sha256"],
         "notes": notes,
     }
+    if raw is not None:
+        report["raw"] = {"file": raw.name, "bytes": raw.stat().st_size, "sha256": sha256_file(raw),
+                         "input": f"{RAW_INPUT_NAME}: uint8 [N, H, W, 3] RGB", **stats["raw"],
+                         "threshold": cfg.parity.raw_min_agreement,
+                         "note": "vs lpt.runtime's Python preprocessing + model.onnx; the only difference is the "
+                                 "resize kernel (Pillow: two 8-bit passes; ONNX Resize: float, one pass)"}
+        if cfg.triton.enabled:
+            report["triton"] = {"repository": TRITON_DIR, "model": cfg.triton.name,
+                                "max_batch_size": cfg.triton.max_batch_size}
+    return report
 
 
 def run_export(params: Params) -> ExportResult:

@@ -171,8 +171,7 @@ def _canonical_task(model: LPTModel) -> list[torch.Tensor]:
     """Example task tensors of fixed small sizes (T = 2, P = k + 1, C = 3): the traced graph then depends on
     the backbone and the geometry only, so every task of one backbone exports byte-identical graphs."""
     k = model.group_pool.top_k if model.group_pool is not None else 1
-    sizes = {"L": model.depth, "D": model.embed_dim, "L-S": model.depth - model.shared_blocks,
-             "T": 2, "P": k + 1, "C": 3}
+    sizes = {**model.symbol_sizes(), "T": 2, "P": k + 1, "C": 3}  # L, D, L-S as the model has them
     gen = torch.Generator().manual_seed(0)
     dims = task_inputs()
     return [torch.randn(*(sizes[d] for d in dims[name]), generator=gen) for name in pack_tensors(model)]

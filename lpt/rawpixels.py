@@ -29,18 +29,10 @@ import numpy as np
 
 from lpt.runtime import RAW_INPUT_NAME  # the torch-free consumer owns the graph's names
 
-__all__ = ["RAW_INPUT_NAME", "RAW_SUFFIX", "raw_graph_path", "preprocessing_graph", "write_raw_graph"]
+__all__ = ["RAW_INPUT_NAME", "preprocessing_graph", "write_raw_graph"]
 
-RAW_SUFFIX = ".raw.onnx"
-"""``model.onnx`` -> ``model.raw.onnx``."""
 _PRE = "preprocess/"
 """Name prefix of the preprocessing nodes and values inside the merged graph."""
-
-
-def raw_graph_path(path: str | Path) -> Path:
-    """The raw-pixel graph beside ``path`` (``model.onnx`` -> ``model.raw.onnx``)."""
-    path = Path(path)
-    return path.with_name(path.name.removesuffix(".onnx") + RAW_SUFFIX)
 
 
 def preprocessing_graph(input_size: int, resize: int, mean: tuple[float, ...], std: tuple[float, ...],

@@ -567,7 +567,8 @@ class Predictor:
         """
         if self.raw:
             shape = list(image.shape) if isinstance(image.shape, (list, tuple)) else []
-            if image.type != "tensor(uint8)" or len(shape) != 4 or shape[3] not in (3, None) and isinstance(shape[3], int):
+            channels_ok = len(shape) == 4 and (shape[3] == 3 or not isinstance(shape[3], int))  # 3, or symbolic
+            if image.type != "tensor(uint8)" or not channels_ok:
                 raise ModelFileError(f"{self.path}: graph input '{RAW_INPUT_NAME}' is {image.type} {shape}, expected "
                                      "uint8 [B, H, W, 3]: re-export the model")
             return

@@ -252,8 +252,3 @@ def summary_lines(result: ScoreResult) -> list[str]:
         lines.append(f"predicted-class shares vs the training prior: total-variation distance {result.drift:.3f}")
     lines += [f"skipped: {path}: {reason}" for path, reason in result.skipped]
     return lines
-
-
-def dump_summary(result: ScoreResult) -> str:
-    """The summary as JSON text (for ``--json``)."""
-    return json.dumps(json.loads(result.summary.read_text()), indent=1)
