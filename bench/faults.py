@@ -14,6 +14,16 @@ On the embedded default shrunk to seconds (the tests' tiny params) in a temp git
    left: no temporary of ours (``.NAME.HOST-PID.*.tmp``), no ``.NAME.old`` folder, no checkpoint weights
    without their ``model.json``.
 
+4. two runs at once: a second ``dvc repro`` while one runs;
+5. a full disk (``--no-disk`` skips it): the command of ingest, phase1 (its checkpoint), export and pack under a
+   file size limit of half its largest output file (``RLIMIT_FSIZE``): one ``error:`` line, the previous outputs
+   intact, nothing half-written, then ``dvc repro -f -s STAGE`` without the limit gives the fault-free outputs;
+6. through the served deployment (``--no-prefect`` skips it; ``lpt-serve start`` on a free port): the serving
+   process's group SIGKILLed during phase1 of a ``prefect deployment run lpt/full``, ``lpt-serve start`` again (the
+   run must be marked crashed), the run again (it must complete with the fault-free outputs); a run with a params
+   override cancelled (``prefect flow-run cancel``) during phase1 (``params.yaml`` and the outputs as they were);
+   a run started while ``dvc repro -f`` runs in a shell (refused in one line, nothing written).
+
 A kill that comes after the stage already finished is counted as not injected. ``--report`` writes the table
 (docs/reliability.md). Run it on an idle machine: the moments are fractions of measured durations.
 """
@@ -21,15 +31,20 @@ A kill that comes after the stage already finished is counted as not injected. `
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
+import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +158,209 @@ def two_runs_at_once(root: Path, stage: str, seconds: float, reference: dict[str
             "leftovers": leftovers(root)}
 
 
-def run(kills: int, seed: int, stages: tuple[str, ...]) -> dict[str, Any]:
+# ------------------------------------------------------------------------------------------- a full disk
+DISK_STAGES = ("ingest", "phase1", "export", "pack")
+"""The stages that write large files: shards, the training checkpoint, the ONNX graphs, the pack's backbone graph."""
+
+
+def _largest_output_file(root: Path, stage: str) -> int:
+    from pipelines.dvc_stages import read_stages
+
+    outs = next(s.outs for s in read_stages(root) if s.name == stage)
+    sizes = [f.stat().st_size for out in outs for f in ([root / out] if (root / out).is_file() else
+                                                          (root / out).rglob("*")) if f.is_file()]
+    return max(sizes, default=0)
+
+
+def full_disk(root: Path, stage: str, reference: dict[str, str]) -> dict[str, Any]:
+    """The stage's command (``cmd`` of ``dvc.yaml``, as DVC runs it) under a file size limit of half its largest
+    output file (``RLIMIT_FSIZE``, what ``ulimit -f`` sets): it must fail with one ``error:`` line naming the path,
+    leave the previous outputs as ``dvc.lock`` names them and nothing half-written; then ``dvc repro -f -s STAGE``
+    with no limit must succeed with the fault-free outputs."""
+    from pipelines.dvc_stages import read_stages
+
+    cmd = next(s.cmd for s in read_stages(root) if s.name == stage)
+    limit = _largest_output_file(root, stage) // 2
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = subprocess.run(cmd, shell=True, cwd=root, env=_env(), capture_output=True, text=True, preexec_fn=cap)
+    text = proc.stdout + proc.stderr
+    errors = [line for line in text.splitlines() if line.startswith("error: ")]
+    intact = lock_hashes(root) == reference and status_clean(root)
+    left = leftovers(root)
+    rerun = _run([sys.executable, "-m", "dvc", "repro", "-f", "-s", stage], root)
+    return {"stage": stage, "limit_bytes": limit, "exit_code": proc.returncode, "error_lines": len(errors),
+            "error": errors[0] if errors else "", "traceback": "Traceback" in text,
+            "names_fault": bool(errors) and "cannot write " in errors[0] and "[EFBIG]" in errors[0],
+            "previous_intact": intact, "leftovers": left, "rerun_ok": rerun.returncode == 0,
+            "rerun_identical": lock_hashes(root) == reference and status_clean(root)}
+
+
+# ---------------------------------------------------------------------------- through the served deployment
+_FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Served:
+    """``lpt-serve`` (a Prefect server and the process serving ``lpt/full``) for the temp project, on a free port,
+    and the few REST calls the checks need."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.port = root, _free_port()
+        self.api = f"http://127.0.0.1:{self.port}/api"
+        self.env = {**_env(), "LPT_PREFECT_PORT": str(self.port), "PREFECT_API_URL": self.api,
+                    "PREFECT_HOME": str(root / ".prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                    "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+
+    def lpt_serve(self, action: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "pipelines.serve", action], cwd=self.root, env=self.env,
+                              capture_output=True, text=True)
+
+    def _call(self, method: str, path: str, body: Any = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.api + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310 - the loopback server we started
+            return json.loads(resp.read() or b"null")
+
+    def deployment_run(self, parameters: dict[str, Any]) -> str:
+        """``prefect deployment run lpt/full`` with these parameters; the flow run's id."""
+        args = [arg for key, value in parameters.items() for arg in ("--param", f"{key}={json.dumps(value)}")]
+        proc = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "lpt/full", *args],
+                              cwd=self.root, env=self.env, capture_output=True, text=True)
+        for line in proc.stdout.splitlines():
+            if "UUID:" in line:
+                return line.split("UUID:")[1].strip()
+        raise RuntimeError(f"prefect deployment run failed:\n{proc.stdout}{proc.stderr}")
+
+    def flow_run(self, run_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/flow_runs/{run_id}")
+
+    def task_state(self, run_id: str, name: str) -> str | None:
+        runs = self._call("POST", "/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}},
+                                                         "task_runs": {"name": {"any_": [name]}}})
+        return runs[-1]["state_type"] if runs else None
+
+    def wait(self, predicate: Any, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            time.sleep(0.25)
+        return False
+
+    def wait_final(self, run_id: str, timeout: float = 300) -> dict[str, Any]:
+        self.wait(lambda: self.flow_run(run_id)["state_type"] in _FINAL, timeout)
+        return self.flow_run(run_id)
+
+
+def project_processes(root: Path) -> list[str]:
+    """Live processes working in the project other than the Prefect server and the serving process: what a killed
+    run left running (a ``dvc repro`` or a stage command)."""
+    found = []
+    for folder in Path("/proc").iterdir():
+        if not folder.name.isdigit() or int(folder.name) == os.getpid():
+            continue
+        try:
+            if os.readlink(folder / "cwd") != str(root):
+                continue
+            if (folder / "stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX":
+                continue
+            cmd = (folder / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except (OSError, IndexError):
+            continue
+        if "prefect server start" not in cmd and "pipelines.serve" not in cmd:
+            found.append(cmd[:120])
+    return found
+
+
+def _outcome(root: Path, reference: dict[str, str], params_before: bytes) -> dict[str, Any]:
+    return {"identical": lock_hashes(root) == reference, "params_unchanged": (root / "params.yaml").read_bytes() == params_before,
+            "status_clean": status_clean(root), "leftovers": leftovers(root), "orphans": project_processes(root)}
+
+
+def _during(served: Served, run_id: str, stage: str, seconds: float) -> bool:
+    """Wait until the run's task ``stage`` runs, then ``seconds`` more; False when it never ran."""
+    if not served.wait(lambda: served.task_state(run_id, stage) == "RUNNING", 180):
+        return False
+    time.sleep(seconds)
+    return served.flow_run(run_id)["state_type"] == "RUNNING"
+
+
+def served_kill(served: Served, stage: str, seconds: float, reference: dict[str, str]) -> dict[str, Any]:
+    """SIGKILL the serving process's group while a ``lpt/full`` run is in ``stage``; ``lpt-serve start`` again
+    (it marks the run crashed); the run again: it must complete with the fault-free outputs."""
+    root, params_before = served.root, (served.root / "params.yaml").read_bytes()
+    run_id = served.deployment_run({"force": True})
+    injected = _during(served, run_id, stage, seconds)
+    serve_pid = int((root / ".prefect" / "serve.pid").read_text())
+    os.killpg(serve_pid, signal.SIGKILL)
+    time.sleep(3)
+    orphans = project_processes(root)
+    shown_before = served.flow_run(run_id)["state_type"]
+    restart = served.lpt_serve("start")
+    state = served.flow_run(run_id)
+    rerun_id = served.deployment_run({})
+    rerun = served.wait_final(rerun_id)
+    return {"scenario": f"the serving process SIGKILLed during `{stage}`, `lpt-serve start`, the run again",
+            "injected": injected, "state_before_restart": shown_before, "final_state": state["state_type"],
+            "message": (state["state"] or {}).get("message") or "", "restart_ok": restart.returncode == 0,
+            "orphans_after_kill": orphans, "rerun_state": rerun["state_type"], **_outcome(root, reference, params_before)}
+
+
+def served_cancel(served: Served, stage: str, seconds: float, reference: dict[str, str]) -> dict[str, Any]:
+    """``prefect flow-run cancel`` of a ``lpt/full`` run (with a params override) while it is in ``stage``."""
+    root, params_before = served.root, (served.root / "params.yaml").read_bytes()
+    run_id = served.deployment_run({"overrides": {"train.phase1.epochs": 2}})
+    injected = _during(served, run_id, stage, seconds)
+    subprocess.run([sys.executable, "-m", "prefect", "flow-run", "cancel", run_id], cwd=root, env=served.env,
+                   capture_output=True, text=True)
+    state = served.wait_final(run_id)
+    time.sleep(1)
+    return {"scenario": f"`prefect flow-run cancel` during `{stage}` (run with a params override)",
+            "injected": injected, "final_state": state["state_type"],
+            "message": (state["state"] or {}).get("message") or "", "rerun_state": "–",
+            **_outcome(root, reference, params_before)}
+
+
+def served_beside_dvc(served: Served, reference: dict[str, str]) -> dict[str, Any]:
+    """``prefect deployment run lpt/full`` (with a params override) while a ``dvc repro -f`` runs in a shell: the run
+    must be refused in one line before it writes anything; the ``dvc repro`` must finish with the usual outputs."""
+    root, params_before = served.root, (served.root / "params.yaml").read_bytes()
+    first = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "-f"], cwd=root, env=_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    time.sleep(3)
+    run_id = served.deployment_run({"overrides": {"train.phase1.epochs": 2}})
+    state = served.wait_final(run_id)
+    overlapped = first.poll() is None
+    first_rc = first.wait()
+    message = (state["state"] or {}).get("message") or ""
+    return {"scenario": "`prefect deployment run lpt/full` (with a params override) while `dvc repro -f` runs",
+            "injected": overlapped, "final_state": state["state_type"], "message": message,
+            "first_completed": first_rc == 0, "rerun_state": "–", **_outcome(root, reference, params_before)}
+
+
+@contextlib.contextmanager
+def serving(root: Path) -> Iterator[Served]:
+    served = Served(root)
+    started = served.lpt_serve("start")
+    if started.returncode != 0:
+        raise SystemExit(f"error: lpt-serve start failed:\n{started.stdout[-2000:]}{started.stderr[-2000:]}")
+    try:
+        yield served
+    finally:
+        served.lpt_serve("stop")
+
+
+def run(kills: int, seed: int, stages: tuple[str, ...], with_disk: bool = True,
+        with_prefect: bool = True) -> dict[str, Any]:
     wall0 = time.perf_counter()
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory(prefix="lpt-faults-") as tmp:
@@ -179,12 +396,51 @@ def run(kills: int, seed: int, stages: tuple[str, ...]) -> dict[str, Any]:
                 if diffs or left or rerun.returncode != 0:  # start the next fault from a clean, reference state
                     _run([sys.executable, "-m", "dvc", "repro", "-f"], root)
         concurrent = [two_runs_at_once(root, "phase1", 0.3 * durations.get("phase1", 5.0), reference)]
-    return {"concurrent": concurrent, "kills_per_stage": kills, "seed": seed, "stage_seconds": durations, "fault_free_rerun_identical": deterministic,
+        disk = [full_disk(root, stage, reference) for stage in DISK_STAGES if stage in stages] if with_disk else []
+        served_rows = []
+        if with_prefect:
+            phase1_s = durations.get("phase1", 5.0)
+            with serving(root) as served:
+                served_rows.append(served_kill(served, "phase1", 0.4 * phase1_s, reference))
+                served_rows.append(served_cancel(served, "phase1", 0.4 * phase1_s, reference))
+                served_rows.append(served_beside_dvc(served, reference))
+    return {"disk": disk, "served": served_rows, "concurrent": concurrent, "kills_per_stage": kills, "seed": seed, "stage_seconds": durations, "fault_free_rerun_identical": deterministic,
             "rows": rows, "wall_s": round(time.perf_counter() - wall0, 1)}
 
 
 def _yes(value: bool) -> str:
     return "yes" if value else "NO"
+
+
+def _disk_markdown(disk: list[dict[str, Any]]) -> list[str]:
+    if not disk:
+        return []
+    lines = ["", "A full disk: each stage's command (as `dvc.yaml` has it) under a file size limit of half its largest "
+             "output file (`RLIMIT_FSIZE`, what `ulimit -f` sets: writes fail with EFBIG), then `dvc repro -f -s STAGE` "
+             "with no limit:", "",
+             "| stage | limit | exit | `error:` lines | traceback | previous outputs intact | leftovers | "
+             "next run succeeds, identical | the line |", "|---|---|---|---|---|---|---|---|---|"]
+    for d in disk:
+        lines.append(f"| {d['stage']} | {d['limit_bytes'] / 1024:.1f} KiB | {d['exit_code']} | {d['error_lines']} | "
+                     f"{'YES' if d['traceback'] else 'no'} | {_yes(d['previous_intact'])} | {len(d['leftovers'])} | "
+                     f"{_yes(d['rerun_ok'] and d['rerun_identical'])} | `{d['error'][:150]}` |")
+    return lines
+
+
+def _served_markdown(served: list[dict[str, Any]]) -> list[str]:
+    if not served:
+        return []
+    lines = ["", "Through the served deployment (`lpt-serve start`, then `prefect deployment run lpt/full`; the "
+             "outputs checked after the scenario's last step):", "",
+             "| scenario | overlapped | run's final state | outputs identical | params.yaml unchanged | `dvc status` "
+             "clean | leftovers | processes left running | re-run |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in served:
+        lines.append(f"| {r['scenario']} | {_yes(r['injected'])} | {r['final_state']} | {_yes(r['identical'])} | "
+                     f"{_yes(r['params_unchanged'])} | {_yes(r['status_clean'])} | {len(r['leftovers'])} | "
+                     f"{len(r.get('orphans_after_kill', [])) + len(r['orphans'])} | {r['rerun_state']} |")
+    lines += [""] + [f"- {r['scenario']}: the run's state message: `{' '.join(r['message'].split())[:220]}`"
+                     for r in served]
+    return lines
 
 
 def report_markdown(res: dict[str, Any]) -> str:
@@ -217,6 +473,7 @@ def report_markdown(res: dict[str, Any]) -> str:
                      f"{_yes(c['status_clean'])} | {len(c['leftovers'])} |")
     if res.get("concurrent"):
         lines += ["", f"The second run's one line: `{res['concurrent'][0]['second_error']}`"]
+    lines += _disk_markdown(res.get("disk", [])) + _served_markdown(res.get("served", []))
     lines += ["",
               "Each kill (moment: early 5-30 %, mid 35-65 %, late 75-98 % of the stage's duration):", "",
               "| stage | moment | at s | injected | recovered | identical | swept | leftovers |",
@@ -242,6 +499,30 @@ def write_section(path: Path, text: str) -> None:
     path.write_text(page)
 
 
+SERVED_EXPECTED = ("CRASHED", "CANCELLED", "FAILED")
+"""The final state each served scenario must leave its run in: killed, cancelled, refused (in run order)."""
+
+
+def _disk_ok(d: dict[str, Any]) -> bool:
+    return (d["error_lines"] == 1 and not d["traceback"] and d["names_fault"] and d["previous_intact"]
+            and not d["leftovers"] and d["rerun_ok"] and d["rerun_identical"])
+
+
+def _served_ok(r: dict[str, Any], want: str) -> bool:
+    return (r["final_state"] == want and r["injected"] and r["identical"] and r["params_unchanged"]
+            and r["status_clean"] and not r["leftovers"] and not r["orphans"] and not r.get("orphans_after_kill")
+            and r["rerun_state"] in ("COMPLETED", "–") and r.get("first_completed", True))
+
+
+def failures(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of every table that miss the target (all recovered, identical, no leftovers, one error line)."""
+    bad = [r for r in res["rows"] if r["injected"] and (not r["recovered"] or not r["identical"] or r["leftovers"])]
+    bad += [c for c in res["concurrent"] if not (c["second_refused"] and c["first_completed"] and c["identical"])]
+    bad += [d for d in res.get("disk", []) if not _disk_ok(d)]
+    bad += [r for r, want in zip(res.get("served", []), SERVED_EXPECTED) if not _served_ok(r, want)]
+    return bad
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.faults", description=__doc__.splitlines()[0])
     ap.add_argument("--kills", type=int, default=3, help="kills per stage (early, mid, late, early, ...)")
@@ -249,21 +530,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages")
     ap.add_argument("--report", type=Path, default=None, help="write the Markdown report here")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument("--no-disk", action="store_true", help="skip the full-disk scenarios")
+    ap.add_argument("--no-prefect", action="store_true", help="skip the scenarios through the served deployment")
     args = ap.parse_args(argv)
     stages = tuple(s for s in args.stages.split(",") if s)
     unknown = sorted(set(stages) - set(STAGES))
     if unknown or args.kills < 1:
         print(f"error: --stages must name some of {', '.join(STAGES)} (got {unknown}); --kills >= 1", file=sys.stderr)
         return 2
-    res = run(args.kills, args.seed, stages)
+    res = run(args.kills, args.seed, stages, with_disk=not args.no_disk, with_prefect=not args.no_prefect)
     text = report_markdown(res)
     print(text)
     if args.report is not None:
         write_section(args.report, text)
     write_figures(args.json, res)
-    bad = [r for r in res["rows"] if r["injected"] and (not r["recovered"] or not r["identical"] or r["leftovers"])]
-    bad += [c for c in res["concurrent"] if not (c["second_refused"] and c["first_completed"] and c["identical"])]
-    return 1 if bad else 0
+    return 1 if failures(res) else 0
 
 
 if __name__ == "__main__":

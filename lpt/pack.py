@@ -54,7 +54,7 @@ from lpt.rawpixels import RAW_INPUT_NAME, write_raw_graph
 from lpt.ship import (ExportError, check_graph, compare_on_test, compare_raw_on_test, ort_session, parity_failures,
                       raise_parity_failures, raw_failures, shipping, trace_graph, write_metadata)
 from lpt.tensors import dynamic_axes, pack_names, task_inputs
-from lpt.utils import atomic_path, read_json, sha256_file, write_json_atomic
+from lpt.utils import atomic_path, read_json, save_safetensors, sha256_file, write_json_atomic
 
 __all__ = [
     "PackError",
@@ -287,12 +287,10 @@ def write_pack(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dic
     Returns:
         ``path``.
     """
-    from safetensors.torch import save_file
-
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
     header = {PACK_METADATA_KEY: json.dumps(metadata, sort_keys=True, separators=(",", ":"))}
     with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=header)
+        save_safetensors(state, tmp, metadata=header)
     return Path(path)
 
 

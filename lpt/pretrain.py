@@ -44,8 +44,8 @@ from torch import nn
 from lpt.config import Params
 from lpt.errors import TrainError
 from lpt.optim import autocast, build_scheduler
-from lpt.utils import (atomic_path, refuse_protected, resolve_device, seed_everything, sha256_file, sha256_json,
-                       write_json_atomic)
+from lpt.utils import (atomic_path, refuse_protected, resolve_device, save_safetensors, seed_everything, sha256_file,
+                       sha256_json, write_json_atomic)
 
 __all__ = ["pretrain_backbone", "pretraining_data", "teacher_features", "standardise_features", "load_teacher",
            "load_lite_reference", "teacher_weights_path", "random_resized_crop", "PretrainData", "REPORT_FILE",
@@ -104,10 +104,8 @@ def _read_cache(path: Path, key: str) -> dict[str, torch.Tensor] | None:
 
 
 def _write_cache(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
-
     with atomic_path(path) as tmp:  # one header key: safetensors reorders a metadata map per process
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+        save_safetensors({k: v.contiguous() for k, v in tensors.items()}, tmp,
                   metadata={"lpt": json.dumps(meta, sort_keys=True)})
 
 

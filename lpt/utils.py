@@ -16,8 +16,8 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_dir", "temp_prefix", "remove_stale_temps", "write_json_atomic", "sha256_json",
-           "sha256_file",
+__all__ = ["atomic_path", "atomic_dir", "save_safetensors", "temp_prefix", "remove_stale_temps", "write_json_atomic",
+           "sha256_json", "sha256_file", "pid_alive",
            "seed_everything", "resolve_device", "OutputDirError", "OutputWriteError", "refuse_protected",
            "check_output_dir"]
 
@@ -40,7 +40,7 @@ def temp_prefix(path: str | Path, pid: int | None = None) -> str:
     return f".{Path(path).name}.{_host_tag()}-{os.getpid() if pid is None else pid}."
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """Whether a process ``pid`` exists on this host (a process of another user counts as alive)."""
     if pid <= 0:
         return True  # never signal process groups; treat as alive
@@ -73,7 +73,7 @@ def remove_stale_temps(path: str | Path) -> list[Path]:
         return removed
     for entry in path.parent.iterdir():
         match = pattern.match(entry.name)
-        if match is None or _pid_alive(int(match.group(1))):
+        if match is None or pid_alive(int(match.group(1))):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
@@ -234,6 +234,29 @@ def _faults_named(path: Path, tmp: Path | None, kept: str) -> Iterator[None]:
         if wrapped is err:
             raise
         raise wrapped from None
+
+
+def save_safetensors(tensors: dict[str, Any], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """``safetensors.torch.save_file``, but written with Python's own file I/O.
+
+    safetensors' writer reports a filesystem fault as ``SafetensorError("... I/O error: File too large (os error
+    27)")``, which is no ``OSError``: :func:`atomic_path` could not name the output, and the user saw a traceback
+    (``bench.faults`` under a file-size limit). Serialising to bytes first gives the same file, and a full disk or a
+    size limit raises the ``OSError`` (errno, file name) that the atomic writers turn into one line.
+
+    Args:
+        tensors: name -> contiguous CPU tensor.
+        path: the file to write (usually a temporary from :func:`atomic_path`).
+        metadata: the safetensors header's string map.
+
+    Returns:
+        ``path``.
+    """
+    from safetensors.torch import save
+
+    path = Path(path)
+    path.write_bytes(save(tensors, metadata=metadata))
+    return path
 
 
 @contextlib.contextmanager

@@ -12,19 +12,26 @@ messages:
   lock: DVC did not start), ``command`` (the stage command ran and exited non-zero) or ``dvc`` (DVC failed
   otherwise: a missing dependency, a bad ``dvc.yaml``, before running the command).
 
+With ``--parent PID`` (what :func:`~pipelines.dvc_stages.run_dvc_stage` passes: the process that started it),
+it ends with its parent: when the flow run's process is killed (its serving process SIGKILLed, the machine's
+OOM killer), this process and the stage command are SIGKILLed as one process group instead of running on as
+orphans that hold DVC's repo lock (``bench.faults`` found them; Linux only: elsewhere they run to their end).
+
 Exit status 0 on success, 255 on an error (what ``dvc repro`` exits with).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["reproduce_stage", "main"]
+__all__ = ["reproduce_stage", "end_with_parent", "main"]
 
 FAILED = 255
 """The exit status of a failed reproduction (``dvc repro``'s)."""
@@ -71,13 +78,49 @@ def reproduce_stage(repo_dir: str | Path, stage: str, force: bool = False) -> di
     return {"reproduced": bool(done), "frozen": frozen, "error": None}
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_PARENT_GONE = signal.SIGUSR1
+"""The signal the kernel sends this process when the thread that started it ends (``PR_SET_PDEATHSIG``)."""
+
+
+def _end_group(*_: Any) -> None:
+    """SIGKILL this process's whole group: itself and the stage command DVC started (it leads the group)."""
+    os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+def end_with_parent(parent: int) -> bool:
+    """Have the kernel end this process group when ``parent`` dies (Linux ``prctl(PR_SET_PDEATHSIG)``).
+
+    Args:
+        parent: the PID that started this process; if it is already gone, the group ends at once.
+
+    Returns:
+        True when armed; False where ``prctl`` is missing (not Linux): the process then outlives its parent.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        signal.signal(_PARENT_GONE, _end_group)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(_PARENT_GONE), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError, ValueError):
+        return False
+    if os.getppid() != parent:  # it died before the prctl: nobody is left to tell us
+        _end_group()
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse, reproduce, write the outcome file; print DVC's error line as ``dvc repro`` would."""
     ap = argparse.ArgumentParser(prog="python -m pipelines.dvc_repro", description=__doc__.splitlines()[0])
     ap.add_argument("stage")
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--outcome", required=True, type=Path, help="where to write the outcome JSON")
+    ap.add_argument("--parent", type=int, default=None, help="end (with the stage command) when this PID ends")
     args = ap.parse_args(argv)
+    if args.parent is not None:
+        end_with_parent(args.parent)
     from dvc.logger import setup
 
     setup()  # DVC's own log lines ("Running stage ...", "> cmd") on stdout/stderr, as the CLI prints them

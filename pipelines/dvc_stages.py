@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -41,6 +42,7 @@ from lpt import exitcodes
 from lpt.verdict import VERDICT_ENV, read_verdict
 
 __all__ = [
+    "repo_busy",
     "DvcStage",
     "StageRun",
     "LockedOutput",
@@ -357,6 +359,44 @@ def stage_status(repo_dir: str | Path) -> list[StageStatus]:
                             entries=list(status.get(s.addressing, []))) for s in stages]
 
 
+def repo_busy(repo_dir: str | Path) -> bool:
+    """True when another DVC command works in the repository: a ``dvc repro`` is running.
+
+    DVC holds its repo lock (``.dvc/tmp/lock``) while it hashes and records, but releases it while a stage's
+    command runs, so that stages of other pipelines may run beside it; what it keeps then are its read and write
+    locks on the stage's dependencies and outputs (``.dvc/tmp/rwlock``). So: busy when the repo lock is held (DVC
+    waits about 3 s for it), or when the rwlock names a live process. Read under the repo lock, as DVC does.
+
+    Raises:
+        DvcYamlError: not a DVC project, or DVC refuses it.
+    """
+    from dvc.lock import LockError
+
+    with _open_repo(repo_dir) as repo:
+        try:
+            with repo.lock:
+                return bool(_rwlock_holders(Path(repo.tmp_dir) / "rwlock"))
+        except LockError:
+            return True
+
+
+def _rwlock_holders(path: Path) -> list[int]:
+    """The live PIDs that DVC's rwlock file names (``{"read": {path: [{"pid", "cmd"}]}, "write": {path: {...}}}``);
+    none for a missing or unreadable file (:mod:`pipelines.sweep` repairs a corrupted one)."""
+    from lpt.utils import pid_alive
+
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    entries: list[Any] = []
+    for mode in ("read", "write"):
+        for holders in (doc.get(mode) or {}).values() if isinstance(doc, dict) else ():
+            entries += holders if isinstance(holders, list) else [holders]
+    pids = {e.get("pid") for e in entries if isinstance(e, dict)}
+    return sorted(pid for pid in pids if isinstance(pid, int) and pid != os.getpid() and pid_alive(pid))
+
+
 def dvc_env(base: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for a DVC subprocess: this interpreter's bin dir first on PATH (stage commands call
     ``lpt``), no analytics, offline Hugging Face hub, unbuffered Python so lines stream as they happen."""
@@ -443,7 +483,7 @@ def run_dvc_stage(
     with tempfile.TemporaryDirectory(prefix="lpt-stage-") as tmp:
         outcome_file, verdict_file = Path(tmp) / "outcome.json", Path(tmp) / "verdict.json"
         cmd = [sys.executable, "-m", "pipelines.dvc_repro", stage, *(["--force"] if force else []),
-               "--outcome", str(outcome_file)]
+               "--outcome", str(outcome_file), "--parent", str(os.getpid())]
         start = time.perf_counter()
         returncode = _run_streaming(cmd, repo_dir, watch, env={VERDICT_ENV: str(verdict_file)})
         seconds = time.perf_counter() - start

@@ -35,11 +35,12 @@ from prefect.states import State
 from lpt.config import parse_params
 from lpt.exitcodes import DETERMINISTIC
 from pipelines.artifacts import artifact_sources, publish_artifacts
-from pipelines.dvc_stages import (DvcStage, pipeline_order, restore_outputs, run_dvc_stage,
-                                  verdict_name)
+from lpt.utils import atomic_path
+from pipelines.dvc_stages import (DvcStage, checkout_outputs, pipeline_order, repo_busy, restore_outputs,
+                                  run_dvc_stage, verdict_name)
 from pipelines.overrides import applied_overrides
 
-__all__ = ["lpt", "run_stage", "StageFailed", "STAGE_RETRIES", "STAGE_RETRY_DELAYS"]
+__all__ = ["lpt", "run_stage", "StageFailed", "RepoBusy", "STAGE_RETRIES", "STAGE_RETRY_DELAYS"]
 
 # Transient failures (I/O errors, a DVC repo lock still held) get two more tries; everything else fails
 # at once: a command exiting with a code in lpt.exitcodes.DETERMINISTIC (bad params, failed validation,
@@ -96,6 +97,11 @@ class StageFailed(RuntimeError):
         state = {k: getattr(self, k) for k in ("stage", "returncode", "exit_code", "verdict", "deterministic",
                                                 "transient", "command_started", "error_line", "tail")}
         return (_rebuild_stage_failed, (str(self), state))
+
+
+class RepoBusy(RuntimeError):
+    """Another DVC command (a ``dvc repro`` in a shell) holds the project's repo lock when a run starts: the run
+    is refused before it writes anything (its overrides would change ``params.yaml`` under the other run)."""
 
 
 def _rebuild_stage_failed(message: str, state: dict[str, Any]) -> StageFailed:
@@ -234,7 +240,8 @@ def lpt(
 
     Args:
         overrides: params overrides, dotted keys (``{"train.phase1.epochs": 3}``); validated strictly before
-            any stage runs, written into ``params.yaml`` atomically, restored if the run fails.
+            any stage runs, written into ``params.yaml`` atomically. If the run fails or is cancelled,
+            ``params.yaml``, ``dvc.lock`` and the outputs it names are put back as they were before the run.
         target: run only this stage and its upstream stages; ``None`` runs every stage.
         repo_dir: the DVC project root; defaults to ``$LPT_REPO_DIR`` or the working directory.
         force: re-run every selected stage even if DVC finds it up to date (``dvc repro -f``).
@@ -243,6 +250,7 @@ def lpt(
         One ``{"stage", "status", "detail", "seconds"}`` per stage, in run order.
 
     Raises:
+        RepoBusy: another DVC command holds the repo lock (nothing ran, nothing written).
         ParamsError: an override names an unknown key or a bad value (nothing ran).
         DvcYamlError: no ``dvc.yaml``, one DVC refuses, or ``target`` is not a stage (nothing ran).
         StageFailed: a stage failed; the message names it, its command's exit code and verdict, and quotes
@@ -250,6 +258,59 @@ def lpt(
     """
     logger = get_run_logger()
     root = Path(repo_dir or os.environ.get("LPT_REPO_DIR") or Path.cwd()).resolve()
+    if repo_busy(root):  # before the overrides touch params.yaml
+        message = (f"another DVC command is running in {root} (DVC's locks in .dvc/tmp are held): this run "
+                   "changed nothing; run it again when that one has ended")
+        logger.error("%s", message)
+        raise RepoBusy(message)
+    lock_before = _read_lock(root)
+    try:
+        return _run_stages(root, overrides, target, force, logger)
+    except BaseException:  # failed or cancelled: params.yaml is back (applied_overrides); now dvc.lock and outputs
+        if overrides and _read_lock(root) != lock_before:
+            _roll_back_lock(root, lock_before, logger)
+        raise
+
+
+def _read_lock(root: Path) -> bytes | None:
+    try:
+        return (root / "dvc.lock").read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def _roll_back_lock(root: Path, lock_before: bytes | None, logger: Any) -> None:
+    """A run with overrides failed or was cancelled after some stages ran with them: put ``dvc.lock`` back as it
+    was before the run and check out every output it names (DVC's cache holds them), so that ``params.yaml``,
+    ``dvc.lock`` and the outputs are as before the run. Never raises: the run's own error is what it reports."""
+    from pipelines.restore import restore_targets
+
+    if lock_before is None:
+        logger.warning("stages ran with the overrides and no dvc.lock existed before the run: their outputs stay; "
+                       "the next dvc repro re-runs them")
+        return
+    try:
+        with atomic_path(root / "dvc.lock") as tmp:
+            tmp.write_bytes(lock_before)
+        targets = restore_targets(root)
+        logger.info("the run's overrides are undone: dvc.lock as before the run; dvc checkout --force %s",
+                    " ".join(targets))
+
+        def log_line(line: str) -> None:
+            if line.strip():
+                logger.info("%s", line)
+
+        result = checkout_outputs(root, targets, on_line=log_line)
+    except BaseException as err:  # noqa: BLE001 - a second interruption, a missing dvc
+        logger.warning("outputs not rolled back (%s); run `python -m pipelines.restore`", err)
+        return
+    if result.returncode != 0:
+        logger.warning("dvc checkout exited with %d; run `python -m pipelines.restore`", result.returncode)
+
+
+def _run_stages(root: Path, overrides: dict[str, Any] | None, target: str | None, force: bool,
+                logger: Any) -> list[dict[str, Any]]:
+    """The flow's body: overrides applied (restored on an exception), every selected stage in DAG order."""
     results: list[dict[str, Any]] = []
     with applied_overrides(root / "params.yaml", overrides) as raw:
         if overrides:

@@ -9,8 +9,8 @@ Policy (documented in docs/orchestration.md):
   each output.
 * If the run succeeds, the overridden file stays (the workspace then describes its outputs, like
   ``dvc exp run -S``). If the run fails, the original file is restored byte for byte, so a failed
-  experiment never silently changes the project's source of truth; stages that already ran with the
-  overrides are simply seen as changed by the next ``dvc repro``.
+  experiment never silently changes the project's source of truth; the flow then puts ``dvc.lock`` and
+  the outputs of the stages that already ran with the overrides back too (``pipelines.flow``).
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ Everything lives in the project's ``.prefect/`` folder (``PREFECT_HOME``): the S
 pid files ``server.pid`` / ``serve.pid`` and the logs ``server.log`` / ``serve.log``. The server binds
 to 127.0.0.1 only. ``start`` is idempotent: what already runs is reused. ``stop`` ends the serving
 process first, then the server, each by the PID recorded at start (and only if that PID still runs
-the command we started).
+the command we started). When ``start`` has to start a new serving process, the runs the old one left
+running (it was killed mid-run) are marked ``Crashed`` first (:func:`crash_orphaned_runs`).
 
 The port is 4200 unless ``LPT_PREFECT_PORT`` says otherwise.
 
@@ -32,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["main", "serve_command", "ServeLayout", "project_root", "prefect_env", "ACTIONS"]
+__all__ = ["main", "serve_command", "crash_orphaned_runs", "ServeLayout", "project_root", "prefect_env", "ACTIONS"]
 
 DEFAULT_PORT = 4200
 DEPLOYMENT = "lpt/full"
@@ -174,6 +175,77 @@ def _spawn(layout: ServeLayout, name: str, cmd: list[str]) -> subprocess.Popen:
     return proc
 
 
+_UNFINISHED = ("PENDING", "RUNNING", "CANCELLING")
+"""Flow-run state types that a serving process that has died can leave behind (nobody will ever finish them)."""
+ORPHAN_MESSAGE = ("its serving process stopped (killed?) while it ran; marked crashed by `lpt-serve start`: "
+                  "run it again")
+
+
+def _flow_run_ids_alive() -> set[str] | None:
+    """The flow-run ids (``PREFECT__FLOW_RUN_ID``) of the live processes this user can read; None without /proc."""
+    proc = Path("/proc")
+    if not (proc / "self" / "environ").is_file():
+        return None
+    ids: set[str] = set()
+    for folder in proc.iterdir():
+        if not folder.name.isdigit():
+            continue
+        try:
+            if (folder / "stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX":  # a zombie is dead
+                continue
+            environ = (folder / "environ").read_bytes()
+        except (OSError, IndexError):
+            continue
+        for entry in environ.split(b"\0"):
+            if entry.startswith(b"PREFECT__FLOW_RUN_ID="):
+                ids.add(entry.split(b"=", 1)[1].decode(errors="replace"))
+    return ids
+
+
+def crash_orphaned_runs(layout: ServeLayout) -> list[str] | None:
+    """Mark ``Crashed`` the runs of the served deployments that no process runs any more.
+
+    Called by ``start`` before it starts a new serving process: the runs of ``lpt/full`` and ``score/batch``
+    are executed only by that process (each in a child that carries ``PREFECT__FLOW_RUN_ID``); if it was killed
+    mid-run, the server still shows them running, and would forever. A run whose process still lives is left
+    alone.
+
+    Returns:
+        ``"NAME (ID)"`` of each run marked; None where live processes cannot be listed (no /proc): nothing marked.
+    """
+    alive = _flow_run_ids_alive()
+    if alive is None:
+        return None
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId, FlowRunFilter,
+                                                FlowRunFilterState, FlowRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Crashed
+
+    marked: list[str] = []
+    with temporary_settings({PREFECT_API_URL: layout.api_url}), get_client(sync_client=True) as client:
+        ids = []
+        for name in (DEPLOYMENT, SCORE_DEPLOYMENT):
+            try:
+                ids.append(client.read_deployment_by_name(name).id)
+            except ObjectNotFound:
+                continue
+        if not ids:
+            return marked
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=ids)),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                type=FlowRunFilterStateType(any_=[StateType(t) for t in _UNFINISHED]))))
+        for run in runs:
+            if str(run.id) in alive:
+                continue
+            client.set_flow_run_state(run.id, Crashed(message=ORPHAN_MESSAGE), force=True)
+            marked.append(f"{run.name} ({run.id})")
+    return marked
+
+
 _SERVER_MARKER = "prefect server start"
 _SERVE_MARKER = "pipelines.serve"
 
@@ -206,6 +278,9 @@ def start(layout: ServeLayout) -> int:
         print(f"serving process already running (pid {serve_pid})")
         proc = None
     else:
+        marked = crash_orphaned_runs(layout)
+        for run in marked or ():
+            print(f"flow run {run} marked crashed: {ORPHAN_MESSAGE.split(';')[0]}")
         proc = _spawn(layout, "serve", [sys.executable, "-m", "pipelines.serve", "run", "--root", str(layout.root)])
         serve_pid = proc.pid
         print(f"serving process started (pid {serve_pid}); registering {DEPLOYMENT} ...", flush=True)

@@ -62,3 +62,37 @@ def test_the_report_rewrites_only_its_own_section(tmp_path: Path) -> None:
     text = page.read_text()
     assert text.startswith("# Reliability\n\n## Fuzz\n\nfigures\n\n") and text.count(BEGIN) == text.count(END) == 1
     assert "second" in text and "first" not in text
+
+
+def _served(**kw):
+    row = {"scenario": "s", "injected": True, "final_state": "CRASHED", "message": "m", "identical": True,
+           "params_unchanged": True, "status_clean": True, "leftovers": [], "orphans": [], "orphans_after_kill": [],
+           "rerun_state": "COMPLETED"}
+    return {**row, **kw}
+
+
+def test_a_full_disk_or_a_served_run_that_misses_the_target_fails_the_harness() -> None:
+    """The harness exits 1 when any row of the new tables misses: two error lines, a traceback, outputs touched,
+    a killed run left 'RUNNING' or a process left running, a refused run that changed params.yaml."""
+    from bench.faults import failures
+
+    disk = {"stage": "phase1", "limit_bytes": 2048, "exit_code": 1, "error_lines": 1, "traceback": False,
+            "names_fault": True, "error": "error: cannot write x: File too large [EFBIG]; nothing was written",
+            "previous_intact": True, "leftovers": [], "rerun_ok": True, "rerun_identical": True}
+    good = [_served(), _served(final_state="CANCELLED", rerun_state="–"),
+            _served(final_state="FAILED", rerun_state="–", first_completed=True)]
+    res = {"rows": [], "concurrent": [], "disk": [disk], "served": good}
+    assert failures(res) == []
+    for bad_disk in ({"error_lines": 2}, {"traceback": True}, {"previous_intact": False}, {"leftovers": ["a.tmp"]},
+                     {"rerun_identical": False}):
+        assert failures({**res, "disk": [{**disk, **bad_disk}]}), bad_disk
+    for i, bad_served in ((0, {"final_state": "RUNNING"}), (0, {"orphans_after_kill": ["lpt train"]}),
+                          (0, {"rerun_state": "FAILED"}), (1, {"params_unchanged": False}), (2, {"first_completed": False}),
+                          (2, {"final_state": "COMPLETED"}), (1, {"injected": False})):
+        served = list(good)
+        served[i] = {**served[i], **bad_served}
+        assert failures({**res, "served": served}), (i, bad_served)
+    text = report_markdown({"seed": 0, "kills_per_stage": 1, "wall_s": 1.0, "stage_seconds": {}, "rows": [],
+                            "fault_free_rerun_identical": {}, **res})
+    assert "| phase1 | 2.0 KiB | 1 | 1 | no | yes | 0 | yes | `error: cannot write x" in text
+    assert "| s | yes | CRASHED | yes | yes | yes | 0 | 0 | COMPLETED |" in text

@@ -26,7 +26,7 @@ from PIL import Image
 from lpt.config import write_params_atomic
 from lpt.data.ingest import run_ingest
 from lpt.utils import (OutputDirError, OutputWriteError, atomic_dir, atomic_path, check_output_dir,
-                       refuse_protected, write_json_atomic)
+                       refuse_protected, save_safetensors, write_json_atomic)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -232,6 +232,43 @@ def test_no_space_is_one_line_and_keeps_the_previous_output(tmp_path: Path) -> N
     assert text == f"cannot write {out}: No space left on device [ENOSPC]; the previous one is unchanged"
     assert (out / "model.onnx").read_bytes() == b"previous"
     assert sorted(p.name for p in out.parent.iterdir()) == ["export"]
+
+
+_SAVE_UNDER_LIMIT = """
+import resource, sys, torch
+from lpt.utils import OutputWriteError, atomic_dir, save_safetensors
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+try:
+    with atomic_dir(sys.argv[1], "resume state", own=("state.safetensors",)) as tmp:
+        save_safetensors({"w": torch.zeros(4096)}, tmp / "state.safetensors")
+except OutputWriteError as err:
+    print(f"error: {err}")
+"""
+
+
+def test_safetensors_over_the_file_size_limit_is_one_line(tmp_path: Path) -> None:
+    """safetensors' own writer raises ``SafetensorError`` ("I/O error ... (os error 27)"), no OSError: a training
+    checkpoint over ``ulimit -f`` ended in a traceback (bench.faults). ``save_safetensors`` writes the same bytes
+    with Python's file I/O, so the fault is one line naming the output and the previous one is kept."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(3, dtype=torch.float16)}
+    save_file(tensors, str(tmp_path / "reference.safetensors"), metadata={"format": "1"})
+    ours = tmp_path / "ours.safetensors"
+    assert save_safetensors(tensors, ours, metadata={"format": "1"}) == ours
+    assert ours.read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
+
+    out = tmp_path / "last"
+    out.mkdir()
+    (out / "state.safetensors").write_bytes(b"previous")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run([sys.executable, "-c", _SAVE_UNDER_LIMIT, str(out)], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    _one_error_line(proc.stdout, f"cannot write {out}", "File too large [EFBIG]", "previous one is unchanged")
+    assert _tree(out) == {"state.safetensors": b"previous"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last", "ours.safetensors", "reference.safetensors"]
 
 
 def test_nested_atomic_write_fault_names_the_outer_output(tmp_path: Path) -> None:

@@ -162,12 +162,12 @@ def test_a_zombie_counts_as_dead_for_the_temporaries_it_left() -> None:
     """A killed writer whose parent died is a zombie until init reaps it: its temporaries are stale already."""
     import time
 
-    from lpt.utils import _pid_alive
+    from lpt.utils import pid_alive
 
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     deadline = time.time() + 10
     while time.time() < deadline and Path(f"/proc/{child.pid}/stat").read_text().split(") ")[1][:1] != "Z":
         time.sleep(0.05)  # exited, not reaped (no wait() yet): a zombie
-    assert not _pid_alive(child.pid)
-    assert _pid_alive(os.getpid())
+    assert not pid_alive(child.pid)
+    assert pid_alive(os.getpid())
     child.wait()

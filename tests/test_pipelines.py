@@ -729,3 +729,148 @@ def test_serve_cli_without_action_prints_help_and_unknown_action_is_one_line() -
         wrong = subprocess.run([*cmd, "restart"], capture_output=True, text=True, timeout=60)
         assert wrong.returncode == 2 and wrong.stdout == ""
         assert wrong.stderr == "error: unknown action 'restart'; use one of: start, stop, status\n"
+
+
+# ------------------------------------------------------------------ issue 31: a served run killed, a busy repo
+_HOLD_DVC_LOCK = """
+import sys, time
+from dvc.repo import Repo
+with Repo(sys.argv[1]) as repo, repo.lock:
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_flow_refuses_to_start_while_another_dvc_command_holds_the_repo(prefect_harness: None, toy_repo: Path) -> None:
+    """A `prefect deployment run` beside a `dvc repro` in a shell: refused in one line before its overrides touch
+    params.yaml (they would change the params under the other run), no stage started."""
+    before = (toy_repo / "params.yaml").read_bytes()
+    holder = subprocess.Popen([PY, "-c", _HOLD_DVC_LOCK, str(toy_repo)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        state = _run(repo_dir=str(toy_repo), overrides={"train.phase1.epochs": 3})
+    finally:
+        holder.kill()
+        holder.wait()
+    assert state.is_failed()
+    assert "another DVC command is running" in state.message and "this run changed nothing" in state.message
+    assert _task_runs(state.state_details.flow_run_id) == []
+    assert (toy_repo / "params.yaml").read_bytes() == before
+    assert not (toy_repo / "prep").exists() and not (toy_repo / "dvc.lock").exists()
+    assert _run(repo_dir=str(toy_repo)).is_completed()  # the lock released: the same call runs
+
+
+_PARENT = """
+import os, subprocess, sys, time
+child = ("import subprocess, sys\\nfrom pipelines.dvc_repro import end_with_parent\\n"
+         "armed = end_with_parent(int(sys.argv[1]))\\n"
+         "grandchild = subprocess.Popen(['sleep', '120'])\\n"
+         "print(armed, grandchild.pid, flush=True)\\n"
+         "grandchild.wait()\\n")
+proc = subprocess.Popen([sys.executable, "-c", child, str(os.getpid())], start_new_session=True,
+                        stdout=subprocess.PIPE, text=True)
+print(proc.pid, proc.stdout.readline().strip(), flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_dvc_call_ends_with_the_process_that_started_it(tmp_path: Path) -> None:
+    """`pipelines.dvc_repro --parent PID` runs in its own process group (so a cancellation can stop it); when the
+    flow-run process that started it is SIGKILLed, it and the stage command must not run on as orphans holding
+    DVC's repo lock (bench.faults found them after killing the serving process)."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG is Linux's")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    parent = subprocess.Popen([PY, "-c", _PARENT], stdout=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    assert parent.stdout is not None
+    child_pid, armed, grandchild_pid = parent.stdout.readline().split()
+    assert armed == "True"
+    assert _still_running(int(child_pid), wait_s=0) and _still_running(int(grandchild_pid), wait_s=0)
+    parent.kill()
+    parent.wait()
+    assert not _still_running(int(child_pid)) and not _still_running(int(grandchild_pid))
+
+
+def test_restarted_serving_marks_the_runs_it_left_running_crashed(prefect_harness: None) -> None:
+    """`lpt-serve start` after the serving process was killed mid-run: the server still shows the run RUNNING
+    (nobody will ever finish it); it is marked Crashed, while a run whose process still lives is left alone."""
+    from urllib.parse import urlparse
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.settings import get_current_settings
+    from prefect.states import Running
+
+    from pipelines.serve import ORPHAN_MESSAGE, ServeLayout, crash_orphaned_runs
+
+    @flow(name="lpt")
+    def fake() -> None:
+        return None
+
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow(fake)
+        deployment_id = client.create_deployment(flow_id=flow_id, name="full")
+        orphan, alive, other = (client.create_flow_run_from_deployment(deployment_id) for _ in range(3))
+        for run in (orphan, alive):
+            client.set_flow_run_state(run.id, Running(), force=True)
+    keeper = subprocess.Popen(["sleep", "60"], env={**os.environ, "PREFECT__FLOW_RUN_ID": str(alive.id)})
+    try:
+        port = urlparse(str(get_current_settings().api.url)).port
+        marked = crash_orphaned_runs(ServeLayout(root=Path.cwd(), port=port))
+    finally:
+        keeper.kill()
+        keeper.wait()
+    assert marked == [f"{orphan.name} ({orphan.id})"]
+    with get_client(sync_client=True) as client:
+        states = {run.id: client.read_flow_run(run.id).state for run in (orphan, alive, other)}
+    assert states[orphan.id].type.value == "CRASHED" and states[orphan.id].message == ORPHAN_MESSAGE
+    assert states[alive.id].type.value == "RUNNING"
+    assert states[other.id].type.value == "SCHEDULED"  # not started: the new serving process will run it
+
+
+def test_a_failed_run_with_overrides_puts_params_lock_and_outputs_back(prefect_harness: None, tmp_path: Path) -> None:
+    """A run with overrides whose first stage ran with them and whose second failed (or was cancelled): params.yaml,
+    dvc.lock and the first stage's output are exactly as before the run, and `dvc status` is clean."""
+    read_epochs = "import yaml\nv = yaml.safe_load(open('params.yaml'))['train']['phase1']['epochs']\n"
+    repo = _dvc_repo(tmp_path / "undo", {
+        "prep": (read_epochs + "import os\nos.makedirs('prep', exist_ok=True)\nopen('prep/x', 'w').write(str(v))\n",
+                 [], ["prep"]),
+        "mid": ("import shutil\nassert open('prep/x').read() != '3', 'mid refuses 3'\nshutil.copytree('prep', 'mid')\n",
+                ["prep/x"], ["mid"]),
+    })
+    doc = yaml.safe_load((repo / "dvc.yaml").read_text())
+    doc["stages"]["prep"]["params"] = ["train.phase1.epochs"]
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    assert _run(repo_dir=str(repo)).is_completed()
+    before = {name: (repo / name).read_bytes() for name in ("params.yaml", "dvc.lock", "prep/x", "mid/x")}
+    assert before["prep/x"] == b"1"
+
+    state = _run(repo_dir=str(repo), overrides={"train.phase1.epochs": 3})
+    assert state.is_failed() and "stage 'mid' failed" in state.message
+    assert {name: (repo / name).read_bytes() for name in before} == before
+    assert json.loads(_sh(PY, "-m", "dvc", "status", "--json", cwd=repo)) == {}
+
+
+def test_repo_busy_while_a_stage_command_runs_under_dvc_rwlock(toy_repo: Path) -> None:
+    """While a stage's command runs, `dvc repro` releases its repo lock and keeps only its read/write locks on the
+    stage's paths (.dvc/tmp/rwlock, with its PID): that counts as busy; a dead PID there does not."""
+    from pipelines.dvc_stages import repo_busy
+
+    rwlock = toy_repo / ".dvc" / "tmp" / "rwlock"
+    rwlock.parent.mkdir(parents=True, exist_ok=True)
+    assert not repo_busy(toy_repo)
+    holder = subprocess.Popen(["sleep", "60"])
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    try:
+        rwlock.write_text(json.dumps({"read": {}, "write": {str(toy_repo / "prep"): {"pid": holder.pid, "cmd": "dvc repro"}}}))
+        assert repo_busy(toy_repo)
+        rwlock.write_text(json.dumps({"read": {str(toy_repo / "src"): [{"pid": holder.pid, "cmd": "dvc repro"}]}, "write": {}}))
+        assert repo_busy(toy_repo)
+        rwlock.write_text(json.dumps({"read": {}, "write": {str(toy_repo / "prep"): {"pid": dead.pid, "cmd": "dvc repro"}}}))
+        assert not repo_busy(toy_repo)
+        rwlock.write_text("")  # a corrupted file (a killed dvc): not busy; pipelines.sweep repairs it
+        assert not repo_busy(toy_repo)
+    finally:
+        holder.kill()
+        holder.wait()

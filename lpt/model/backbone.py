@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from lpt.config import BackboneConfig
-from lpt.utils import atomic_path
+from lpt.utils import atomic_path, save_safetensors
 
 __all__ = ["BackboneError", "BACKBONE_FILE", "create_backbone", "build_architecture", "backbone_fingerprint",
            "save_backbone", "pretrained_backbone_path", "ResolvedTransforms", "resolve_transforms", "hub_weights"]
@@ -505,8 +505,6 @@ def save_backbone(model: nn.Module, path: str | Path, metadata: dict[str, str] |
     """
     import json
 
-    from safetensors.torch import save_file
-
     state = {
         k: v.detach().to("cpu").contiguous().clone()
         for k, v in model.state_dict().items()
@@ -514,7 +512,7 @@ def save_backbone(model: nn.Module, path: str | Path, metadata: dict[str, str] |
     }
     with atomic_path(path) as tmp:
         header = {"lpt": json.dumps({k: str(v) for k, v in metadata.items()}, sort_keys=True)} if metadata else None
-        save_file(state, str(tmp), metadata=header)
+        save_safetensors(state, tmp, metadata=header)
     return Path(path)
 
 

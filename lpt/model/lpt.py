@@ -52,7 +52,7 @@ from lpt.model.backbone import backbone_fingerprint, build_architecture, create_
 from lpt.model.families import family_of
 from lpt.model.prompts import GroupPromptPool, SharedPrompt
 from lpt.tensors import TrainedTensor, trained_tensors
-from lpt.utils import atomic_path, read_json, sha256_file, write_json_atomic
+from lpt.utils import atomic_path, read_json, save_safetensors, sha256_file, write_json_atomic
 
 __all__ = [
     "METHODS",
@@ -521,13 +521,11 @@ def save_trained_model(model: LPTModel, folder: str | Path, meta: dict[str, Any]
     Returns:
         The path of ``model.json``.
     """
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / WEIGHTS_FILE
     with atomic_path(weights) as tmp:
-        save_file(model.trainable_state_dict(), str(tmp), metadata={"format": str(CHECKPOINT_FORMAT)})
+        save_safetensors(model.trainable_state_dict(), tmp, metadata={"format": str(CHECKPOINT_FORMAT)})
     bcfg = model.backbone_cfg
     out = dict(meta)
     out.update({

@@ -28,7 +28,7 @@ import torch
 from lpt.config import Params, PhaseConfig
 from lpt.methods import MethodSpec, Recipe, own
 from lpt.tensors import recipe_keys
-from lpt.utils import atomic_dir, sha256_json
+from lpt.utils import atomic_dir, save_safetensors, sha256_json
 
 __all__ = ["RESUME_FORMAT", "RESUME_PARTS", "join_resume_tensors", "split_resume_tensors", "phase_recipe", "filled_phase", "head_init", "fingerprint", "scratch_dir", "ResumeState", "save_resume_state",
            "load_resume_state", "capture_rng_state", "restore_rng_state", "optimizer_to_flat", "optimizer_from_flat",
@@ -299,10 +299,8 @@ class ResumeState:
 
 def save_resume_state(last_dir: Path, state: ResumeState) -> None:
     """Write ``last/state.safetensors`` + ``last/state.json`` as one atomic folder swap."""
-    from safetensors.torch import save_file
-
     with atomic_dir(last_dir, "resume state", own=(STATE_TENSORS, STATE_JSON)) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.tensors.items()}, str(tmp / STATE_TENSORS))
+        save_safetensors({k: v.detach().cpu().contiguous() for k, v in state.tensors.items()}, tmp / STATE_TENSORS)
         (tmp / STATE_JSON).write_text(json.dumps(state.meta, indent=1, allow_nan=False))
 
 
