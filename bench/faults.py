@@ -18,7 +18,8 @@ On the embedded default shrunk to seconds (the tests' tiny params) in a temp git
 5. a full disk (``--no-disk`` skips it): the command of ingest, phase1 (its checkpoint), export and pack under a
    file size limit of half its largest output file (``RLIMIT_FSIZE``): one ``error:`` line, the previous outputs
    intact, nothing half-written, then ``dvc repro -f -s STAGE`` without the limit gives the fault-free outputs;
-6. through the served deployment (``--no-prefect`` skips it; ``lpt-serve start`` on a free port): the serving
+6. fuzzed inputs (``--no-fuzz`` skips it): ``tests/test_fuzz.py``, the cases each property tried and failed;
+7. through the served deployment (``--no-prefect`` skips it; ``lpt-serve start`` on a free port): the serving
    process's group SIGKILLed during phase1 of a ``prefect deployment run lpt/full``, ``lpt-serve start`` again (the
    run must be marked crashed), the run again (it must complete with the fault-free outputs); a run with a params
    override cancelled (``prefect flow-run cancel``) during phase1 (``params.yaml`` and the outputs as they were);
@@ -198,6 +199,38 @@ def full_disk(root: Path, stage: str, reference: dict[str, str]) -> dict[str, An
             "rerun_identical": lock_hashes(root) == reference and status_clean(root)}
 
 
+# ------------------------------------------------------------------------------------------- fuzzed inputs
+def fuzz_counts() -> dict[str, Any]:
+    """Run the property-based tests (``tests/test_fuzz.py``, Hypothesis, derandomised) and read how many cases each
+    property tried and how many failed (a failing case is a traceback or an error without the project's name)
+    from Hypothesis' statistics (``--hypothesis-show-statistics``)."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "tests/test_fuzz.py", "-q", "-p", "no:cacheprovider",
+                           "--hypothesis-show-statistics"], cwd=REPO, env=_env(), capture_output=True, text=True)
+    props: dict[str, dict[str, int]] = {}
+    name = None
+    for line in proc.stdout.splitlines():
+        if line.startswith("tests/test_fuzz.py::") and line.rstrip().endswith(":"):
+            name = line.split("::", 1)[1].rstrip().rstrip(":")
+        elif name and " passing, " in line and " failing" in line:
+            words = line.replace(",", " ").split()
+            passing, failing = int(words[words.index("passing") - 1]), int(words[words.index("failing") - 1])
+            counts = props.setdefault(name, {"passing": 0, "failing": 0})
+            counts["passing"] += passing
+            counts["failing"] += failing
+    return {"exit_code": proc.returncode, "properties": props}
+
+
+def _fuzz_markdown(fuzz: dict[str, Any] | None) -> list[str]:
+    if not fuzz:
+        return []
+    lines = ["", f"Fuzzed inputs (`tests/test_fuzz.py`, run by this command; pytest exit status {fuzz['exit_code']}):", "",
+             "| property | cases tried | failing (a traceback, or an error without the project's name) |",
+             "|---|---|---|"]
+    for name, c in fuzz["properties"].items():
+        lines.append(f"| `{name}` | {c['passing'] + c['failing']} | {c['failing']} |")
+    return lines
+
+
 # ---------------------------------------------------------------------------- through the served deployment
 _FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
@@ -360,7 +393,7 @@ def serving(root: Path) -> Iterator[Served]:
 
 
 def run(kills: int, seed: int, stages: tuple[str, ...], with_disk: bool = True,
-        with_prefect: bool = True) -> dict[str, Any]:
+        with_prefect: bool = True, with_fuzz: bool = True) -> dict[str, Any]:
     wall0 = time.perf_counter()
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory(prefix="lpt-faults-") as tmp:
@@ -397,6 +430,7 @@ def run(kills: int, seed: int, stages: tuple[str, ...], with_disk: bool = True,
                     _run([sys.executable, "-m", "dvc", "repro", "-f"], root)
         concurrent = [two_runs_at_once(root, "phase1", 0.3 * durations.get("phase1", 5.0), reference)]
         disk = [full_disk(root, stage, reference) for stage in DISK_STAGES if stage in stages] if with_disk else []
+        fuzz = fuzz_counts() if with_fuzz else None
         served_rows = []
         if with_prefect:
             phase1_s = durations.get("phase1", 5.0)
@@ -404,12 +438,38 @@ def run(kills: int, seed: int, stages: tuple[str, ...], with_disk: bool = True,
                 served_rows.append(served_kill(served, "phase1", 0.4 * phase1_s, reference))
                 served_rows.append(served_cancel(served, "phase1", 0.4 * phase1_s, reference))
                 served_rows.append(served_beside_dvc(served, reference))
-    return {"disk": disk, "served": served_rows, "concurrent": concurrent, "kills_per_stage": kills, "seed": seed, "stage_seconds": durations, "fault_free_rerun_identical": deterministic,
+    return {"fuzz": fuzz, "disk": disk, "served": served_rows, "concurrent": concurrent, "kills_per_stage": kills, "seed": seed, "stage_seconds": durations, "fault_free_rerun_identical": deterministic,
             "rows": rows, "wall_s": round(time.perf_counter() - wall0, 1)}
 
 
 def _yes(value: bool) -> str:
     return "yes" if value else "NO"
+
+
+def summary_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per fault kind: where it was injected, how many, how many recovered with identical outputs and no
+    leftovers (the issue's stage x fault-kind table, folded)."""
+    kills = [r for r in res["rows"] if r["injected"]]
+    rows = [{"kind": "SIGKILL at a seeded moment (early, mid, late)",
+             "where": ", ".join(res["stage_seconds"]), "injected": len(kills),
+             "recovered": sum(r["recovered"] for r in kills), "identical": sum(r["identical"] for r in kills),
+             "leftovers": sum(len(r["leftovers"]) for r in kills)}]
+    disk = res.get("disk", [])
+    if disk:
+        rows.append({"kind": "a full disk (file size limit, EFBIG)", "where": ", ".join(d["stage"] for d in disk),
+                     "injected": len(disk), "recovered": sum(d["rerun_ok"] for d in disk),
+                     "identical": sum(d["previous_intact"] and d["rerun_identical"] for d in disk),
+                     "leftovers": sum(len(d["leftovers"]) for d in disk)})
+    conc = res.get("concurrent", [])
+    rows.append({"kind": "a second `dvc repro` while one runs", "where": "phase1", "injected": len(conc),
+                 "recovered": sum(c["first_completed"] and c["second_refused"] for c in conc),
+                 "identical": sum(c["identical"] for c in conc), "leftovers": sum(len(c["leftovers"]) for c in conc)})
+    for r, want in zip(res.get("served", []), SERVED_EXPECTED):
+        rows.append({"kind": r["scenario"], "where": "served `lpt/full`", "injected": int(r["injected"]),
+                     "recovered": int(r["final_state"] == want and r["rerun_state"] in ("COMPLETED", "–")),
+                     "identical": int(r["identical"] and r["params_unchanged"] and r["status_clean"]),
+                     "leftovers": len(r["leftovers"]) + len(r["orphans"]) + len(r.get("orphans_after_kill", []))})
+    return rows
 
 
 def _disk_markdown(disk: list[dict[str, Any]]) -> list[str]:
@@ -451,8 +511,13 @@ def report_markdown(res: dict[str, Any]) -> str:
              "git + DVC copy of the project; SIGKILL to the stage's whole process group at seeded moments of its "
              "measured duration, then `python -m pipelines.sweep`, `dvc repro`, the sweep again: what `make repro` runs). Same machine for every run: outputs are compared by "
              "their `dvc.lock` hashes.", "",
-             f"Seed {res['seed']}, {res['kills_per_stage']} kills per stage; harness wall time {res['wall_s']:.0f} s.",
-             "", "| stage | stage s | fault-free re-run identical | injected | recovered | outputs identical | "
+             f"Seed {res['seed']}, {res['kills_per_stage']} kills per stage; harness wall time {res['wall_s']:.0f} s "
+             "(everything below, on 2 idle cores).", "",
+             "| fault kind | where | injected | recovered | outputs identical | leftovers (files, processes) |",
+             "|---|---|---|---|---|---|",
+             *[f"| {r['kind']} | {r['where']} | {r['injected']} | {r['recovered']} | {r['identical']} | {r['leftovers']} |"
+               for r in summary_rows(res)],
+             "", "Per stage:", "", "| stage | stage s | fault-free re-run identical | injected | recovered | outputs identical | "
              "`dvc status` clean | leftovers |", "|---|---|---|---|---|---|---|---|"]
     for stage, seconds in res["stage_seconds"].items():
         mine = [r for r in rows if r["stage"] == stage and r["injected"]]
@@ -474,6 +539,7 @@ def report_markdown(res: dict[str, Any]) -> str:
     if res.get("concurrent"):
         lines += ["", f"The second run's one line: `{res['concurrent'][0]['second_error']}`"]
     lines += _disk_markdown(res.get("disk", [])) + _served_markdown(res.get("served", []))
+    lines += _fuzz_markdown(res.get("fuzz"))
     lines += ["",
               "Each kill (moment: early 5-30 %, mid 35-65 %, late 75-98 % of the stage's duration):", "",
               "| stage | moment | at s | injected | recovered | identical | swept | leftovers |",
@@ -520,6 +586,10 @@ def failures(res: dict[str, Any]) -> list[dict[str, Any]]:
     bad += [c for c in res["concurrent"] if not (c["second_refused"] and c["first_completed"] and c["identical"])]
     bad += [d for d in res.get("disk", []) if not _disk_ok(d)]
     bad += [r for r, want in zip(res.get("served", []), SERVED_EXPECTED) if not _served_ok(r, want)]
+    fuzz = res.get("fuzz")
+    if fuzz and (fuzz["exit_code"] != 0 or not fuzz["properties"]
+                 or any(c["failing"] for c in fuzz["properties"].values())):
+        bad.append(fuzz)
     return bad
 
 
@@ -532,13 +602,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     ap.add_argument("--no-disk", action="store_true", help="skip the full-disk scenarios")
     ap.add_argument("--no-prefect", action="store_true", help="skip the scenarios through the served deployment")
+    ap.add_argument("--no-fuzz", action="store_true", help="skip the property-based tests of the inputs")
     args = ap.parse_args(argv)
     stages = tuple(s for s in args.stages.split(",") if s)
     unknown = sorted(set(stages) - set(STAGES))
     if unknown or args.kills < 1:
         print(f"error: --stages must name some of {', '.join(STAGES)} (got {unknown}); --kills >= 1", file=sys.stderr)
         return 2
-    res = run(args.kills, args.seed, stages, with_disk=not args.no_disk, with_prefect=not args.no_prefect)
+    res = run(args.kills, args.seed, stages, with_disk=not args.no_disk, with_prefect=not args.no_prefect,
+              with_fuzz=not args.no_fuzz)
     text = report_markdown(res)
     print(text)
     if args.report is not None:

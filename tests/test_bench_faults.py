@@ -96,3 +96,5 @@ def test_a_full_disk_or_a_served_run_that_misses_the_target_fails_the_harness() 
                             "fault_free_rerun_identical": {}, **res})
     assert "| phase1 | 2.0 KiB | 1 | 1 | no | yes | 0 | yes | `error: cannot write x" in text
     assert "| s | yes | CRASHED | yes | yes | yes | 0 | 0 | COMPLETED |" in text
+    assert "| a full disk (file size limit, EFBIG) | phase1 | 1 | 1 | 1 | 0 |" in text
+    assert "| s | served `lpt/full` | 1 | 1 | 1 | 0 |" in text
