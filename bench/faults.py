@@ -55,6 +55,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.timing import write_figures  # noqa: E402
+from lpt.utils import pid_alive  # noqa: E402
 
 STAGES = ("ingest", "validate", "phase1", "phase2", "evaluate", "export", "pack")
 """The stages faults are injected into (``params`` is a constant stamp; ``pretrain`` is frozen)."""
@@ -304,10 +305,10 @@ def project_processes(root: Path) -> list[str]:
         try:
             if os.readlink(folder / "cwd") != str(root):
                 continue
-            if (folder / "stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX":
+            if not pid_alive(int(folder.name)):  # a zombie is dead
                 continue
             cmd = (folder / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        except (OSError, IndexError):
+        except OSError:
             continue
         if "prefect server start" not in cmd and "pipelines.serve" not in cmd:
             found.append(cmd[:120])

@@ -51,6 +51,16 @@ _ERROR_LINES = 12  # output lines quoted in the failure message
 _LOG_TAIL_LINES = 100  # output lines kept in the failure's Markdown artifact
 
 
+def _info_lines(logger: Any) -> Any:
+    """``on_line`` for a DVC subprocess: each line into the run log, DVC's blank spacer lines left out."""
+
+    def log_line(line: str) -> None:
+        if line.strip():
+            logger.info("%s", line)
+
+    return log_line
+
+
 class StageFailed(RuntimeError):
     """A DVC stage failed; the message names the stage, its command's exit code and verdict, and quotes its
     last output lines.
@@ -100,7 +110,7 @@ class StageFailed(RuntimeError):
 
 
 class RepoBusy(RuntimeError):
-    """Another DVC command (a ``dvc repro`` in a shell) holds the project's repo lock when a run starts: the run
+    """Another DVC command (a ``dvc repro`` in a shell) holds DVC's locks when a run starts: the run
     is refused before it writes anything (its overrides would change ``params.yaml`` under the other run)."""
 
 
@@ -139,11 +149,7 @@ def run_stage(stage: str, repo_dir: str, force: bool = False) -> dict[str, Any]:
     logger = get_run_logger()
     logger.info("dvc repro --single-item %s%s", "--force " if force else "", stage)
 
-    def log_line(line: str) -> None:
-        if line.strip():  # DVC's blank spacer lines add nothing to the run log
-            logger.info("%s", line)
-
-    run = run_dvc_stage(repo_dir, stage, force=force, on_line=log_line, tail_lines=_LOG_TAIL_LINES)
+    run = run_dvc_stage(repo_dir, stage, force=force, on_line=_info_lines(logger), tail_lines=_LOG_TAIL_LINES)
     if run.status == "failed":
         raise StageFailed(stage, run.returncode, run.tail, exit_code=run.exit_code,
                           command_started=run.command_started, transient=run.transient)
@@ -179,12 +185,8 @@ def _restore_after_failure(root: Path, stage: DvcStage, err: BaseException, logg
     logger.info("stage %r failed: restoring its previous outputs: dvc checkout --force %s",
                 stage.name, " ".join(stage.restorable))
 
-    def log_line(line: str) -> None:
-        if line.strip():
-            logger.info("%s", line)
-
     try:
-        result = restore_outputs(root, stage, on_line=log_line)
+        result = restore_outputs(root, stage, on_line=_info_lines(logger))
     except BaseException as restore_err:  # noqa: BLE001 - a second interruption, a missing dvc
         logger.warning("stage %r: outputs not restored (%s); run `dvc checkout --force %s`", stage.name,
                        restore_err, " ".join(stage.restorable))
@@ -250,7 +252,7 @@ def lpt(
         One ``{"stage", "status", "detail", "seconds"}`` per stage, in run order.
 
     Raises:
-        RepoBusy: another DVC command holds the repo lock (nothing ran, nothing written).
+        RepoBusy: another DVC command holds DVC's locks (nothing ran, nothing written).
         ParamsError: an override names an unknown key or a bad value (nothing ran).
         DvcYamlError: no ``dvc.yaml``, one DVC refuses, or ``target`` is not a stage (nothing ran).
         StageFailed: a stage failed; the message names it, its command's exit code and verdict, and quotes
@@ -295,12 +297,7 @@ def _roll_back_lock(root: Path, lock_before: bytes | None, logger: Any) -> None:
         targets = restore_targets(root)
         logger.info("the run's overrides are undone: dvc.lock as before the run; dvc checkout --force %s",
                     " ".join(targets))
-
-        def log_line(line: str) -> None:
-            if line.strip():
-                logger.info("%s", line)
-
-        result = checkout_outputs(root, targets, on_line=log_line)
+        result = checkout_outputs(root, targets, on_line=_info_lines(logger))
     except BaseException as err:  # noqa: BLE001 - a second interruption, a missing dvc
         logger.warning("outputs not rolled back (%s); run `python -m pipelines.restore`", err)
         return

@@ -183,6 +183,8 @@ ORPHAN_MESSAGE = ("its serving process stopped (killed?) while it ran; marked cr
 
 def _flow_run_ids_alive() -> set[str] | None:
     """The flow-run ids (``PREFECT__FLOW_RUN_ID``) of the live processes this user can read; None without /proc."""
+    from lpt.utils import pid_alive
+
     proc = Path("/proc")
     if not (proc / "self" / "environ").is_file():
         return None
@@ -190,11 +192,11 @@ def _flow_run_ids_alive() -> set[str] | None:
     for folder in proc.iterdir():
         if not folder.name.isdigit():
             continue
+        if not pid_alive(int(folder.name)):  # a zombie is dead
+            continue
         try:
-            if (folder / "stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX":  # a zombie is dead
-                continue
             environ = (folder / "environ").read_bytes()
-        except (OSError, IndexError):
+        except OSError:
             continue
         for entry in environ.split(b"\0"):
             if entry.startswith(b"PREFECT__FLOW_RUN_ID="):
@@ -278,7 +280,11 @@ def start(layout: ServeLayout) -> int:
         print(f"serving process already running (pid {serve_pid})")
         proc = None
     else:
-        marked = crash_orphaned_runs(layout)
+        try:
+            marked = crash_orphaned_runs(layout)
+        except Exception as err:  # noqa: BLE001 - the API refused: starting the serving process matters more
+            print(f"note: runs the old serving process left running were not marked crashed: {err}")
+            marked = None
         for run in marked or ():
             print(f"flow run {run} marked crashed: {ORPHAN_MESSAGE.split(';')[0]}")
         proc = _spawn(layout, "serve", [sys.executable, "-m", "pipelines.serve", "run", "--root", str(layout.root)])
